@@ -1,0 +1,99 @@
+"""Tar streams in and out of a container: the workspace going in, the output directory coming out."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+from collections.abc import Iterable, Iterator
+
+from .spec import FileEntry
+
+SANDBOX_UID = 1000
+
+
+def _dir(name: str, mode: int, uid: int, mtime: float) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode, info.uid, info.gid, info.mtime = tarfile.DIRTYPE, mode, uid, uid, mtime
+    return info
+
+
+def workspace_tar(files: Iterable[FileEntry], uid: int = SANDBOX_UID) -> bytes:
+    """The per-run volume's content: `workspace/` and an empty `output/`.
+
+    Directories are root's with the sticky bit (like /tmp): the workload may create files, but may
+    not delete or rename what it does not own. Read-only files belong to root, mode 0444; writable
+    ones to the sandbox user.
+    """
+    now = time.time()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(_dir("workspace", 0o1777, 0, now))
+        tar.addfile(_dir("output", 0o755, uid, now))
+        made: set[str] = set()
+        for f in sorted(files, key=lambda f: f.path):
+            parts = f.path.split("/")
+            for i in range(1, len(parts)):
+                d = "/".join(parts[:i])
+                if d not in made:
+                    made.add(d)
+                    tar.addfile(_dir(f"workspace/{d}", 0o1777, 0, now))
+            info = tarfile.TarInfo(f"workspace/{f.path}")
+            info.size, info.mtime = len(f.data), now
+            info.uid = info.gid = uid if f.writable else 0
+            info.mode = (0o644 if f.writable else 0o444) | (0o111 if f.executable else 0)
+            tar.addfile(info, io.BytesIO(f.data))
+    return buf.getvalue()
+
+
+class _ChunkReader(io.RawIOBase):
+    """A file over an iterator of chunks that refuses to read past `cap` bytes."""
+
+    def __init__(self, chunks: Iterator[bytes], cap: int) -> None:
+        self._chunks, self._buf, self._left = chunks, b"", cap
+        self.capped = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        while not self._buf:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                return 0
+            self._buf = chunk
+        if self._left <= 0:
+            self.capped = True
+            return 0
+        n = min(len(b), len(self._buf), self._left)
+        b[:n] = self._buf[:n]
+        self._buf, self._left = self._buf[n:], self._left - n
+        return n
+
+
+def read_output_tar(
+    chunks: Iterator[bytes], cap: int, prefix: str = "output/"
+) -> tuple[dict[str, bytes], list[str]]:
+    """Regular files under `prefix` from a tar stream, at most `cap` bytes of content in all.
+
+    Returns (files, skipped): links, devices and files past the cap are listed, never followed.
+    """
+    files: dict[str, bytes] = {}
+    skipped: list[str] = []
+    reader = _ChunkReader(chunks, cap + 64 * 1024)  # room for the tar headers themselves
+    used = 0
+    try:
+        with tarfile.open(fileobj=io.BufferedReader(reader), mode="r|") as tar:
+            for member in tar:
+                name = member.name[len(prefix) :] if member.name.startswith(prefix) else None
+                if not name or member.isdir():
+                    continue
+                if not member.isfile() or used + member.size > cap:
+                    skipped.append(name)
+                    continue
+                data = tar.extractfile(member)
+                files[name] = data.read() if data else b""
+                used += member.size
+    except tarfile.TarError:
+        skipped.append("(output archive cut short at the size cap)")
+    return files, skipped

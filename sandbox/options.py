@@ -1,0 +1,89 @@
+"""The hardening of a container, as one pure function of the spec (testable without an engine)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .spec import RunSpec
+
+__all__ = ["MOUNT_POINT", "OUTPUT_DIR", "WORKSPACE_DIR", "container_options", "volume_options"]
+
+MOUNT_POINT = "/sandbox"
+WORKSPACE_DIR = f"{MOUNT_POINT}/workspace"
+OUTPUT_DIR = f"{MOUNT_POINT}/output"
+
+# PID 1 of every container. It holds the untrusted workload back until a line arrives on stdin
+# (so the container can be started and filled ahead of time), runs it with stdin closed, kills
+# whatever the workload left behind, reports the exit code, and keeps the container (and so the
+# per-run volume) alive until the runner has collected the output directory. PID 1 ignores
+# signals from inside the container, so the workload cannot take the gate down with it.
+GATE_SCRIPT = (
+    'IFS= read -r _go || exit 125; '
+    '"$@" </dev/null; code=$?; '
+    "kill -9 -1 2>/dev/null; "
+    'printf "\\n__RATCHET_DONE__ %s\\n" "$code" >&2; '
+    "IFS= read -r _collected; "
+    'exit "$code"'
+)
+DONE_MARKER = b"__RATCHET_DONE__"
+
+
+def volume_options(spec: RunSpec, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    """A tmpfs-backed volume: its size is the disk limit, and it vanishes with the run."""
+    size = f"size={spec.limits.disk_mb}m,mode=0755,uid=0,gid=0"
+    return {
+        "name": name,
+        "driver": "local",
+        "driver_opts": {"type": "tmpfs", "device": "tmpfs", "o": size},
+        "labels": labels,
+    }
+
+
+def gpu_env(gpus: list[str]) -> dict[str, str]:
+    # The engine exposes only the requested devices, renumbered from 0: CUDA must count the same way.
+    return {
+        "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(len(gpus))),
+        "RATCHET_GPU_IDS": ",".join(gpus),
+    }
+
+
+def container_options(
+    spec: RunSpec, volume: str, labels: dict[str, str], env: dict[str, str]
+) -> dict[str, Any]:
+    """Keyword arguments for docker-py's `containers.create`; every limit is set, nothing inherited."""
+    lim = spec.limits
+    opts: dict[str, Any] = {
+        "image": spec.image,
+        "entrypoint": ["/bin/sh", "-c", GATE_SCRIPT, "ratchet-gate"],
+        "command": list(spec.argv),
+        "environment": {**env, **gpu_env(spec.gpus)},
+        "working_dir": WORKSPACE_DIR,
+        "user": spec.user,
+        "labels": labels,
+        "hostname": "sandbox",
+        "network_mode": "none",
+        "read_only": True,
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "ipc_mode": "private",
+        "pids_limit": lim.pids,
+        "mem_limit": f"{lim.memory_mb}m",
+        "memswap_limit": f"{lim.memory_mb}m",
+        "nano_cpus": int(lim.cpus * 1e9),
+        "ulimits": [{"Name": "nofile", "Soft": lim.nofile, "Hard": lim.nofile}],
+        "tmpfs": {"/tmp": f"size={lim.tmp_mb}m,mode=1777,nosuid,nodev"},
+        "shm_size": f"{min(lim.tmp_mb, 64)}m",
+        "volumes": {volume: {"bind": MOUNT_POINT, "mode": "rw"}},
+        "stdin_open": True,
+        # The engine's own copy of the log is bounded too; the runner keeps its own capped copy.
+        "log_config": {"type": "json-file", "config": {"max-size": "10m", "max-file": "1"}},
+        "runtime": spec.runtime,
+        "detach": True,
+    }
+    for m in spec.mounts:
+        opts["volumes"][m.source] = {"bind": m.target, "mode": "ro"}
+    if spec.gpus:
+        opts["device_requests"] = [
+            {"Driver": "nvidia", "DeviceIDs": list(spec.gpus), "Capabilities": [["gpu"]]}
+        ]
+    return opts

@@ -1,0 +1,340 @@
+"""Runs one untrusted command in one hardened container.
+
+Lifecycle of a run (each step a small method; removal always happens):
+  prepare: create volume -> create container (gated) -> attach -> start -> copy workspace in
+  execute: open the gate -> stream the capped log until the gate reports the exit code or the hard
+           deadline kills the container -> collect output files and peak memory -> let it exit
+  release: remove container and volume, forced, logged on failure, never raised
+
+Three kinds of failure never mix: a bad spec raises `SpecError` before the engine is touched; an
+engine failure raises `SandboxError` (translated at one place, `_engine`); whatever the workload
+does (non-zero exit, OOM, timeout) is data in the `RunResult`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import select
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+
+from .archive import read_output_tar, workspace_tar
+from .logcap import CappedLog
+from .options import MOUNT_POINT, OUTPUT_DIR, container_options, volume_options
+from .spec import RunResult, RunSpec, Timings
+
+__all__ = ["LABEL_RUN", "LABEL_SANDBOX", "PreparedRun", "Sandbox", "SandboxError"]
+
+log = logging.getLogger("ratchet.sandbox")
+
+LABEL_SANDBOX = "ratchet.sandbox"
+LABEL_RUN = "ratchet.run"
+_DONE = re.compile(rb"\n__RATCHET_DONE__ (-?\d+)\n")
+_COLLECT_TIMEOUT_S = 30.0
+_EXIT_GRACE_S = 10.0
+
+
+class SandboxError(RuntimeError):
+    """The container engine failed (not the workload): unreachable, image missing, API error."""
+
+
+@contextlib.contextmanager
+def _engine(action: str) -> Iterator[None]:
+    """The one place where engine exceptions become `SandboxError`."""
+    try:
+        yield
+    except docker.errors.ImageNotFound as exc:
+        raise SandboxError(f"{action}: image not found ({exc.explanation})") from exc
+    except docker.errors.APIError as exc:
+        raise SandboxError(f"{action}: engine refused: {exc.explanation or exc}") from exc
+    except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
+        raise SandboxError(f"{action}: engine unreachable: {exc}") from exc
+
+
+class Sandbox:
+    """A handle on one container engine. Thread-safe: runs may proceed in parallel threads."""
+
+    def __init__(self, client: docker.DockerClient | None = None, instance: str = "default") -> None:
+        self._client = client
+        self.instance = instance
+
+    @property
+    def client(self) -> docker.DockerClient:
+        if self._client is None:
+            with _engine("connect"):
+                self._client = docker.from_env(timeout=60)
+        return self._client
+
+    def ping(self) -> bool:
+        try:
+            with _engine("ping"):
+                return bool(self.client.ping())
+        except SandboxError:
+            return False
+
+    def prepare(self, spec: RunSpec) -> PreparedRun:
+        """Start a container behind its gate with the workspace in place; nothing untrusted runs yet."""
+        run = PreparedRun(self, spec.validate())
+        try:
+            run._prepare()
+        except BaseException:
+            run.release()
+            raise
+        return run
+
+    def run(
+        self,
+        spec: RunSpec,
+        *,
+        on_start: Callable[[PreparedRun], None] | None = None,
+    ) -> RunResult:
+        """prepare + execute in one call; `on_start` receives the run (e.g. to keep a cancel handle)."""
+        run = self.prepare(spec)
+        if on_start is not None:
+            on_start(run)
+        return run.execute()
+
+    def remove_labelled(self, labels: dict[str, str]) -> int:
+        """Force-remove every container and volume carrying all of `labels`; returns how many."""
+        filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+        removed = 0
+        with _engine("cleanup"):
+            for c in self.client.containers.list(all=True, filters=filters):
+                with contextlib.suppress(docker.errors.NotFound):
+                    c.remove(force=True)
+                    removed += 1
+            for v in self.client.volumes.list(filters=filters):
+                with contextlib.suppress(docker.errors.NotFound):
+                    v.remove(force=True)
+                    removed += 1
+        return removed
+
+
+class PreparedRun:
+    """One container's life. `execute()` runs it once; `cancel()` may come from any thread."""
+
+    def __init__(self, sandbox: Sandbox, spec: RunSpec) -> None:
+        self.sandbox = sandbox
+        self.spec = spec
+        self.run_id = uuid.uuid4().hex[:16]
+        self.volume = f"ratchet-run-{self.run_id}"
+        self.container_id: str | None = None
+        self.timings = Timings()
+        self._sock: Any = None
+        self._raw: socket.socket | None = None
+        self._cancel = threading.Event()
+        self._released = False
+        self._lock = threading.Lock()
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {
+            **self.spec.labels,
+            LABEL_SANDBOX: self.sandbox.instance,
+            LABEL_RUN: self.run_id,
+        }
+
+    # -- prepare -------------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        api = self.sandbox.client.api
+        env = {**self.spec.env, "RATCHET_OUTPUT_DIR": OUTPUT_DIR, "HOME": "/tmp"}
+        with _engine("create volume"):
+            self.sandbox.client.volumes.create(**volume_options(self.spec, self.volume, self.labels))
+        opts = container_options(self.spec, self.volume, self.labels, env)
+        with _engine("create container"):
+            self.container_id = self.sandbox.client.containers.create(**opts).id
+        self.timings.created = time.time()
+        with _engine("attach"):
+            self._sock = api.attach_socket(
+                self.container_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
+            )
+            self._raw = getattr(self._sock, "_sock", self._sock)
+        with _engine("start"):
+            api.start(self.container_id)
+        # The volume is mounted (by the engine, on the host) only while the container runs, so
+        # the workspace goes in after the start, while the gate holds the workload back.
+        with _engine("copy workspace"):
+            if not api.put_archive(self.container_id, MOUNT_POINT, workspace_tar(self.spec.files)):
+                raise SandboxError("copy workspace: engine did not accept the archive")
+        self.timings.ready = time.time()
+
+    # -- execute -------------------------------------------------------------------------------
+
+    def execute(self) -> RunResult:
+        """Open the gate and see the run through; always releases the container."""
+        try:
+            return self._execute()
+        finally:
+            self.release()
+
+    def _execute(self) -> RunResult:
+        if self._cancel.is_set():
+            return RunResult(exit_code=None, cancelled=True, timings=self.timings)
+        assert self._raw is not None and self.container_id is not None
+        logbuf = CappedLog(self.spec.limits.log_bytes)
+        with _engine("open gate"):
+            self._raw.sendall(b"go\n")
+        self.timings.started = time.time()
+        deadline = time.monotonic() + self.spec.timeout_s
+        outcome = self._pump(logbuf, deadline)
+        self.timings.finished = time.time()
+        result = RunResult(
+            exit_code=None,
+            timed_out=outcome == "timeout",
+            cancelled=outcome == "cancelled",
+            timings=self.timings,
+        )
+        if outcome == "done":
+            self._collect(result, deadline)
+        self._finish(result)
+        result.log = _strip_marker(logbuf.text())
+        result.log_bytes = max(0, logbuf.total - _marker_len(logbuf))
+        result.log_truncated = logbuf.dropped > 0
+        return result
+
+    def _pump(self, logbuf: CappedLog, deadline: float) -> str:
+        """Copy the attach stream into the log until the gate reports, the deadline, or a cancel."""
+        assert self._raw is not None
+        frames = _FrameReader()
+        stderr_tail = b""
+        while True:
+            if self._cancel.is_set():
+                self._kill()
+                return "cancelled"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._kill()
+                return "timeout"
+            ready, _, _ = select.select([self._raw], [], [], min(left, 0.1))
+            if not ready:
+                continue
+            try:
+                data = self._raw.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                return "exited"  # the container ended without the gate's report (e.g. OOM of PID 1)
+            for stream, payload in frames.feed(data):
+                logbuf.write(payload)
+                if stream == 2:
+                    stderr_tail = (stderr_tail + payload)[-96:]
+                    if _DONE.search(stderr_tail):
+                        return "done"
+
+    def _collect(self, result: RunResult, deadline: float) -> None:
+        """Output files and peak memory, read while the gate keeps the container (and volume) alive."""
+        api = self.sandbox.client.api
+        cid = self.container_id
+        try:
+            with _engine("read peak memory"):
+                stats = api.stats(cid, stream=False, one_shot=True)
+            result.peak_memory_bytes = (stats.get("memory_stats") or {}).get("max_usage")
+        except SandboxError as exc:
+            log.warning("run %s: %s", self.run_id, exc)
+        if self.spec.limits.output_bytes > 0:
+            with _engine("collect output"):
+                try:
+                    chunks, _ = api.get_archive(cid, OUTPUT_DIR)
+                except docker.errors.NotFound:
+                    chunks = iter(())
+                files, skipped = read_output_tar(iter(chunks), self.spec.limits.output_bytes)
+            result.output_files, result.output_skipped = files, skipped
+        with contextlib.suppress(OSError):
+            assert self._raw is not None
+            self._raw.sendall(b"collected\n")
+
+    def _finish(self, result: RunResult) -> None:
+        """Wait for the container to stop and read the engine's verdict on it."""
+        api = self.sandbox.client.api
+        with _engine("wait"):
+            try:
+                api.wait(self.container_id, timeout=_EXIT_GRACE_S)
+            except (requests.exceptions.ConnectionError, requests.exceptions.ReadTimeout):
+                self._kill()
+                api.wait(self.container_id, timeout=_EXIT_GRACE_S)
+            state = api.inspect_container(self.container_id)["State"]
+        result.exit_code = state.get("ExitCode")
+        result.oom_killed = bool(state.get("OOMKilled"))
+
+    # -- cancel / release ----------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Stop the run from any thread: a running workload is killed, a prepared one never starts."""
+        self._cancel.set()
+        self._kill()
+
+    def _kill(self) -> None:
+        if self.container_id is None:
+            return
+        try:
+            self.sandbox.client.api.kill(self.container_id)
+        except Exception as exc:  # already gone is fine; anything else is logged, not raised
+            log.debug("run %s: kill: %s", self.run_id, exc)
+
+    def release(self) -> None:
+        """Remove container and volume. Idempotent; a failed removal is logged, never raised."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        if self._sock is not None:
+            with contextlib.suppress(Exception):
+                self._sock.close()
+        client = self.sandbox._client
+        if client is None:
+            return
+        if self.container_id is not None:
+            try:
+                client.api.remove_container(self.container_id, force=True, v=True)
+            except docker.errors.NotFound:
+                pass
+            except Exception as exc:
+                log.warning("run %s: could not remove container %s: %s", self.run_id, self.container_id, exc)
+        try:
+            client.api.remove_volume(self.volume, force=True)
+        except docker.errors.NotFound:
+            pass
+        except Exception as exc:
+            log.warning("run %s: could not remove volume %s: %s", self.run_id, self.volume, exc)
+        self.timings.released = time.time()
+
+
+class _FrameReader:
+    """Parses the engine's multiplexed attach stream: 8-byte header (stream, size), then payload."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
+        self._buf += data
+        while len(self._buf) >= 8:
+            stream, size = self._buf[0], struct.unpack(">I", self._buf[4:8])[0]
+            if len(self._buf) < 8 + size:
+                return
+            payload = bytes(self._buf[8 : 8 + size])
+            del self._buf[: 8 + size]
+            yield stream, payload
+
+
+def _strip_marker(text: str) -> str:
+    idx = text.rfind("\n__RATCHET_DONE__ ")
+    if idx >= 0 and text.endswith("\n") and "\n" not in text[idx + 1 : -1]:
+        return text[:idx]
+    return text
+
+
+def _marker_len(logbuf: CappedLog) -> int:
+    m = _DONE.search(logbuf.tail_bytes(96))
+    return len(m.group(0)) if m else 0

@@ -1,0 +1,147 @@
+"""What a sandbox run takes and what it gives back.
+
+These Structs are the whole public vocabulary of `sandbox`: a caller builds a `RunSpec`, the runner
+returns a `RunResult`. Nothing here knows about loops or experiments.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+__all__ = [
+    "FileEntry",
+    "Limits",
+    "Mount",
+    "RunResult",
+    "RunSpec",
+    "SpecError",
+    "Timings",
+]
+
+_SAFE_PATH = re.compile(r"^[A-Za-z0-9._+@=,-]+(/[A-Za-z0-9._+@=,-]+)*$")
+_LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+RUNTIMES = ("runc", "runsc")
+
+
+class SpecError(ValueError):
+    """The spec is unusable; raised before the engine is touched."""
+
+
+class Limits(msgspec.Struct, kw_only=True, frozen=True):
+    """Resource limits of one container. Every field has a safe default."""
+
+    cpus: float = 1.0  # CPU quota in cores
+    memory_mb: int = 1024  # hard memory limit; swap is never added on top
+    pids: int = 256  # processes + threads; stops fork bombs
+    nofile: int = 1024  # open file descriptors
+    disk_mb: int = 512  # size of the per-run volume holding workspace + output
+    tmp_mb: int = 256  # size of the tmpfs at /tmp
+    log_bytes: int = 4 * 1024 * 1024  # log kept; the rest is dropped with a marker
+    output_bytes: int = 16 * 1024 * 1024  # files collected from the output directory
+
+
+class FileEntry(msgspec.Struct, kw_only=True, frozen=True):
+    """One workspace file. Read-only files belong to root and cannot be changed or removed."""
+
+    path: str
+    data: bytes
+    writable: bool = False
+    executable: bool = False
+
+
+class Mount(msgspec.Struct, kw_only=True, frozen=True):
+    """An extra mount, always read-only: a named volume or a host path, at `target`."""
+
+    source: str
+    target: str
+
+
+class RunSpec(msgspec.Struct, kw_only=True, frozen=True):
+    image: str
+    argv: list[str]
+    files: list[FileEntry] = []
+    env: dict[str, str] = {}
+    mounts: list[Mount] = []
+    limits: Limits = Limits()
+    gpus: list[str] = []  # host device ids; empty means no GPU at all
+    runtime: str = "runc"
+    timeout_s: float = 600.0  # hard wall-clock kill, counted from the workload's start
+    labels: dict[str, str] = {}
+    user: str = "1000:1000"
+
+    def validate(self) -> RunSpec:
+        """Refuse a spec that cannot run safely; returns self so calls chain."""
+        if not self.image:
+            raise SpecError("image must not be empty")
+        if not self.argv or not all(isinstance(a, str) and a for a in self.argv):
+            raise SpecError("argv must be a non-empty list of non-empty strings")
+        if self.runtime not in RUNTIMES:
+            raise SpecError(f"runtime must be one of {', '.join(RUNTIMES)}, not {self.runtime!r}")
+        if not 0 < self.timeout_s <= 7 * 24 * 3600:
+            raise SpecError("timeout_s must be positive and at most a week")
+        if self.user.split(":")[0] in ("0", "root", ""):
+            raise SpecError("the sandbox never runs as root")
+        self._validate_limits()
+        seen: set[str] = set()
+        for f in self.files:
+            if not _SAFE_PATH.match(f.path) or any(p in (".", "..") for p in f.path.split("/")):
+                raise SpecError(f"unsafe workspace path {f.path!r}")
+            if f.path in seen:
+                raise SpecError(f"duplicate workspace path {f.path!r}")
+            seen.add(f.path)
+        for m in self.mounts:
+            if not m.target.startswith("/") or m.target.rstrip("/") in ("", "/sandbox", "/tmp"):
+                raise SpecError(f"mount target {m.target!r} must be an absolute path of its own")
+        for key in self.labels:
+            if not _LABEL_KEY.match(key):
+                raise SpecError(f"label key {key!r} must be lowercase letters, digits, '.', '_', '-'")
+        return self
+
+    def _validate_limits(self) -> None:
+        lim = self.limits
+        checks = {
+            "cpus": 0.01 <= lim.cpus <= 1024,
+            "memory_mb": 16 <= lim.memory_mb <= 4 * 1024 * 1024,
+            "pids": 8 <= lim.pids <= 1_000_000,
+            "nofile": 16 <= lim.nofile <= 1_048_576,
+            "disk_mb": 1 <= lim.disk_mb <= 1024 * 1024,
+            "tmp_mb": 1 <= lim.tmp_mb <= 1024 * 1024,
+            "log_bytes": 1024 <= lim.log_bytes <= 1024**3,
+            "output_bytes": 0 <= lim.output_bytes <= 1024**3,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise SpecError(f"limit {name}={getattr(lim, name)} is out of range")
+
+
+class Timings(msgspec.Struct, kw_only=True):
+    """Wall-clock instants (Unix seconds) of one run; None where the run never got there."""
+
+    created: float | None = None  # container created
+    ready: float | None = None  # workspace copied in, gate waiting
+    started: float | None = None  # gate opened: the untrusted workload begins
+    finished: float | None = None  # workload exited (or was killed)
+    released: float | None = None  # container gone, result complete
+
+
+class RunResult(msgspec.Struct, kw_only=True):
+    exit_code: int | None  # None when the engine reported none (e.g. never started)
+    oom_killed: bool = False
+    timed_out: bool = False
+    cancelled: bool = False
+    log: str = ""
+    log_bytes: int = 0  # bytes the workload wrote, kept or not
+    log_truncated: bool = False
+    output_files: dict[str, bytes] = {}
+    output_skipped: list[str] = []  # output files left out: too large, not regular, over the cap
+    peak_memory_bytes: int | None = None
+    timings: Timings = msgspec.field(default_factory=Timings)
+
+    @property
+    def workload_seconds(self) -> float | None:
+        t = self.timings
+        if t.started is None or t.finished is None:
+            return None
+        return max(0.0, t.finished - t.started)

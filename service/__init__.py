@@ -1,0 +1,1 @@
+"""Ratchet service: API, store, scheduler, decisions, metrics and CLI. Uses `sandbox`, never the reverse."""
