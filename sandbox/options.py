@@ -18,7 +18,7 @@ OUTPUT_DIR = f"{MOUNT_POINT}/output"
 # per-run volume) alive until the runner has collected the output directory. PID 1 ignores
 # signals from inside the container, so the workload cannot take the gate down with it.
 GATE_SCRIPT = (
-    'IFS= read -r _go || exit 125; '
+    "IFS= read -r _go || exit 125; "
     '"$@" </dev/null; code=$?; '
     "kill -9 -1 2>/dev/null; "
     'printf "\\n__RATCHET_DONE__ %s\\n" "$code" >&2; '

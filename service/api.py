@@ -1,0 +1,276 @@
+"""HTTP controllers: one per resource. Handlers only translate between HTTP and the service;
+domain errors become responses in one place (`exception_handlers`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+from litestar import Controller, Request, Response, get, post
+from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.params import Parameter
+from litestar.response import Stream
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED
+
+from . import candidates, transitions
+from .ledger import LEDGER_STATUSES, header, row
+from .models import (
+    CandidateCreate,
+    ExperimentPage,
+    ExperimentView,
+    Health,
+    LoopCreate,
+    LoopView,
+    SnapshotView,
+    Status,
+)
+from .patches import CandidateError
+from .services import Services
+from .snapshots import decode_manifest
+
+__all__ = [
+    "ExperimentController",
+    "HealthController",
+    "LoopController",
+    "SnapshotController",
+    "exception_handlers",
+]
+
+LoopId = Annotated[str, Parameter(pattern=r"^[0-9a-f]{16}$", description="loop id")]
+ExpId = Annotated[str, Parameter(pattern=r"^[0-9a-f]{16}$", description="experiment id")]
+
+
+async def _loop(services: Services, loop_id: str) -> LoopView:
+    loop = await services.store.get_loop(loop_id)
+    if loop is None:
+        raise NotFoundException(f"no loop {loop_id}; list loops with GET /v1/loops")
+    return loop
+
+
+async def _experiment(services: Services, exp_id: str) -> ExperimentView:
+    exp = await services.store.get_experiment(exp_id)
+    if exp is None:
+        raise NotFoundException(f"no experiment {exp_id}")
+    return exp
+
+
+class LoopController(Controller):
+    path = "/v1/loops"
+    tags = ["loops"]
+
+    @post("/", status_code=HTTP_201_CREATED, summary="Create a loop and queue its baseline")
+    async def create(self, data: LoopCreate, services: Services) -> LoopView:
+        loop_id, _ = await candidates.create_loop(
+            data, services.settings, services.store, services.snapshots, services.sandbox, len(services.gpus)
+        )
+        services.scheduler.wake()
+        return await _loop(services, loop_id)
+
+    @get("/", summary="All loops")
+    async def list_loops(self, services: Services) -> list[LoopView]:
+        return await services.store.list_loops()
+
+    @get("/{loop_id:str}", summary="One loop: state, best metric and snapshot, counts per status")
+    async def show(self, loop_id: LoopId, services: Services) -> LoopView:
+        return await _loop(services, loop_id)
+
+    async def _control(self, services: Services, loop_id: str, action: str) -> LoopView:
+        await _loop(services, loop_id)
+        _, running = await transitions.set_loop_state(services.store, loop_id, action)
+        await services.scheduler.kill(running)
+        services.scheduler.wake()
+        return await _loop(services, loop_id)
+
+    @post(
+        "/{loop_id:str}/pause",
+        status_code=HTTP_200_OK,
+        summary="Start nothing new; running experiments finish",
+    )
+    async def pause(self, loop_id: LoopId, services: Services) -> LoopView:
+        return await self._control(services, loop_id, "pause")
+
+    @post("/{loop_id:str}/resume", status_code=HTTP_200_OK, summary="Dispatch queued experiments again")
+    async def resume(self, loop_id: LoopId, services: Services) -> LoopView:
+        return await self._control(services, loop_id, "resume")
+
+    @post(
+        "/{loop_id:str}/stop", status_code=HTTP_200_OK, summary="Cancel queued and running experiments; final"
+    )
+    async def stop(self, loop_id: LoopId, services: Services) -> LoopView:
+        return await self._control(services, loop_id, "stop")
+
+    @post(
+        "/{loop_id:str}/baseline",
+        status_code=HTTP_202_ACCEPTED,
+        summary="Queue the unmodified baseline again",
+    )
+    async def rerun_baseline(self, loop_id: LoopId, services: Services) -> ExperimentView:
+        await _loop(services, loop_id)
+        exp_id = await transitions.queue_baseline(services.store, loop_id)
+        services.scheduler.wake()
+        return await _experiment(services, exp_id)
+
+    @post(
+        "/{loop_id:str}/experiments",
+        status_code=HTTP_202_ACCEPTED,
+        summary="Submit a candidate (unified diff or whole files); 422 when refused",
+    )
+    async def submit(self, loop_id: LoopId, data: CandidateCreate, services: Services) -> ExperimentView:
+        loop = await _loop(services, loop_id)
+        exp_id = await candidates.submit_candidate(
+            loop, data, services.settings, services.store, services.snapshots
+        )
+        services.scheduler.wake()
+        return await _experiment(services, exp_id)
+
+    @get("/{loop_id:str}/experiments", summary="Experiments of a loop in submission order, paginated")
+    async def experiments(
+        self,
+        loop_id: LoopId,
+        services: Services,
+        status: Annotated[list[Status] | None, Parameter(description="filter; repeat for several")] = None,
+        after: Annotated[int, Parameter(ge=0, description="experiment number to start after")] = 0,
+        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+    ) -> ExperimentPage:
+        await _loop(services, loop_id)
+        items = await services.store.list_experiments(loop_id, status, after, limit + 1)
+        more = len(items) > limit
+        items = items[:limit]
+        return ExperimentPage(items=items, next_after=items[-1].number if more else None)
+
+    @get("/{loop_id:str}/results.tsv", media_type="text/tab-separated-values", summary="The ledger")
+    async def results(self, loop_id: LoopId, services: Services) -> Stream:
+        loop = await _loop(services, loop_id)
+
+        async def lines() -> AsyncIterator[bytes]:
+            yield header(loop.config.metric.name).encode()
+            batch: list[str] = []
+            async for r in services.store.ledger_rows(loop_id, LEDGER_STATUSES):
+                batch.append(row(r["snapshot"], r["status"], r["metric"], r["memory_gb"], r["description"]))
+                if len(batch) >= 500:
+                    yield "".join(batch).encode()
+                    batch = []
+            if batch:
+                yield "".join(batch).encode()
+
+        return Stream(
+            lines(),
+            media_type="text/tab-separated-values; charset=utf-8",
+            headers={"Content-Disposition": f'inline; filename="{loop.name}-results.tsv"'},
+        )
+
+    @get("/{loop_id:str}/snapshots", summary="Accepted snapshots, newest first")
+    async def snapshots(self, loop_id: LoopId, services: Services) -> list[SnapshotView]:
+        await _loop(services, loop_id)
+        return await services.store.accepted_snapshots(loop_id)
+
+
+class ExperimentController(Controller):
+    path = "/v1/experiments"
+    tags = ["experiments"]
+
+    @get("/{exp_id:str}", summary="One experiment with metrics and a log tail")
+    async def show(self, exp_id: ExpId, services: Services) -> ExperimentView:
+        return await _experiment(services, exp_id)
+
+    @get("/{exp_id:str}/logs", media_type="text/plain", summary="The full (capped) log")
+    async def logs(self, exp_id: ExpId, services: Services) -> Response[bytes]:
+        exp = await _experiment(services, exp_id)
+        path = services.scheduler.logs_dir / f"{exp_id}.log"
+        data = await asyncio.to_thread(path.read_bytes) if path.exists() else b""
+        return Response(
+            data, media_type="text/plain; charset=utf-8", headers={"X-Ratchet-Status": exp.status.value}
+        )
+
+    @get("/{exp_id:str}/diff", media_type="text/x-diff", summary="The candidate's diff against its parent")
+    async def diff(self, exp_id: ExpId, services: Services) -> Response[str]:
+        await _experiment(services, exp_id)
+        return Response(await services.store.get_diff(exp_id) or "", media_type="text/x-diff; charset=utf-8")
+
+    @post("/{exp_id:str}/cancel", status_code=HTTP_200_OK, summary="Cancel a queued or running experiment")
+    async def cancel(self, exp_id: ExpId, services: Services) -> ExperimentView:
+        exp = await _experiment(services, exp_id)
+        if exp.status not in (Status.queued, Status.running):
+            raise transitions.Conflict(f"experiment {exp_id} already finished with status {exp.status.value}")
+        await services.scheduler.cancel(exp_id)
+        return await _experiment(services, exp_id)
+
+
+class SnapshotController(Controller):
+    path = "/v1/snapshots"
+    tags = ["snapshots"]
+
+    @get(
+        "/{snapshot_id:str}/archive",
+        media_type="application/gzip",
+        summary="The whole workspace of a snapshot as .tar.gz",
+    )
+    async def archive(
+        self, snapshot_id: Annotated[str, Parameter(pattern=r"^[0-9a-f]{64}$")], services: Services
+    ) -> Response[bytes]:
+        raw = await services.store.get_manifest(snapshot_id)
+        if raw is None:
+            raise NotFoundException(f"no snapshot {snapshot_id}")
+        data = await asyncio.to_thread(services.snapshots.archive, decode_manifest(raw))
+        return Response(
+            data,
+            media_type="application/gzip",
+            headers={"Content-Disposition": f'attachment; filename="{snapshot_id[:12]}.tar.gz"'},
+        )
+
+
+class HealthController(Controller):
+    path = "/"
+    tags = ["health"]
+
+    @get("/healthz", summary="Liveness")
+    async def healthz(self) -> Health:
+        return Health(status="ok")
+
+    @get("/readyz", summary="Readiness: the database answers and the container engine pings")
+    async def readyz(self, services: Services) -> Response[Health]:
+        db = await services.store.ping()
+        engine = await asyncio.to_thread(services.sandbox.ping)
+        ok = db and engine
+        body = Health(status="ready" if ok else "not ready", database=db, engine=engine)
+        return Response(body, status_code=200 if ok else 503)
+
+
+def _error(request: Request, status: int, detail: str) -> Response[dict[str, object]]:
+    return Response({"status_code": status, "detail": detail}, status_code=status)
+
+
+def _refused(request: Request, exc: CandidateError) -> Response[dict[str, object]]:
+    return _error(request, 422, str(exc))
+
+
+def _conflict(request: Request, exc: transitions.Conflict) -> Response[dict[str, object]]:
+    return _error(request, 409, str(exc))
+
+
+def _not_found(request: Request, exc: candidates.NotFound) -> Response[dict[str, object]]:
+    return _error(request, 404, str(exc))
+
+
+def _validation(request: Request, exc: ValidationException) -> Response[dict[str, object]]:
+    body: dict[str, object] = {"status_code": 400, "detail": exc.detail}
+    if exc.extra:
+        body["errors"] = exc.extra
+    return Response(body, status_code=400)
+
+
+def _http(request: Request, exc: HTTPException) -> Response[dict[str, object]]:
+    body: dict[str, object] = {"status_code": exc.status_code, "detail": exc.detail}
+    if exc.extra:
+        body["errors"] = exc.extra
+    return Response(body, status_code=exc.status_code, headers=exc.headers)
+
+
+exception_handlers = {
+    CandidateError: _refused,
+    transitions.Conflict: _conflict,
+    candidates.NotFound: _not_found,
+    ValidationException: _validation,
+    HTTPException: _http,
+}

@@ -1,0 +1,120 @@
+"""`create_app(settings)` composes the service; one lifespan opens the database, the engine client
+and the scheduler, and closes them in reverse."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from litestar import Litestar
+from litestar.di import Provide
+from litestar.openapi import OpenAPIConfig
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+
+from sandbox import Sandbox
+
+from .api import (
+    ExperimentController,
+    HealthController,
+    LoopController,
+    SnapshotController,
+    exception_handlers,
+)
+from .gpus import detect_gpus
+from .scheduler import Scheduler
+from .services import Services
+from .settings import Settings
+from .snapshots import SnapshotStore
+from .store import Store
+
+__all__ = ["create_app"]
+
+VERSION = "0.1.0"
+DESCRIPTION = (
+    "Autoresearch loops as a service: every experiment (an edit of a training script) runs in an"
+    " isolated container with a fixed time budget; a change is kept only if the metric improved."
+)
+log = logging.getLogger("ratchet")
+
+
+class MetricsController(PrometheusController):
+    path = "/metrics"
+    include_in_schema = False
+
+
+def _instance_id(data_dir: Path) -> str:
+    """A stable id for this data dir, so a restarted service recognises its own containers."""
+    path = data_dir / "instance-id"
+    if not path.exists():
+        path.write_text(secrets.token_hex(6) + "\n")
+    return path.read_text().strip()
+
+
+class DataDirBusy(RuntimeError):
+    pass
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """One service per data dir: two schedulers on one database would run experiments twice."""
+    fd = os.open(data_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise DataDirBusy(  # noqa: B904 - the OS error adds nothing
+            f"{data_dir} is in use by another ratchet service; stop it or use another --data-dir"
+        )
+    return fd
+
+
+def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
+    data_dir = Path(settings.data_dir)
+    holder: dict[str, Services] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(os.close, _lock_data_dir(data_dir))
+            instance = settings.instance or _instance_id(data_dir)
+            store = Store(data_dir / "ratchet.db")
+            await store.open()
+            stack.push_async_callback(store.close)
+            snapshots = SnapshotStore(data_dir / "blobs")
+            engine = sandbox or Sandbox(instance=instance)
+            gpus = settings.gpus if settings.gpus is not None else detect_gpus()
+            scheduler = Scheduler(settings, store, snapshots, engine, gpus)
+            holder["services"] = Services(settings, store, snapshots, engine, scheduler, gpus)
+            await scheduler.start()
+            stack.push_async_callback(scheduler.stop)
+            log.info("ratchet %s ready: %r, data in %s", VERSION, scheduler, data_dir)
+            yield
+
+    def provide_services() -> Services:
+        return holder["services"]
+
+    prometheus = PrometheusConfig(
+        app_name="ratchet", prefix="ratchet_http", group_path=True, exclude=["/metrics"]
+    )
+    return Litestar(
+        route_handlers=[
+            LoopController,
+            ExperimentController,
+            SnapshotController,
+            HealthController,
+            MetricsController,
+        ],
+        dependencies={"services": Provide(provide_services, sync_to_thread=False)},
+        lifespan=[lifespan],
+        exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        middleware=[prometheus.middleware],
+        request_max_body_size=settings.max_body_bytes,
+        openapi_config=OpenAPIConfig(
+            title="Ratchet", version=VERSION, description=DESCRIPTION, path="/schema"
+        ),
+    )

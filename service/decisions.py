@@ -1,0 +1,85 @@
+"""Keep, discard or crash: a pure function of what happened and the best so far. No I/O, no clock."""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+
+import msgspec
+
+__all__ = ["Decision", "Outcome", "decide", "improves"]
+
+
+class Verdict(StrEnum):
+    keep = "keep"
+    discard = "discard"
+    crash = "crash"
+    timeout = "timeout"
+    cancelled = "cancelled"
+
+
+class Outcome(msgspec.Struct, kw_only=True, frozen=True):
+    """What the run did, as the sandbox saw it, plus the metric it reported (if any)."""
+
+    exit_code: int | None
+    oom_killed: bool = False
+    timed_out: bool = False
+    cancelled: bool = False
+    metric: float | None = None
+    metric_problem: str | None = None  # why the metric is missing
+    timeout_s: float = 0.0
+    memory_mb: int = 0
+
+
+class Decision(msgspec.Struct, kw_only=True, frozen=True):
+    status: Verdict
+    reason: str
+    becomes_best: bool = False
+
+
+def improves(value: float, best: float, direction: str, min_delta: float) -> bool:
+    """Strictly better than `best` by more than `min_delta` in the loop's direction."""
+    gain = best - value if direction == "minimize" else value - best
+    return gain > min_delta
+
+
+def decide(
+    outcome: Outcome,
+    *,
+    metric_name: str,
+    direction: str,
+    min_delta: float,
+    best: float | None,
+    baseline: bool,
+) -> Decision:
+    if outcome.cancelled:
+        return Decision(status=Verdict.cancelled, reason="cancelled")
+    if outcome.timed_out:
+        return Decision(
+            status=Verdict.timeout, reason=f"killed at the hard timeout of {outcome.timeout_s:g} s"
+        )
+    if outcome.oom_killed:
+        return Decision(status=Verdict.crash, reason=f"out of memory (limit {outcome.memory_mb} MB)")
+    if outcome.exit_code != 0:
+        return Decision(status=Verdict.crash, reason=f"exited with code {outcome.exit_code}")
+    value = outcome.metric
+    if value is None:
+        why = outcome.metric_problem or f"metric {metric_name!r} not reported"
+        return Decision(status=Verdict.crash, reason=why)
+    if not math.isfinite(value):
+        return Decision(status=Verdict.crash, reason=f"{metric_name} is {value}, not a finite number")
+    if baseline:
+        return Decision(status=Verdict.keep, reason=f"baseline {metric_name} {value:.6f}", becomes_best=True)
+    if best is None:
+        return Decision(status=Verdict.discard, reason="no successful baseline to compare against")
+    if improves(value, best, direction, min_delta):
+        return Decision(
+            status=Verdict.keep,
+            reason=f"{metric_name} {value:.6f} beats best {best:.6f}",
+            becomes_best=True,
+        )
+    delta = f" by more than {min_delta:g}" if min_delta else ""
+    return Decision(
+        status=Verdict.discard,
+        reason=f"{metric_name} {value:.6f} is not better than best {best:.6f}{delta}",
+    )

@@ -1,0 +1,74 @@
+"""Reading a run's metrics: `metrics.json` if the workload wrote one, else the last `---` block of
+its log. Pure: no I/O."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import msgspec
+
+__all__ = ["Extracted", "extract_metrics"]
+
+_KV = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.\-/]*)\s*:\s*(\S+)\s*$")
+MAX_METRICS = 64
+
+
+class Extracted(msgspec.Struct, kw_only=True):
+    metrics: dict[str, float] = {}
+    source: str = "none"  # "metrics.json", "summary" or "none"
+    problem: str | None = None  # why nothing usable was found
+
+
+def _number(raw: object) -> float | None:
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, int | float):
+        return float(raw)
+    if isinstance(raw, str):
+        try:
+            return float(raw)
+        except ValueError:
+            return None
+    return None
+
+
+def _from_json(data: bytes) -> Extracted:
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        return Extracted(source="metrics.json", problem=f"metrics.json is not valid JSON: {exc}")
+    if not isinstance(obj, dict):
+        return Extracted(source="metrics.json", problem="metrics.json must hold a JSON object")
+    metrics = {}
+    for key, value in list(obj.items())[:MAX_METRICS]:
+        num = _number(value)
+        if num is not None and isinstance(key, str) and len(key) <= 64:
+            metrics[key] = num
+    return Extracted(metrics=metrics, source="metrics.json")
+
+
+def _from_log(log: str) -> Extracted:
+    lines = log.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip() == "---"]
+    if not starts:
+        return Extracted(problem="no metrics.json and no '---' summary block in the output")
+    metrics: dict[str, float] = {}
+    for line in lines[starts[-1] + 1 :]:
+        m = _KV.match(line)
+        if not m:
+            continue
+        num = _number(m.group(2))
+        if num is not None and len(metrics) < MAX_METRICS:
+            metrics[m.group(1)] = num
+    return Extracted(metrics=metrics, source="summary")
+
+
+def extract_metrics(log: str, metrics_json: bytes | None) -> Extracted:
+    """All numeric values the run reported. Non-finite values are kept: judging them is not our job."""
+    return _from_json(metrics_json) if metrics_json is not None else _from_log(log)
+
+
+def finite(value: float | None) -> bool:
+    return value is not None and math.isfinite(value)

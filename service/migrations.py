@@ -1,0 +1,59 @@
+"""Versioned schema. Each migration runs once, in order, inside one transaction; never edit one
+that has shipped — add the next."""
+
+from __future__ import annotations
+
+MIGRATIONS: list[str] = [
+    # 1: loops, content-addressed snapshots, experiments
+    """
+    CREATE TABLE loops (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        config TEXT NOT NULL,
+        state TEXT NOT NULL,
+        baseline TEXT NOT NULL DEFAULT 'pending',
+        baseline_reason TEXT,
+        root_snapshot TEXT NOT NULL REFERENCES snapshots(id),
+        best_snapshot TEXT REFERENCES snapshots(id),
+        best_metric REAL,
+        best_experiment TEXT,
+        next_seq INTEGER NOT NULL DEFAULT 1,
+        finished INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX loops_name ON loops(name);
+    CREATE TABLE snapshots (
+        id TEXT PRIMARY KEY,
+        manifest TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE TABLE experiments (
+        id TEXT PRIMARY KEY,
+        loop_id TEXT NOT NULL REFERENCES loops(id),
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        description TEXT NOT NULL,
+        parent TEXT REFERENCES snapshots(id),
+        snapshot TEXT NOT NULL REFERENCES snapshots(id),
+        diff TEXT,
+        status TEXT NOT NULL,
+        reason TEXT,
+        metric REAL,
+        metrics TEXT,
+        memory_gb REAL,
+        exit_code INTEGER,
+        gpus TEXT,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        finish_seq INTEGER,
+        workload_seconds REAL,
+        log_tail TEXT,
+        UNIQUE (loop_id, seq)
+    );
+    CREATE INDEX experiments_loop_status ON experiments(loop_id, status, seq);
+    CREATE INDEX experiments_ledger ON experiments(loop_id, finish_seq) WHERE finish_seq IS NOT NULL;
+    CREATE INDEX experiments_queued ON experiments(loop_id, seq) WHERE status = 'queued';
+    CREATE INDEX experiments_running ON experiments(status) WHERE status = 'running';
+    """,
+]

@@ -1,0 +1,180 @@
+"""The one schema: API bodies, stored records and the OpenAPI document all come from these Structs."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+__all__ = [
+    "FINAL",
+    "CandidateCreate",
+    "ExperimentPage",
+    "ExperimentView",
+    "LoopConfig",
+    "LoopCreate",
+    "LoopView",
+    "MetricSpec",
+    "Resources",
+    "SnapshotView",
+    "Status",
+    "Workspace",
+]
+
+Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+Glob = Annotated[str, Meta(min_length=1, max_length=256)]
+Arg = Annotated[str, Meta(min_length=1, max_length=4096)]
+EnvKey = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+Seconds = Annotated[float, Meta(gt=0, le=7 * 24 * 3600)]
+
+
+class Status(StrEnum):
+    """Experiment status. Every change goes through `service.transitions`."""
+
+    queued = "queued"  # waiting for a slot
+    running = "running"  # holds a slot: its container is being made, runs, or is being judged
+    keep = "keep"  # finished, metric improved: its snapshot became the loop's best
+    discard = "discard"  # finished, metric did not improve
+    crash = "crash"  # the candidate failed: non-zero exit, OOM, missing or non-finite metric
+    timeout = "timeout"  # killed at the hard wall-clock deadline
+    cancelled = "cancelled"  # cancelled by a user, or by stopping its loop
+    error = "error"  # the infrastructure failed, not the candidate
+
+
+FINAL = frozenset({Status.keep, Status.discard, Status.crash, Status.timeout, Status.cancelled, Status.error})
+
+
+class LoopState(StrEnum):
+    active = "active"  # queued experiments are dispatched
+    paused = "paused"  # nothing new starts; running experiments finish
+    stopped = "stopped"  # final: queued and running experiments were cancelled
+
+
+class BaselineState(StrEnum):
+    pending = "pending"  # no baseline has finished yet: candidates wait
+    ok = "ok"  # a baseline succeeded and founded the best
+    failed = "failed"  # the last baseline failed: no candidate is judged until one succeeds
+
+
+class MetricSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.\-/]*$")] = (
+        "val_bpb"
+    )
+    direction: Literal["minimize", "maximize"] = "minimize"
+    min_delta: Annotated[float, Meta(ge=0)] = 0.0
+
+
+class Resources(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    gpus: Annotated[int, Meta(ge=0, le=64)] = 0
+    cpus: Annotated[float, Meta(gt=0, le=1024)] = 1.0
+    memory_mb: Annotated[int, Meta(ge=64, le=4 * 1024 * 1024)] = 2048
+    pids: Annotated[int, Meta(ge=16, le=1_000_000)] = 256
+    disk_mb: Annotated[int, Meta(ge=1, le=1024 * 1024)] = 512
+
+
+class Workspace(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Either `files` ({path: text}) or `archive` (base64 of a .tar.gz)."""
+
+    files: dict[str, str] | None = None
+    archive: str | None = None
+
+
+class LoopConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A loop's settings as stored, with every default resolved."""
+
+    name: Name
+    editable: list[Glob] = msgspec.field(default_factory=lambda: ["train.py"])
+    image: Annotated[str, Meta(min_length=1, max_length=512)] | None = None  # default: the service's
+    command: Annotated[list[Arg], Meta(min_length=1, max_length=256)] = msgspec.field(
+        default_factory=lambda: ["python3", "train.py"]
+    )
+    metric: MetricSpec = MetricSpec()
+    time_budget_s: Seconds = 300.0
+    timeout_s: Seconds | None = None  # hard kill; default: twice the budget plus 30 s of start-up
+    resources: Resources = Resources()
+    env: dict[EnvKey, Annotated[str, Meta(max_length=4096)]] = {}
+    max_experiments: Annotated[int, Meta(ge=1)] | None = None
+    runtime: Literal["runc", "runsc"] | None = None  # default: the service's setting
+
+    @property
+    def hard_timeout_s(self) -> float:
+        return self.timeout_s if self.timeout_s is not None else 2 * self.time_budget_s + 30.0
+
+
+class LoopCreate(LoopConfig, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    workspace: Workspace
+
+    def config(self) -> LoopConfig:
+        fields = {f: getattr(self, f) for f in LoopConfig.__struct_fields__}
+        return LoopConfig(**fields)
+
+
+class LoopView(msgspec.Struct, kw_only=True):
+    id: str
+    name: str
+    state: LoopState
+    baseline: BaselineState
+    baseline_reason: str | None = None
+    config: LoopConfig
+    root_snapshot: str
+    best_snapshot: str | None = None
+    best_metric: float | None = None
+    best_experiment: str | None = None
+    counts: dict[str, int] = {}
+    created_at: float
+
+
+class CandidateCreate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A candidate edit: a unified diff (`patch`) or whole files (`files`), against `parent`."""
+
+    description: Annotated[str, Meta(min_length=1, max_length=2000)]
+    patch: str | None = None
+    files: dict[str, str] | None = None
+    parent: Annotated[str, Meta(pattern=r"^[0-9a-f]{7,64}$")] | None = None  # default: the loop's best
+
+
+class ExperimentView(msgspec.Struct, kw_only=True):
+    id: str
+    loop_id: str
+    number: int  # 1 for the first experiment of its loop (the baseline)
+    kind: Literal["baseline", "candidate"]
+    description: str
+    status: Status
+    reason: str | None = None
+    parent: str | None = None
+    snapshot: str
+    commit: str
+    metric: float | None = None
+    metrics: dict[str, float] = {}
+    memory_gb: float | None = None
+    exit_code: int | None = None
+    gpus: list[str] = []
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    workload_seconds: float | None = None
+    log_tail: str | None = None
+
+
+class ExperimentPage(msgspec.Struct, kw_only=True):
+    items: list[ExperimentView]
+    next_after: int | None = None  # pass as ?after= for the next page; null on the last page
+
+
+class SnapshotView(msgspec.Struct, kw_only=True):
+    id: str
+    commit: str
+    experiment_id: str
+    number: int
+    metric: float | None
+    description: str
+    finished_at: float | None
+
+
+class Health(msgspec.Struct, kw_only=True):
+    status: str
+    database: bool | None = None
+    engine: bool | None = None
+    detail: str | None = None

@@ -1,0 +1,328 @@
+"""Dispatches queued experiments onto slots and sees each one through the sandbox.
+
+A steady loop around one small iteration: fill every free slot (round-robin across loops, FIFO
+within a loop), then sleep until something changes. docker-py blocks, so every run lives in a
+worker thread; the event loop only ever awaits it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from pathlib import Path
+
+import msgspec
+
+from sandbox import (
+    FileEntry,
+    Limits,
+    PreparedRun,
+    RunResult,
+    RunSpec,
+    Sandbox,
+    SandboxError,
+    SpecError,
+)
+
+from . import metrics as m
+from . import transitions
+from .decisions import Outcome
+from .extract import extract_metrics
+from .gpus import GpuPool
+from .models import ExperimentView, LoopConfig, LoopView, Status
+from .patches import is_editable
+from .settings import Settings
+from .snapshots import SnapshotStore, decode_manifest
+from .store import Store
+
+__all__ = ["Scheduler"]
+
+log = logging.getLogger("ratchet.scheduler")
+
+
+class _Slot(msgspec.Struct, kw_only=True):
+    exp_id: str
+    loop_name: str
+    gpus: list[str]
+    handed_at: float
+    task: asyncio.Task[None] | None = None
+    run: PreparedRun | None = None
+    cancel_requested: bool = False
+
+
+class Scheduler:
+    def __init__(
+        self, settings: Settings, store: Store, snapshots: SnapshotStore, sandbox: Sandbox, gpus: list[str]
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.snapshots = snapshots
+        self.sandbox = sandbox
+        self.pool = GpuPool(gpus)
+        if settings.slots is not None:
+            self.slots = settings.slots
+        else:
+            self.slots = max(1, len(gpus) // settings.gpus_per_slot) if gpus else 1
+        self.logs_dir = Path(settings.data_dir) / "logs"
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self._running: dict[str, _Slot] = {}
+        self._wake = asyncio.Event()
+        self._rotation: dict[str, float] = {}  # loop id -> last dispatch, for round-robin
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.dispatched = 0
+        m.SLOTS_TOTAL.set(self.slots)
+        m.SLOTS_BUSY.set(0)
+
+    def __repr__(self) -> str:
+        return f"<Scheduler slots={self.slots} busy={len(self._running)} dispatched={self.dispatched}>"
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.recover()
+        self._task = asyncio.create_task(self._loop(), name="ratchet-scheduler")
+
+    async def stop(self) -> None:
+        """Kills running containers and puts their experiments back in the queue for the next start."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for slot in list(self._running.values()):
+            slot.cancel_requested = True
+            if slot.run is not None:
+                await asyncio.to_thread(slot.run.cancel)
+        tasks = [s.task for s in self._running.values() if s.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=30)
+
+    async def recover(self) -> None:
+        """Experiments left `running` by a previous process: remove their containers, queue them again."""
+        for exp_id in await self.store.running_ids():
+            try:
+                await asyncio.to_thread(self.sandbox.remove_labelled, {"ratchet.experiment": exp_id})
+            except SandboxError as exc:
+                log.warning("recover %s: %s", exp_id, exc)
+            await transitions.requeue(self.store, exp_id)
+            log.info("requeued %s left running by a previous run of the service", exp_id)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self._iteration()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("scheduler iteration failed; retrying")
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=1.0)
+
+    # -- dispatch --------------------------------------------------------------------------------
+
+    async def _iteration(self) -> None:
+        depths = await self.store.queue_depths()
+        for name, depth in depths.items():
+            m.QUEUE_DEPTH.labels(loop=name).set(depth)
+        while len(self._running) < self.slots and not self._stopping:
+            heads = await self.store.queue_heads()
+            heads.sort(key=lambda h: self._rotation.get(h[0], 0.0))
+            started = False
+            for loop_id, exp_id in heads:
+                if len(self._running) >= self.slots:
+                    break
+                started |= await self._dispatch(loop_id, exp_id)
+            if not started:
+                return
+
+    async def _dispatch(self, loop_id: str, exp_id: str) -> bool:
+        loop = await self.store.get_loop(loop_id, counts=False)
+        exp = await self.store.get_experiment(exp_id, with_tail=False)
+        if loop is None or exp is None:
+            return False
+        gpus = self.pool.allocate(loop.config.resources.gpus)
+        if gpus is None:
+            return False  # not enough free GPUs for this loop now; others may still fit
+        if not await transitions.start(self.store, exp_id, gpus):
+            self.pool.release(gpus)
+            return False
+        self._rotation[loop_id] = time.monotonic()
+        slot = _Slot(exp_id=exp_id, loop_name=loop.name, gpus=gpus, handed_at=time.time())
+        self._running[exp_id] = slot
+        self.dispatched += 1
+        m.SLOTS_BUSY.set(len(self._running))
+        m.RUNNING.set(len(self._running))
+        slot.task = asyncio.create_task(self._run(slot, exp, loop), name=f"experiment-{exp_id}")
+        return True
+
+    # -- one experiment --------------------------------------------------------------------------
+
+    async def _run(self, slot: _Slot, exp: ExperimentView, loop: LoopView) -> None:
+        result: RunResult | None = None
+        try:
+            spec = await self._spec(exp, loop, slot.gpus)
+            result = await asyncio.to_thread(
+                self.sandbox.run, spec, on_start=lambda run: self._attach(slot, run)
+            )
+            await self._record(slot, exp, loop, result)
+        except (SandboxError, SpecError, OSError) as exc:
+            kind = "container engine" if isinstance(exc, SandboxError) else "sandbox setup"
+            m.ENGINE_ERRORS.labels(reason=type(exc).__name__).inc()
+            log.warning("experiment %s: %s failed: %s", exp.id, kind, exc)
+            await transitions.fail(self.store, exp.id, f"{kind}: {exc}")
+            m.EXPERIMENTS.labels(loop=loop.name, status=Status.error.value).inc()
+        except Exception as exc:
+            log.exception("experiment %s: unexpected failure", exp.id)
+            await transitions.fail(self.store, exp.id, f"internal error: {type(exc).__name__}: {exc}")
+            m.EXPERIMENTS.labels(loop=loop.name, status=Status.error.value).inc()
+        finally:
+            self.pool.release(slot.gpus)
+            del self._running[slot.exp_id]
+            m.SLOTS_BUSY.set(len(self._running))
+            m.RUNNING.set(len(self._running))
+            if result is not None and result.timings.started and result.timings.finished:
+                before = result.timings.started - slot.handed_at
+                after = time.time() - result.timings.finished
+                m.OVERHEAD.observe(max(0.0, before) + max(0.0, after))
+            self.wake()
+
+    def _attach(self, slot: _Slot, run: PreparedRun) -> None:
+        slot.run = run
+        if slot.cancel_requested:
+            run.cancel()
+
+    async def _spec(self, exp: ExperimentView, loop: LoopView, gpus: list[str]) -> RunSpec:
+        raw = await self.store.get_manifest(exp.snapshot)
+        if raw is None:
+            raise OSError(f"snapshot {exp.snapshot} is missing from the database")
+        manifest = decode_manifest(raw)
+        tree = await asyncio.to_thread(self.snapshots.load_tree, manifest)
+        execs = {e.path for e in manifest.files if e.executable}
+        cfg: LoopConfig = loop.config
+        res = cfg.resources
+        files = [
+            FileEntry(path=p, data=d, writable=is_editable(p, cfg.editable), executable=p in execs)
+            for p, d in tree.items()
+        ]
+        env = {
+            **cfg.env,
+            "RATCHET_TIME_BUDGET_S": f"{cfg.time_budget_s:g}",
+            "RATCHET_EXPERIMENT_ID": exp.id,
+            "RATCHET_LOOP_ID": loop.id,
+        }
+        return RunSpec(
+            image=cfg.image or self.settings.default_image,
+            argv=list(cfg.command),
+            files=files,
+            env=env,
+            limits=Limits(
+                cpus=res.cpus,
+                memory_mb=res.memory_mb,
+                pids=res.pids,
+                disk_mb=res.disk_mb,
+                log_bytes=self.settings.log_bytes,
+            ),
+            gpus=gpus,
+            runtime=cfg.runtime or self.settings.runtime,
+            timeout_s=cfg.hard_timeout_s,
+            labels={
+                "ratchet.loop": loop.id,
+                "ratchet.experiment": exp.id,
+                "ratchet.instance": self.sandbox.instance,
+            },
+        )
+
+    async def _record(self, slot: _Slot, exp: ExperimentView, loop: LoopView, result: RunResult) -> None:
+        await asyncio.to_thread(self._write_log, exp.id, result.log)
+        tail = _tail(result.log, self.settings.log_tail_bytes)
+        if result.cancelled and self._stopping:
+            await transitions.requeue(self.store, exp.id)  # service shutdown: run it again next time
+            return
+        cfg = loop.config
+        extracted = extract_metrics(result.log, result.output_files.get("metrics.json"))
+        value = extracted.metrics.get(cfg.metric.name)
+        problem = extracted.problem
+        if value is None and problem is None:
+            problem = f"metric {cfg.metric.name!r} missing from the {extracted.source}"
+        outcome = Outcome(
+            exit_code=result.exit_code,
+            oom_killed=result.oom_killed,
+            timed_out=result.timed_out,
+            cancelled=result.cancelled,
+            metric=value,
+            metric_problem=problem,
+            timeout_s=cfg.hard_timeout_s,
+            memory_mb=cfg.resources.memory_mb,
+        )
+        info = transitions.Finished(
+            metrics=extracted.metrics,
+            memory_gb=_memory_gb(extracted.metrics, result),
+            workload_seconds=result.workload_seconds,
+            log_tail=tail,
+        )
+        decision = await transitions.finish(self.store, exp.id, outcome, info)
+        status = decision.status if decision else Status.cancelled
+        m.EXPERIMENTS.labels(loop=loop.name, status=str(status)).inc()
+        if result.workload_seconds is not None:
+            m.DURATION.observe(result.workload_seconds)
+        if decision is not None and decision.becomes_best and value is not None:
+            m.BEST_METRIC.labels(loop=loop.name, metric=cfg.metric.name).set(value)
+        log.info(
+            "experiment %s (%s #%d): %s — %s",
+            exp.id,
+            loop.name,
+            exp.number,
+            status,
+            decision.reason if decision else "cancelled",
+        )
+
+    def _write_log(self, exp_id: str, text: str) -> None:
+        path = self.logs_dir / f"{exp_id}.log"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    # -- control ---------------------------------------------------------------------------------
+
+    async def cancel(self, exp_id: str, reason: str = "cancelled") -> bool:
+        """Writes the cancel first, then kills the container if the experiment holds a slot."""
+        changed = await transitions.cancel(self.store, exp_id, reason)
+        slot = self._running.get(exp_id)
+        if slot is not None:
+            slot.cancel_requested = True
+            if slot.run is not None:
+                await asyncio.to_thread(slot.run.cancel)
+        self.wake()
+        return changed
+
+    async def kill(self, exp_ids: list[str]) -> None:
+        for exp_id in exp_ids:
+            await self.cancel(exp_id, "loop stopped")
+
+    @property
+    def busy(self) -> int:
+        return len(self._running)
+
+
+def _tail(text: str, n: int) -> str:
+    data = text.encode("utf-8", errors="replace")[-n:] if n else b""
+    return data.decode("utf-8", errors="replace")
+
+
+def _memory_gb(metrics: dict[str, float], result: RunResult) -> float | None:
+    if "peak_vram_mb" in metrics:
+        return metrics["peak_vram_mb"] / 1024
+    if result.peak_memory_bytes is not None:
+        return result.peak_memory_bytes / 1024**3
+    return None

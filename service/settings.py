@@ -1,0 +1,65 @@
+"""Service settings: one frozen Struct, built in one place from flags and `RATCHET_*` variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+__all__ = ["Settings", "SettingsError", "load_settings"]
+
+ENV_PREFIX = "RATCHET_"
+
+
+class SettingsError(ValueError):
+    pass
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8080
+    data_dir: str = "./data"
+    # Concurrent experiments. Default: one per GPU slot on GPU hosts, else 1.
+    slots: Annotated[int, Meta(ge=1, le=1024)] | None = None
+    # GPU device ids to use; None detects them with nvidia-smi, [] means none.
+    gpus: list[str] | None = None
+    gpus_per_slot: Annotated[int, Meta(ge=1, le=64)] = 1
+    default_image: str = "ratchet/sandbox:latest"
+    runtime: Literal["runc", "runsc"] = "runc"
+    log_bytes: Annotated[int, Meta(ge=4096, le=1024**3)] = 4 * 1024 * 1024
+    log_tail_bytes: Annotated[int, Meta(ge=0, le=1024**2)] = 4096
+    max_body_bytes: Annotated[int, Meta(ge=1024, le=1024**3)] = 16 * 1024 * 1024
+    max_workspace_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024 * 1024
+    max_workspace_files: Annotated[int, Meta(ge=1)] = 2000
+    instance: str | None = None  # labels this service's containers; default: kept in the data dir
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def with_overrides(self, **changes: Any) -> Settings:
+        return msgspec.structs.replace(self, **changes)
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    raw: dict[str, Any] = {}
+    for field in Settings.__struct_fields__:
+        key = ENV_PREFIX + field.upper()
+        if key in environ:
+            value: Any = environ[key]
+            if field == "gpus":
+                value = [g.strip() for g in value.split(",") if g.strip()]
+            raw[field] = value
+    return raw
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Flags win over the environment; a malformed value fails here, naming its key."""
+    raw = _from_env(os.environ if environ is None else environ)
+    raw.update({k: v for k, v in (flags or {}).items() if v is not None})
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        raise SettingsError(f"invalid setting: {exc} (flags, or {ENV_PREFIX}<NAME> variables)") from exc
