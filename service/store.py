@@ -97,7 +97,7 @@ class Store:
     async def _migrate(self) -> None:
         async with self.tx() as db:
             await db.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
-            row = await (await db.execute("SELECT MAX(version) FROM schema_version")).fetchone()
+            row = (await db.execute_fetchall("SELECT MAX(version) FROM schema_version"))[0]
             current = row[0] or 0
             if current > len(MIGRATIONS):
                 raise RuntimeError(
@@ -109,9 +109,14 @@ class Store:
                         await db.execute(statement)
                 await db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
 
+    async def _q(self, sql: str, args: Any = (), *, one: bool = False) -> Any:
+        """Runs a read and closes its cursor: an open cursor would pin an old WAL snapshot."""
+        async with self.r.execute(sql, args) as cur:
+            return await cur.fetchone() if one else await cur.fetchall()
+
     async def ping(self) -> bool:
         try:
-            await (await self.r.execute("SELECT 1")).fetchone()
+            await self._q("SELECT 1", one=True)
             return True
         except Exception:
             return False
@@ -126,30 +131,24 @@ class Store:
         )
 
     async def get_manifest(self, snapshot_id: str) -> bytes | None:
-        row = await (
-            await self.r.execute("SELECT manifest FROM snapshots WHERE id = ?", (snapshot_id,))
-        ).fetchone()
+        row = await self._q("SELECT manifest FROM snapshots WHERE id = ?", (snapshot_id,), one=True)
         return row[0].encode() if row else None
 
     async def resolve_snapshot(self, loop_id: str, prefix: str) -> str | None:
         """A full snapshot id of this loop from an id or a unique prefix of at least 7 digits."""
-        rows = await (
-            await self.r.execute(
-                "SELECT DISTINCT snapshot FROM experiments"
-                " WHERE loop_id = ? AND snapshot >= ? AND snapshot < ? LIMIT 2",
-                (loop_id, prefix, prefix + "g"),
-            )
-        ).fetchall()
+        rows = await self._q(
+            "SELECT DISTINCT snapshot FROM experiments"
+            " WHERE loop_id = ? AND snapshot >= ? AND snapshot < ? LIMIT 2",
+            (loop_id, prefix, prefix + "g"),
+        )
         return rows[0][0] if len(rows) == 1 else None
 
     async def accepted_snapshots(self, loop_id: str) -> list[SnapshotView]:
-        rows = await (
-            await self.r.execute(
-                "SELECT snapshot, id, seq, metric, description, finished_at FROM experiments"
-                " WHERE loop_id = ? AND status = 'keep' ORDER BY finish_seq DESC",
-                (loop_id,),
-            )
-        ).fetchall()
+        rows = await self._q(
+            "SELECT snapshot, id, seq, metric, description, finished_at FROM experiments"
+            " WHERE loop_id = ? AND status = 'keep' ORDER BY finish_seq DESC",
+            (loop_id,),
+        )
         return [
             SnapshotView(
                 id=r[0],
@@ -166,7 +165,7 @@ class Store:
     # -- loops ----------------------------------------------------------------------------------
 
     async def get_loop(self, loop_id: str, counts: bool = True) -> LoopView | None:
-        row = await (await self.r.execute("SELECT * FROM loops WHERE id = ?", (loop_id,))).fetchone()
+        row = await self._q("SELECT * FROM loops WHERE id = ?", (loop_id,), one=True)
         if row is None:
             return None
         return await self._loop_view(row, counts)
@@ -190,38 +189,32 @@ class Store:
         return view
 
     async def counts(self, loop_id: str) -> dict[str, int]:
-        rows = await (
-            await self.r.execute(
-                "SELECT status, COUNT(*) FROM experiments WHERE loop_id = ? GROUP BY status", (loop_id,)
-            )
-        ).fetchall()
+        rows = await self._q(
+            "SELECT status, COUNT(*) FROM experiments WHERE loop_id = ? GROUP BY status", (loop_id,)
+        )
         counts = {s.value: 0 for s in Status}
         counts.update({r[0]: r[1] for r in rows})
         return counts
 
     async def list_loops(self) -> list[LoopView]:
-        rows = await (await self.r.execute("SELECT * FROM loops ORDER BY created_at")).fetchall()
+        rows = await self._q("SELECT * FROM loops ORDER BY created_at")
         return [await self._loop_view(r, True) for r in rows]
 
     async def active_loop_named(self, name: str) -> str | None:
-        row = await (
-            await self.r.execute("SELECT id FROM loops WHERE name = ? AND state != 'stopped'", (name,))
-        ).fetchone()
+        row = await self._q("SELECT id FROM loops WHERE name = ? AND state != 'stopped'", (name,), one=True)
         return row[0] if row else None
 
     # -- experiments ----------------------------------------------------------------------------
 
     async def get_experiment(self, exp_id: str, with_tail: bool = True) -> ExperimentView | None:
         cols = _EXP_COLUMNS + (", log_tail" if with_tail else "")
-        row = await (
-            await self.r.execute(f"SELECT {cols} FROM experiments WHERE id = ?", (exp_id,))
-        ).fetchone()
+        row = await self._q(f"SELECT {cols} FROM experiments WHERE id = ?", (exp_id,), one=True)
         if row is None:
             return None
         return _experiment(row, row["log_tail"] if with_tail else None)
 
     async def get_diff(self, exp_id: str) -> str | None:
-        row = await (await self.r.execute("SELECT diff FROM experiments WHERE id = ?", (exp_id,))).fetchone()
+        row = await self._q("SELECT diff FROM experiments WHERE id = ?", (exp_id,), one=True)
         return row[0] if row else None
 
     async def list_experiments(
@@ -234,11 +227,9 @@ class Store:
             where += f" AND status IN ({','.join('?' * len(statuses))})"
             args.extend(statuses)
         args.append(limit)
-        rows = await (
-            await self.r.execute(
-                f"SELECT {_EXP_COLUMNS} FROM experiments WHERE {where} ORDER BY seq LIMIT ?", args
-            )
-        ).fetchall()
+        rows = await self._q(
+            f"SELECT {_EXP_COLUMNS} FROM experiments WHERE {where} ORDER BY seq LIMIT ?", args
+        )
         return [_experiment(r) for r in rows]
 
     async def ledger_rows(self, loop_id: str, statuses: tuple[str, ...]) -> AsyncIterator[aiosqlite.Row]:
@@ -255,9 +246,8 @@ class Store:
 
     async def queue_heads(self) -> list[tuple[str, str]]:
         """(loop_id, experiment_id) of the oldest dispatchable queued experiment of each active loop."""
-        rows = await (
-            await self.r.execute(
-                """
+        rows = await self._q(
+            """
                 SELECT l.id, (
                     SELECT e.id FROM experiments e
                     WHERE e.loop_id = l.id AND e.status = 'queued'
@@ -265,30 +255,24 @@ class Store:
                     ORDER BY e.seq LIMIT 1)
                 FROM loops l WHERE l.state = 'active'
                 """
-            )
-        ).fetchall()
+        )
         return [(r[0], r[1]) for r in rows if r[1] is not None]
 
     async def queue_depths(self) -> dict[str, int]:
-        rows = await (
-            await self.r.execute(
-                "SELECT l.name, COUNT(e.id) FROM loops l LEFT JOIN experiments e"
-                " ON e.loop_id = l.id AND e.status = 'queued' GROUP BY l.name"
-            )
-        ).fetchall()
+        rows = await self._q(
+            "SELECT l.name, COUNT(e.id) FROM loops l LEFT JOIN experiments e"
+            " ON e.loop_id = l.id AND e.status = 'queued' GROUP BY l.name"
+        )
         return {r[0]: r[1] for r in rows}
 
     async def running_ids(self) -> list[str]:
-        rows = await (await self.r.execute("SELECT id FROM experiments WHERE status = 'running'")).fetchall()
+        rows = await self._q("SELECT id FROM experiments WHERE status = 'running'")
         return [r[0] for r in rows]
 
     async def experiment_ids(self, loop_id: str, statuses: Iterable[str]) -> list[str]:
         statuses = list(statuses)
-        rows = await (
-            await self.r.execute(
-                "SELECT id FROM experiments WHERE loop_id = ?"
-                f" AND status IN ({','.join('?' * len(statuses))})",
-                (loop_id, *statuses),
-            )
-        ).fetchall()
+        rows = await self._q(
+            f"SELECT id FROM experiments WHERE loop_id = ? AND status IN ({','.join('?' * len(statuses))})",
+            (loop_id, *statuses),
+        )
         return [r[0] for r in rows]

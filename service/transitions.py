@@ -65,6 +65,11 @@ def new_id() -> str:
     return secrets.token_hex(8)
 
 
+async def _rows(db: aiosqlite.Connection, sql: str, args: Any = (), *, first: bool = False) -> Any:
+    rows = await db.execute_fetchall(sql, args)
+    return (rows[0] if rows else None) if first else rows
+
+
 async def _move(db: aiosqlite.Connection, exp_id: str, expected: Status, new: Status, **fields: Any) -> bool:
     if new not in ALLOWED.get(expected, frozenset()):
         raise TransitionRefused(f"{expected} -> {new} is not a transition")
@@ -85,7 +90,7 @@ async def _insert_experiment(
     snapshot: str,
     diff: str | None,
 ) -> str:
-    row = await (await db.execute("SELECT next_seq FROM loops WHERE id = ?", (loop_id,))).fetchone()
+    row = await _rows(db, "SELECT next_seq FROM loops WHERE id = ?", (loop_id,), first=True)
     seq = row[0]
     exp_id = new_id()
     await db.execute(
@@ -119,9 +124,7 @@ async def create_loop(store: Store, config: LoopConfig, root: str, manifest: byt
 
 
 async def _check_capacity(db: aiosqlite.Connection, loop_id: str) -> None:
-    row = await (
-        await db.execute("SELECT state, config, next_seq FROM loops WHERE id = ?", (loop_id,))
-    ).fetchone()
+    row = await _rows(db, "SELECT state, config, next_seq FROM loops WHERE id = ?", (loop_id,), first=True)
     if row["state"] == LoopState.stopped:
         raise Conflict("the loop is stopped; create a new loop to run more experiments")
     config = msgspec.json.decode(row["config"], type=LoopConfig)
@@ -142,14 +145,14 @@ async def queue_baseline(store: Store, loop_id: str) -> str:
     """Runs the unmodified root snapshot again (e.g. after a failed baseline)."""
     async with store.tx() as db:
         await _check_capacity(db, loop_id)
-        row = await (await db.execute("SELECT root_snapshot FROM loops WHERE id = ?", (loop_id,))).fetchone()
-        pending = await (
-            await db.execute(
-                "SELECT 1 FROM experiments WHERE loop_id = ? AND kind = 'baseline'"
-                " AND status IN ('queued', 'running')",
-                (loop_id,),
-            )
-        ).fetchone()
+        row = await _rows(db, "SELECT root_snapshot FROM loops WHERE id = ?", (loop_id,), first=True)
+        pending = await _rows(
+            db,
+            "SELECT 1 FROM experiments WHERE loop_id = ? AND kind = 'baseline'"
+            " AND status IN ('queued', 'running')",
+            (loop_id,),
+            first=True,
+        )
         if pending:
             raise Conflict("a baseline of this loop is already queued or running")
         return await _insert_experiment(db, loop_id, "baseline", "baseline (re-run)", None, row[0], None)
@@ -200,14 +203,12 @@ async def finish(store: Store, exp_id: str, outcome: Outcome, info: Finished) ->
     """Judges the run against the loop's best *as it is now* and records both in one transaction,
     so two experiments finishing together cannot both become best unless the later one wins."""
     async with store.tx() as db:
-        exp = await (
-            await db.execute(
-                "SELECT loop_id, kind, snapshot, status FROM experiments WHERE id = ?", (exp_id,)
-            )
-        ).fetchone()
+        exp = await _rows(
+            db, "SELECT loop_id, kind, snapshot, status FROM experiments WHERE id = ?", (exp_id,), first=True
+        )
         if exp is None or exp["status"] != Status.running:
             return None  # cancelled meanwhile: the cancel stands
-        loop = await (await db.execute("SELECT * FROM loops WHERE id = ?", (exp["loop_id"],))).fetchone()
+        loop = await _rows(db, "SELECT * FROM loops WHERE id = ?", (exp["loop_id"],), first=True)
         config = msgspec.json.decode(loop["config"], type=LoopConfig)
         baseline = exp["kind"] == "baseline"
         decision = decide(
@@ -253,7 +254,7 @@ async def set_loop_state(store: Store, loop_id: str, action: str) -> tuple[str, 
     """pause / resume / stop. Stop cancels every queued experiment and returns the running ones,
     which the caller must kill. Returns (new state, running experiment ids to kill)."""
     async with store.tx() as db:
-        row = await (await db.execute("SELECT state FROM loops WHERE id = ?", (loop_id,))).fetchone()
+        row = await _rows(db, "SELECT state FROM loops WHERE id = ?", (loop_id,), first=True)
         target = LOOP_MOVES[action].get(row["state"])
         if target is None:
             raise Conflict(f"cannot {action} a loop that is {row['state']}")
@@ -266,10 +267,8 @@ async def set_loop_state(store: Store, loop_id: str, action: str) -> tuple[str, 
                 " WHERE loop_id = ? AND status = 'queued'",
                 (now, loop_id),
             )
-            rows = await (
-                await db.execute(
-                    "SELECT id FROM experiments WHERE loop_id = ? AND status = 'running'", (loop_id,)
-                )
-            ).fetchall()
+            rows = await _rows(
+                db, "SELECT id FROM experiments WHERE loop_id = ? AND status = 'running'", (loop_id,)
+            )
             running = [r[0] for r in rows]
         return target, running
