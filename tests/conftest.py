@@ -46,7 +46,7 @@ def docker_client() -> docker.DockerClient:
 
 def leftovers(client: docker.DockerClient, label: str) -> list[str]:
     """Containers and volumes still carrying `label` (key=value)."""
-    found = [f"container {c.name}" for c in client.containers.list(all=True, filters={"label": label})]
+    found = [f"container {c['Id'][:12]}" for c in client.api.containers(all=True, filters={"label": label})]
     found += [f"volume {v.name}" for v in client.volumes.list(filters={"label": label})]
     return found
 
