@@ -41,6 +41,7 @@ log = logging.getLogger("ratchet.sandbox")
 LABEL_SANDBOX = "ratchet.sandbox"
 LABEL_RUN = "ratchet.run"
 _DONE = re.compile(rb"\n__RATCHET_DONE__ (-?\d+)\n")
+_DONE_TEXT = re.compile(r"\n__RATCHET_DONE__ -?\d+\n")
 _COLLECT_TIMEOUT_S = 30.0
 _EXIT_GRACE_S = 10.0
 
@@ -188,7 +189,7 @@ class PreparedRun:
             self._raw.sendall(b"go\n")
         self.timings.started = time.time()
         deadline = time.monotonic() + self.spec.timeout_s
-        outcome = self._pump(logbuf, deadline)
+        outcome = self._pump(logbuf, deadline, until_marker=True)
         self.timings.finished = time.time()
         result = RunResult(
             exit_code=None,
@@ -197,15 +198,21 @@ class PreparedRun:
             timings=self.timings,
         )
         if outcome == "done":
-            self._collect(result, deadline)
+            self._collect(result)
+            # stdout and stderr travel separately: drain what is still in flight until the
+            # container closes the stream (the gate exits once told the output is collected).
+            if self._pump(logbuf, time.monotonic() + _EXIT_GRACE_S, until_marker=False) == "timeout":
+                log.warning("run %s: gate did not exit after collection; killed", self.run_id)
         self._finish(result)
-        result.log = _strip_marker(logbuf.text())
-        result.log_bytes = max(0, logbuf.total - _marker_len(logbuf))
+        text, marker = _strip_marker(logbuf.text())
+        result.log = text
+        result.log_bytes = max(0, logbuf.total - marker)
         result.log_truncated = logbuf.dropped > 0
         return result
 
-    def _pump(self, logbuf: CappedLog, deadline: float) -> str:
-        """Copy the attach stream into the log until the gate reports, the deadline, or a cancel."""
+    def _pump(self, logbuf: CappedLog, deadline: float, until_marker: bool) -> str:
+        """Copy the attach stream into the log until the gate reports (if `until_marker`), the
+        stream ends, the deadline passes or a cancel arrives."""
         assert self._raw is not None
         frames = _FrameReader()
         stderr_tail = b""
@@ -228,12 +235,12 @@ class PreparedRun:
                 return "exited"  # the container ended without the gate's report (e.g. OOM of PID 1)
             for stream, payload in frames.feed(data):
                 logbuf.write(payload)
-                if stream == 2:
+                if until_marker and stream == 2:
                     stderr_tail = (stderr_tail + payload)[-96:]
                     if _DONE.search(stderr_tail):
                         return "done"
 
-    def _collect(self, result: RunResult, deadline: float) -> None:
+    def _collect(self, result: RunResult) -> None:
         """Output files and peak memory, read while the gate keeps the container (and volume) alive."""
         api = self.sandbox.client.api
         cid = self.container_id
@@ -328,13 +335,10 @@ class _FrameReader:
             yield stream, payload
 
 
-def _strip_marker(text: str) -> str:
-    idx = text.rfind("\n__RATCHET_DONE__ ")
-    if idx >= 0 and text.endswith("\n") and "\n" not in text[idx + 1 : -1]:
-        return text[:idx]
-    return text
-
-
-def _marker_len(logbuf: CappedLog) -> int:
-    m = _DONE.search(logbuf.tail_bytes(96))
-    return len(m.group(0)) if m else 0
+def _strip_marker(text: str) -> tuple[str, int]:
+    """Removes the gate's report (its last occurrence) from the log; returns (text, bytes removed)."""
+    matches = list(_DONE_TEXT.finditer(text))
+    if not matches:
+        return text, 0
+    m = matches[-1]
+    return text[: m.start()] + text[m.end() :], len(m.group(0))

@@ -12,6 +12,8 @@ import contextlib
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import msgspec
@@ -72,6 +74,9 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._rotation: dict[str, float] = {}  # loop id -> last dispatch, for round-robin
         self._task: asyncio.Task[None] | None = None
+        # Runs block a thread each for their whole duration: they get threads of their own so
+        # they never starve the default pool that serves the API's short blocking calls.
+        self._threads = ThreadPoolExecutor(max_workers=self.slots + 2, thread_name_prefix="ratchet-run")
         self._stopping = False
         self.dispatched = 0
         m.SLOTS_TOTAL.set(self.slots)
@@ -100,6 +105,7 @@ class Scheduler:
         tasks = [s.task for s in self._running.values() if s.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=30)
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def recover(self) -> None:
         """Experiments left `running` by a previous process: remove their containers, queue them again."""
@@ -169,8 +175,8 @@ class Scheduler:
         result: RunResult | None = None
         try:
             spec = await self._spec(exp, loop, slot.gpus)
-            result = await asyncio.to_thread(
-                self.sandbox.run, spec, on_start=lambda run: self._attach(slot, run)
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._threads, partial(self.sandbox.run, spec, on_start=lambda run: self._attach(slot, run))
             )
             await self._record(slot, exp, loop, result)
         except (SandboxError, SpecError, OSError) as exc:
