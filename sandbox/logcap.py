@@ -32,20 +32,21 @@ class CappedLog:
             self._tail_len = 0
         self._tail.append(chunk)
         self._tail_len += len(chunk)
-        while self._tail_len - len(self._tail[0]) >= self._tail_cap:
-            self._tail_len -= len(self._tail.popleft())
+        while self._tail_len > self._tail_cap:  # trim the oldest chunk: never hold more than the cap
+            excess = self._tail_len - self._tail_cap
+            oldest = self._tail[0]
+            if len(oldest) <= excess:
+                self._tail.popleft()
+                self._tail_len -= len(oldest)
+            else:
+                self._tail[0] = oldest[excess:]
+                self._tail_len -= excess
 
     @property
     def dropped(self) -> int:
-        return self.total - len(self._head) - min(self._tail_len, self._tail_cap)
-
-    def tail_bytes(self, n: int) -> bytes:
-        joined = b"".join(self._tail)[-n:]
-        if len(joined) < n:
-            joined = bytes(self._head[-(n - len(joined)) :]) + joined
-        return joined
+        return self.total - len(self._head) - self._tail_len
 
     def text(self) -> str:
-        tail = b"".join(self._tail)[-self._tail_cap :]
+        tail = b"".join(self._tail)
         middle = MARKER.format(n=self.dropped).encode() if self.dropped else b""
         return (bytes(self._head) + middle + tail).decode("utf-8", errors="replace")

@@ -6,6 +6,7 @@ returns a `RunResult`. Nothing here knows about loops or experiments.
 
 from __future__ import annotations
 
+import posixpath
 import re
 
 import msgspec
@@ -92,7 +93,11 @@ class RunSpec(msgspec.Struct, kw_only=True, frozen=True):
                 raise SpecError(f"duplicate workspace path {f.path!r}")
             seen.add(f.path)
         for m in self.mounts:
-            if not m.target.startswith("/") or m.target.rstrip("/") in ("", "/sandbox", "/tmp"):
+            # normpath keeps a leading "//"; collapse it so "//sandbox" is seen as "/sandbox"
+            target = "/" + posixpath.normpath(m.target).lstrip("/") if m.target.startswith("/") else ""
+            if target in ("", "/") or any(
+                target == p or target.startswith(p + "/") for p in ("/sandbox", "/tmp")
+            ):
                 raise SpecError(f"mount target {m.target!r} must be an absolute path of its own")
         for key in self.labels:
             if not _LABEL_KEY.match(key):

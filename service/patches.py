@@ -93,8 +93,11 @@ class FilePatch:
         return self.new or self.old or ""
 
 
-def _strip(raw: str, strip_prefix: bool) -> str | None:
-    name = raw.split("\t", 1)[0].strip()
+def _name(raw: str) -> str:
+    return raw.split("\t", 1)[0].strip()
+
+
+def _strip(name: str, strip_prefix: bool) -> str | None:
     if name == "/dev/null":
         return None
     if name.startswith('"'):
@@ -104,72 +107,91 @@ def _strip(raw: str, strip_prefix: bool) -> str | None:
     return check_path(name)
 
 
+_REFUSED_HEADERS = {
+    ("GIT binary patch", "Binary files "): "binary patches are refused; only text files can be edited",
+    ("new file mode 12", "deleted file mode 12", "old mode 12", "new mode 12"): "symbolic links are refused",
+    (
+        "rename from",
+        "rename to",
+        "copy from",
+        "copy to",
+        "old mode",
+        "new mode",
+    ): "unsupported patch operation",
+}
+
+
+def _check_header(line: str) -> None:
+    if line.startswith("index ") and line.endswith(" 120000"):
+        raise CandidateError("symbolic links are refused")
+    for prefixes, why in _REFUSED_HEADERS.items():
+        if line.startswith(prefixes):
+            detail = f" {line.strip()!r}: send content changes only" if why.startswith("unsupported") else ""
+            raise CandidateError(why + detail)
+
+
 def parse_patch(text: str) -> list[FilePatch]:
-    """Parses a unified diff (plain or git style). Refuses binary, rename, mode and link changes."""
+    """Parses a unified diff (plain or git style). Refuses binary, rename, mode and link changes.
+
+    The walk is sequential and hunks are consumed by the counts in their `@@` headers, so a
+    removed line that reads `--- x` is content, never taken for the next file's header.
+    """
     if "\x00" in text:
         raise CandidateError("patch contains NUL bytes: binary patches are refused")
     # Split on LF only: a CR stays part of its line, so CRLF content matches only CRLF content.
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    headers = [i for i, line in enumerate(lines) if line.startswith("--- ")]
-    if not headers:
+    raw: list[tuple[int, str, str, FilePatch]] = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("--- "):
+            if i + 1 >= len(lines) or not lines[i + 1].startswith("+++ "):
+                raise CandidateError(f"line {i + 1}: '---' header not followed by a '+++' header")
+            fp = FilePatch(None, None)
+            raw.append((i + 1, _name(line[4:]), _name(lines[i + 1][4:]), fp))
+            i = _parse_hunks(fp, lines, i + 2)
+            if not fp.hunks and i < len(lines) and not lines[i].startswith(("--- ", "diff ")):
+                raise CandidateError(
+                    f"line {i + 1}: expected a hunk header '@@ -a,b +c,d @@', got {lines[i][:60]!r}"
+                )
+            continue
+        if line.startswith("@@"):
+            raise CandidateError(f"line {i + 1}: hunk before any '--- a/<file>' / '+++ b/<file>' header")
+        _check_header(line)
+        i += 1
+    if not raw:
         raise CandidateError(
             "patch has no '--- a/<file>' / '+++ b/<file>' header: send a unified diff (diff -u or git diff)"
         )
-    for line in lines:
-        low = line.lower()
-        if line.startswith(("GIT binary patch", "Binary files ")):
-            raise CandidateError("binary patches are refused; only text files can be edited")
-        if low.startswith(("rename from", "rename to", "copy from", "copy to", "old mode", "new mode")):
-            raise CandidateError(f"unsupported patch operation {line.strip()!r}: send content changes only")
-        if line.startswith(("new file mode 12", "deleted file mode 12", "index ")) and " 120000" in line:
-            raise CandidateError("symbolic links are refused")
-        if line.startswith(("new file mode 12", "deleted file mode 12")):
-            raise CandidateError("symbolic links are refused")
-    raw_old = [lines[i][4:] for i in headers]
-    raw_new = [
-        lines[i + 1][4:] if i + 1 < len(lines) and lines[i + 1].startswith("+++ ") else "" for i in headers
-    ]
-    names = [
-        n.split("\t", 1)[0].strip() for n in raw_old + raw_new if n.split("\t", 1)[0].strip() != "/dev/null"
-    ]
+    names = [n for _, old, new, _ in raw for n in (old, new) if n != "/dev/null"]
     strip_prefix = bool(names) and all(n.startswith(("a/", "b/")) for n in names)
-    patches: list[FilePatch] = []
-    for idx, start in enumerate(headers):
-        if start + 1 >= len(lines) or not lines[start + 1].startswith("+++ "):
-            raise CandidateError(f"line {start + 1}: '---' header not followed by a '+++' header")
-        fp = FilePatch(_strip(lines[start][4:], strip_prefix), _strip(lines[start + 1][4:], strip_prefix))
+    for lineno, old, new, fp in raw:
+        fp.old, fp.new = _strip(old, strip_prefix), _strip(new, strip_prefix)
         if fp.old is None and fp.new is None:
-            raise CandidateError(f"line {start + 1}: both sides are /dev/null")
+            raise CandidateError(f"line {lineno}: both sides are /dev/null")
         if fp.old and fp.new and fp.old != fp.new:
             raise CandidateError(f"renames are refused ({fp.old} -> {fp.new}); edit files in place")
-        end = headers[idx + 1] if idx + 1 < len(headers) else len(lines)
-        _parse_hunks(fp, lines, start + 2, end)
-        patches.append(fp)
+    patches = [fp for *_, fp in raw]
     if not any(fp.hunks for fp in patches):
         raise CandidateError("patch changes nothing: it has no hunks")
     return patches
 
 
-def _parse_hunks(fp: FilePatch, lines: list[str], i: int, end: int) -> None:
-    while i < end:
+def _parse_hunks(fp: FilePatch, lines: list[str], i: int) -> int:
+    """Consumes the hunks that follow a file header; returns the index of the first line after them."""
+    while i < len(lines) and lines[i].startswith("@@"):
         m = _HUNK.match(lines[i])
         if not m:
-            # git puts 'diff --git' / 'index' lines of the next file before its '---'; skip them
-            if lines[i].startswith(("diff ", "index ", "new file mode", "deleted file mode", "similarity")):
-                i += 1
-                continue
-            raise CandidateError(
-                f"line {i + 1}: expected a hunk header '@@ -a,b +c,d @@', got {lines[i][:60]!r}"
-            )
+            raise CandidateError(f"line {i + 1}: malformed hunk header {lines[i][:60]!r}")
         old_start, old_len = int(m.group(1)), int(m.group(2) or "1")
         new_len = int(m.group(4) or "1")
         old: list[str] = []
         new: list[str] = []
         i += 1
         last: list[list[str]] = []
-        while i < end and (len(old) < old_len or len(new) < new_len or lines[i].startswith("\\")):
+        while i < len(lines) and (len(old) < old_len or len(new) < new_len or lines[i].startswith("\\")):
             line = lines[i]
             tag, content = (line[:1] or " "), line[1:] + "\n"
             if tag == "\\":
@@ -179,10 +201,10 @@ def _parse_hunks(fp: FilePatch, lines: list[str], i: int, end: int) -> None:
                 old.append(content)
                 new.append(content)
                 last = [old, new]
-            elif tag == "-":
+            elif tag == "-" and len(old) < old_len:
                 old.append(content)
                 last = [old]
-            elif tag == "+":
+            elif tag == "+" and len(new) < new_len:
                 new.append(content)
                 last = [new]
             else:
@@ -193,11 +215,17 @@ def _parse_hunks(fp: FilePatch, lines: list[str], i: int, end: int) -> None:
                 f"hunk at old line {old_start}: counts in its @@ header do not match its lines"
             )
         fp.hunks.append((old_start if old_len else old_start + 1, old, new))
+    return i
 
 
 def _lines(data: bytes) -> list[str]:
     # str.splitlines would also split on \r, \f and other separators that diff does not know
-    return _LINE.findall(data.decode("utf-8")) if data else []
+    try:
+        return _LINE.findall(data.decode("utf-8")) if data else []
+    except UnicodeDecodeError as exc:
+        raise CandidateError(
+            f"the parent's file is not valid UTF-8 at byte {exc.start}; it cannot be patched"
+        ) from exc
 
 
 def _apply_one(fp: FilePatch, data: bytes | None) -> bytes | None:
@@ -219,7 +247,10 @@ def _apply_one(fp: FilePatch, data: bytes | None) -> bytes | None:
         if out:
             raise CandidateError(f"{fp.path}: deletion patch leaves content behind")
         return None
-    return "".join(out).encode("utf-8")
+    try:
+        return "".join(out).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise CandidateError(f"{fp.path}: the patch is not valid UTF-8 text") from exc
 
 
 def _locate(lines: list[str], want: list[str], hint: int, floor: int) -> int | None:

@@ -74,7 +74,10 @@ class SnapshotStore:
         return blob
 
     def get_blob(self, blob: str) -> bytes:
-        data = zlib.decompress(self._blob_path(blob).read_bytes())
+        try:
+            data = zlib.decompress(self._blob_path(blob).read_bytes())
+        except zlib.error as exc:
+            raise OSError(f"blob {blob} is corrupt: {exc}") from exc
         if hashlib.sha256(data).hexdigest() != blob:
             raise OSError(f"blob {blob} is corrupt")
         return data

@@ -75,7 +75,8 @@ def test_candidate_refusals_are_422_and_store_nothing(server):
         "empty patch": {"patch": ""},
         "binary": {"patch": "GIT binary patch\nliteral 0\n"},
         "symlink": {
-            "patch": "diff --git a/train.py b/train.py\nnew file mode 120000\n--- /dev/null\n+++ b/x\n@@ -0,0 +1 @@\n+/etc\n"
+            "patch": "diff --git a/train.py b/train.py\nnew file mode 120000\n"
+            "--- /dev/null\n+++ b/x\n@@ -0,0 +1 @@\n+/etc\n"
         },
         "both": {"patch": edit("0.1"), "files": {"train.py": "x"}},
         "neither": {},

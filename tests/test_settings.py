@@ -1,0 +1,135 @@
+"""Unit tests of `service.settings.load_settings`: environment, flags, and refusals naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.settings import Settings, SettingsError, load_settings
+
+
+def test_defaults_with_empty_environment():
+    s = load_settings({}, {})
+    assert s == Settings()
+    assert (s.host, s.port, s.data_dir, s.slots, s.gpus) == ("127.0.0.1", 8080, "./data", None, None)
+    assert (s.runtime, s.log_level, s.gpus_per_slot) == ("runc", "info", 1)
+
+
+def test_environment_values_are_parsed():
+    env = {
+        "RATCHET_HOST": "0.0.0.0",
+        "RATCHET_PORT": "9000",
+        "RATCHET_DATA_DIR": "/var/lib/ratchet",
+        "RATCHET_SLOTS": "4",
+        "RATCHET_GPUS_PER_SLOT": "2",
+        "RATCHET_RUNTIME": "runsc",
+        "RATCHET_LOG_BYTES": "8192",
+        "RATCHET_LOG_TAIL_BYTES": "0",
+        "RATCHET_MAX_WORKSPACE_FILES": "10",
+        "RATCHET_INSTANCE": "blue",
+        "RATCHET_LOG_LEVEL": "debug",
+        "RATCHET_DEFAULT_IMAGE": "me/img:1",
+    }
+    s = load_settings({}, env)
+    assert s.host == "0.0.0.0"
+    assert s.port == 9000
+    assert s.data_dir == "/var/lib/ratchet"
+    assert s.slots == 4
+    assert s.gpus_per_slot == 2
+    assert s.runtime == "runsc"
+    assert s.log_bytes == 8192
+    assert s.log_tail_bytes == 0
+    assert s.max_workspace_files == 10
+    assert s.instance == "blue"
+    assert s.log_level == "debug"
+    assert s.default_image == "me/img:1"
+
+
+def test_unrelated_variables_are_ignored():
+    s = load_settings({}, {"RATCHET_NOPE": "x", "PORT": "1", "ratchet_port": "2", "HOST": "h"})
+    assert s == Settings()
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("0,1,2", ["0", "1", "2"]),
+        (" 0 , 3 ", ["0", "3"]),
+        ("0,,1,", ["0", "1"]),
+        ("GPU-1234,GPU-abcd", ["GPU-1234", "GPU-abcd"]),
+        ("", []),
+        (" , ", []),
+    ],
+)
+def test_gpu_list_parsing(raw, expected):
+    assert load_settings({}, {"RATCHET_GPUS": raw}).gpus == expected
+
+
+def test_flags_win_over_environment():
+    env = {"RATCHET_PORT": "9000", "RATCHET_HOST": "0.0.0.0", "RATCHET_GPUS": "0,1"}
+    s = load_settings({"port": 7000, "gpus": ["3"]}, env)
+    assert s.port == 7000
+    assert s.gpus == ["3"]
+    assert s.host == "0.0.0.0"
+
+
+def test_none_flags_do_not_override_environment():
+    s = load_settings({"port": None, "slots": None}, {"RATCHET_PORT": "9000", "RATCHET_SLOTS": "3"})
+    assert (s.port, s.slots) == (9000, 3)
+
+
+def test_flags_alone():
+    s = load_settings({"port": 1234, "data_dir": "/d", "slots": 2}, {})
+    assert (s.port, s.data_dir, s.slots) == (1234, "/d", 2)
+
+
+def test_process_environment_is_the_default(monkeypatch):
+    monkeypatch.setenv("RATCHET_PORT", "8765")
+    monkeypatch.setenv("RATCHET_GPUS", "5")
+    s = load_settings()
+    assert (s.port, s.gpus) == (8765, ["5"])
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "field"),
+    [
+        ("RATCHET_PORT", "eighty", "port"),
+        ("RATCHET_PORT", "70000", "port"),
+        ("RATCHET_PORT", "-1", "port"),
+        ("RATCHET_SLOTS", "0", "slots"),
+        ("RATCHET_SLOTS", "many", "slots"),
+        ("RATCHET_GPUS_PER_SLOT", "0", "gpus_per_slot"),
+        ("RATCHET_RUNTIME", "kata", "runtime"),
+        ("RATCHET_LOG_LEVEL", "verbose", "log_level"),
+        ("RATCHET_LOG_BYTES", "100", "log_bytes"),
+        ("RATCHET_LOG_TAIL_BYTES", "-5", "log_tail_bytes"),
+        ("RATCHET_MAX_BODY_BYTES", "1.5", "max_body_bytes"),
+        ("RATCHET_MAX_WORKSPACE_FILES", "0", "max_workspace_files"),
+    ],
+)
+def test_malformed_environment_value_names_the_key(key, value, field):
+    with pytest.raises(SettingsError) as info:
+        load_settings({}, {key: value})
+    msg = str(info.value)
+    assert msg.startswith("invalid setting: ")
+    assert f"$.{field}`" in msg
+    assert "RATCHET_<NAME>" in msg
+
+
+def test_malformed_flag_names_the_key():
+    with pytest.raises(SettingsError, match=r"\$\.port"):
+        load_settings({"port": "abc"}, {})
+
+
+def test_unknown_flag_is_refused():
+    with pytest.raises(SettingsError, match="colour"):
+        load_settings({"colour": "blue"}, {})
+
+
+def test_settings_error_is_a_value_error():
+    assert issubclass(SettingsError, ValueError)
+
+
+def test_with_overrides_returns_a_new_settings():
+    s = load_settings({}, {})
+    t = s.with_overrides(port=1)
+    assert (s.port, t.port) == (8080, 1)
