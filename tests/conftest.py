@@ -60,7 +60,7 @@ def free_port() -> int:
 class Server:
     """A real `ratchet serve` process on a free loopback port with its own data dir."""
 
-    def __init__(self, data_dir: Path, slots: int = 2, env: dict[str, str] | None = None) -> None:
+    def __init__(self, data_dir: Path, slots: int | None = 2, env: dict[str, str] | None = None) -> None:
         self.data_dir = data_dir
         self.instance = f"test-{uuid.uuid4().hex[:10]}"
         self.port = free_port()
@@ -84,10 +84,9 @@ class Server:
                 str(self.port),
                 "--data-dir",
                 str(self.data_dir),
-                "--slots",
-                str(self.slots),
                 "--log-level",
                 "info",
+                *(["--slots", str(self.slots)] if self.slots else []),
             ],
             cwd=ROOT,
             env=env,
@@ -144,7 +143,7 @@ def server_factory(docker_client: docker.DockerClient, tmp_path: Path) -> Iterat
     """Starts servers on demand; on teardown stops them and checks nothing of theirs is left."""
     started: list[Server] = []
 
-    def make(slots: int = 2, env: dict[str, str] | None = None, name: str = "srv") -> Server:
+    def make(slots: int | None = 2, env: dict[str, str] | None = None, name: str = "srv") -> Server:
         server = Server(tmp_path / name, slots=slots, env=env)
         started.append(server)
         return server.start()

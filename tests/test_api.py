@@ -297,3 +297,24 @@ def test_failed_baseline_blocks_candidates_until_rerun(server):
     assert r.status_code == 202
     assert server.wait_final(r.json()["id"])["status"] == "crash"  # still the same failing root
     assert server.client.get(f"/v1/experiments/{exp['id']}").json()["status"] == "queued"
+
+
+def test_gpu_inventory_sets_slots_and_engine_failure_is_error(server_factory):
+    """On a GPU host each slot gets its own device ids. This machine has no GPU driver, so the
+    engine refuses the device request: that is an infrastructure `error`, never a `crash`."""
+    srv = server_factory(slots=None, env={"RATCHET_GPUS": "0,1,2"})
+    metrics = srv.client.get("/metrics").text
+    assert "ratchet_slots_total 3.0" in metrics
+    r = srv.client.post(
+        "/v1/loops",
+        json={"name": "gpu", "workspace": {"files": {"train.py": TRAIN}}, "resources": {"gpus": 4}},
+    )
+    assert r.status_code == 422 and "3 GPU" in r.json()["detail"]
+    loop = make_loop(srv, name="gpu", resources={"gpus": 2, "memory_mb": 256})
+    base = srv.wait_idle(loop["id"])
+    exp = srv.client.get(f"/v1/loops/{loop['id']}/experiments").json()["items"][0]
+    assert exp["status"] == "error", exp
+    assert exp["gpus"] == ["0", "1"]
+    assert "container engine" in exp["reason"]
+    assert base["baseline"] == "pending"  # an infrastructure error says nothing about the baseline
+    assert 'ratchet_engine_errors_total{reason="SandboxError"} 1.0' in srv.client.get("/metrics").text
