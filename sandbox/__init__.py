@@ -9,12 +9,13 @@ workload does — exit codes, OOM, timeout — is data in `RunResult`, never an 
 
 from .options import OUTPUT_DIR, WORKSPACE_DIR, container_options
 from .runner import LABEL_RUN, LABEL_SANDBOX, PreparedRun, Sandbox, SandboxError
-from .spec import FileEntry, Limits, Mount, RunResult, RunSpec, SpecError, Timings
+from .spec import RUNSC_MIN_PIDS, FileEntry, Limits, Mount, RunResult, RunSpec, SpecError, Timings
 
 __all__ = [
     "LABEL_RUN",
     "LABEL_SANDBOX",
     "OUTPUT_DIR",
+    "RUNSC_MIN_PIDS",
     "WORKSPACE_DIR",
     "FileEntry",
     "Limits",

@@ -18,26 +18,44 @@ def _dir(name: str, mode: int, uid: int, mtime: float) -> tarfile.TarInfo:
     return info
 
 
+def _guarded_dirs(files: list[FileEntry]) -> set[str]:
+    """Directories holding a read-only file at any depth ("" is the workspace itself)."""
+    guarded: set[str] = set()
+    for f in files:
+        if not f.writable:
+            parts = f.path.split("/")
+            guarded.update("/".join(parts[:i]) for i in range(len(parts)))
+    return guarded
+
+
 def workspace_tar(files: Iterable[FileEntry], uid: int = SANDBOX_UID) -> bytes:
     """The per-run volume's content: `workspace/` and an empty `output/`.
 
-    Directories are root's with the sticky bit (like /tmp): the workload may create files, but may
-    not delete or rename what it does not own. Read-only files belong to root, mode 0444; writable
-    ones to the sandbox user.
+    All directories belong to root. One that holds a read-only file (at any depth) is not writable
+    by the workload, so the file cannot be replaced by renaming another over it or its directory
+    (the sticky bit alone does not stop that under gVisor); other directories are sticky and
+    world-writable, like /tmp. Read-only files belong to root, mode 0444; writable ones to the
+    sandbox user, who can edit them in place.
     """
+    files = sorted(files, key=lambda f: f.path)
+    guarded = _guarded_dirs(files)
     now = time.time()
     buf = io.BytesIO()
+
+    def mode(d: str) -> int:
+        return 0o755 if d in guarded else 0o1777
+
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        tar.addfile(_dir("workspace", 0o1777, 0, now))
+        tar.addfile(_dir("workspace", mode(""), 0, now))
         tar.addfile(_dir("output", 0o755, uid, now))
         made: set[str] = set()
-        for f in sorted(files, key=lambda f: f.path):
+        for f in files:
             parts = f.path.split("/")
             for i in range(1, len(parts)):
                 d = "/".join(parts[:i])
                 if d not in made:
                     made.add(d)
-                    tar.addfile(_dir(f"workspace/{d}", 0o1777, 0, now))
+                    tar.addfile(_dir(f"workspace/{d}", mode(d), 0, now))
             info = tarfile.TarInfo(f"workspace/{f.path}")
             info.size, info.mtime = len(f.data), now
             info.uid = info.gid = uid if f.writable else 0
@@ -72,15 +90,16 @@ class _ChunkReader(io.RawIOBase):
 
 
 def read_output_tar(
-    chunks: Iterator[bytes], cap: int, prefix: str = "output/"
+    chunks: Iterator[bytes], cap: int, read_limit: int, prefix: str = "output/"
 ) -> tuple[dict[str, bytes], list[str]]:
-    """Regular files under `prefix` from a tar stream, at most `cap` bytes of content in all.
+    """Regular files under `prefix` from a tar stream, at most `cap` bytes of content kept, at
+    most `read_limit` bytes of stream read.
 
     Returns (files, skipped): links, devices and files past the cap are listed, never followed.
     """
     files: dict[str, bytes] = {}
     skipped: list[str] = []
-    reader = _ChunkReader(chunks, cap + 64 * 1024)  # room for the tar headers themselves
+    reader = _ChunkReader(chunks, read_limit)
     used = 0
     try:
         with tarfile.open(fileobj=io.BufferedReader(reader), mode="r|") as tar:

@@ -103,7 +103,11 @@ class Sandbox:
         """prepare + execute in one call; `on_start` receives the run (e.g. to keep a cancel handle)."""
         run = self.prepare(spec)
         if on_start is not None:
-            on_start(run)
+            try:
+                on_start(run)
+            except BaseException:
+                run.release()
+                raise
         return run.execute()
 
     def remove_labelled(self, labels: dict[str, str]) -> int:
@@ -189,7 +193,8 @@ class PreparedRun:
             self._raw.sendall(b"go\n")
         self.timings.started = time.time()
         deadline = time.monotonic() + self.spec.timeout_s
-        outcome = self._pump(logbuf, deadline, until_marker=True)
+        frames = _FrameReader()  # one per run: a chunk may hold frames on both sides of the report
+        outcome = self._pump(frames, logbuf, deadline, until_marker=True)
         self.timings.finished = time.time()
         result = RunResult(
             exit_code=None,
@@ -201,7 +206,7 @@ class PreparedRun:
             self._collect(result)
             # stdout and stderr travel separately: drain what is still in flight until the
             # container closes the stream (the gate exits once told the output is collected).
-            if self._pump(logbuf, time.monotonic() + _EXIT_GRACE_S, until_marker=False) == "timeout":
+            if self._pump(frames, logbuf, time.monotonic() + _EXIT_GRACE_S, until_marker=False) == "timeout":
                 log.warning("run %s: gate did not exit after collection; killed", self.run_id)
         self._finish(result)
         text, marker = _strip_marker(logbuf.text())
@@ -210,11 +215,10 @@ class PreparedRun:
         result.log_truncated = logbuf.dropped > 0
         return result
 
-    def _pump(self, logbuf: CappedLog, deadline: float, until_marker: bool) -> str:
+    def _pump(self, frames: _FrameReader, logbuf: CappedLog, deadline: float, until_marker: bool) -> str:
         """Copy the attach stream into the log until the gate reports (if `until_marker`), the
         stream ends, the deadline passes or a cancel arrives."""
         assert self._raw is not None
-        frames = _FrameReader()
         stderr_tail = b""
         while True:
             if self._cancel.is_set():
@@ -232,13 +236,17 @@ class PreparedRun:
             except OSError:
                 data = b""
             if not data:
-                return "exited"  # the container ended without the gate's report (e.g. OOM of PID 1)
-            for stream, payload in frames.feed(data):
+                # The stream ended without the gate's report: a kill (ours, when cancelled) or
+                # the OOM killer taking PID 1.
+                return "cancelled" if self._cancel.is_set() else "exited"
+            reported = False
+            for stream, payload in frames.feed(data):  # the whole chunk: nothing after the report is lost
                 logbuf.write(payload)
-                if until_marker and stream == 2:
+                if until_marker and stream == 2 and not reported:
                     stderr_tail = (stderr_tail + payload)[-96:]
-                    if _DONE.search(stderr_tail):
-                        return "done"
+                    reported = _DONE.search(stderr_tail) is not None
+            if reported:
+                return "done"
 
     def _collect(self, result: RunResult) -> None:
         """Output files and peak memory, read while the gate keeps the container (and volume) alive."""
@@ -256,7 +264,10 @@ class PreparedRun:
                     chunks, _ = api.get_archive(cid, OUTPUT_DIR)
                 except docker.errors.NotFound:
                     chunks = iter(())
-                files, skipped = read_output_tar(iter(chunks), self.spec.limits.output_bytes)
+                # The output directory cannot outgrow the run's disk: read that far at most, so
+                # files after a skipped large one still arrive.
+                read_limit = (self.spec.limits.disk_mb + 1) * 1024 * 1024
+                files, skipped = read_output_tar(iter(chunks), self.spec.limits.output_bytes, read_limit)
             result.output_files, result.output_skipped = files, skipped
         with contextlib.suppress(OSError):
             assert self._raw is not None

@@ -24,6 +24,7 @@ __all__ = [
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9._+@=,-]+(/[A-Za-z0-9._+@=,-]+)*$")
 _LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 RUNTIMES = ("runc", "runsc")
+RUNSC_MIN_PIDS = 128  # gVisor's own sandbox threads count against the pids limit
 
 
 class SpecError(ValueError):
@@ -82,6 +83,11 @@ class RunSpec(msgspec.Struct, kw_only=True, frozen=True):
             raise SpecError(f"runtime must be one of {', '.join(RUNTIMES)}, not {self.runtime!r}")
         if not 0 < self.timeout_s <= 7 * 24 * 3600:
             raise SpecError("timeout_s must be positive and at most a week")
+        if self.runtime == "runsc" and self.limits.pids < RUNSC_MIN_PIDS:
+            raise SpecError(
+                f"pids={self.limits.pids} is too low for runsc: its own threads count against the"
+                f" limit; use at least {RUNSC_MIN_PIDS}"
+            )
         if self.user.split(":")[0] in ("0", "root", ""):
             raise SpecError("the sandbox never runs as root")
         self._validate_limits()

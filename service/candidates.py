@@ -9,7 +9,7 @@ import difflib
 import docker.errors
 import msgspec
 
-from sandbox import Sandbox
+from sandbox import RUNSC_MIN_PIDS, Sandbox
 
 from . import transitions
 from .models import CandidateCreate, LoopConfig, LoopCreate, LoopView
@@ -48,6 +48,11 @@ async def create_loop(
         raise CandidateError(
             f"resources.gpus={config.resources.gpus} but this service has {gpus} GPU(s);"
             f" ask for at most {gpus}"
+        )
+    if config.runtime == "runsc" and config.resources.pids < RUNSC_MIN_PIDS:
+        raise CandidateError(
+            f"resources.pids={config.resources.pids} is too low for runsc, whose own threads count"
+            f" against the limit; use at least {RUNSC_MIN_PIDS}"
         )
     if config.timeout_s is not None and config.timeout_s < config.time_budget_s:
         raise CandidateError(

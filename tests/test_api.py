@@ -114,6 +114,7 @@ def test_loop_refusals(server):
         ({"workspace": {"files": {}}}, 422),
         ({"workspace": {"archive": "not base64!"}}, 422),
         ({"runtime": "kata"}, 400),
+        ({"runtime": "runsc", "resources": {"pids": 64}}, 422),
     ]
     base = {"name": "x", "workspace": {"files": {"train.py": TRAIN}}}
     for change, code in cases:

@@ -9,6 +9,7 @@ Tests parametrized with `runtime` also run under gVisor (`runsc`) when the engin
 from __future__ import annotations
 
 import json
+import os
 import re
 import select as _select
 import socket
@@ -224,7 +225,8 @@ class _SlowSelect:
 
 def test_log_keeps_a_large_write(rsbx: Sbx) -> None:
     # One large write (a long report and the summary block), then the workload idles a moment
-    # so that everything is delivered well before it exits.
+    # so that everything is delivered well before it exits. (Under gVisor a write to the
+    # container's stdout pipe can return short, and unbuffered Python drops the rest.)
     tail = "\n---\nval_bpb: 1.000000\n"
     code = f"import sys, time\nsys.stdout.write('x' * 1000000 + {tail!r})\n"
     code += "sys.stdout.flush()\ntime.sleep(0.5)\n"
@@ -264,6 +266,7 @@ import socket
 dev = open("/proc/net/dev").read().splitlines()[2:]
 out["interfaces"] = sorted(line.split(":")[0].strip() for line in dev)
 out["if_nameindex"] = sorted(name for _, name in socket.if_nameindex())
+out["netns"] = os.readlink("/proc/self/ns/net")
 out["routes"] = [l for l in open("/proc/net/route").read().splitlines()[1:] if l.strip()]
 try:
     v6 = open("/proc/net/ipv6_route").read().split()
@@ -287,6 +290,7 @@ print(json.dumps(out), flush=True)
 
     assert result.exit_code == 0, result.log
     seen = report(result)
+    assert seen["netns"] != os.readlink("/proc/self/ns/net")  # not the host's network namespace
     assert seen["interfaces"] == ["lo"]
     assert seen["if_nameindex"] == ["lo"]
     assert seen["routes"] == []  # no default route, no route at all
@@ -339,10 +343,13 @@ print(json.dumps(out), flush=True)
 
 
 def test_harness_files_cannot_be_changed(rsbx: Sbx) -> None:
+    """Read-only files belong to root, and every directory holding one is root's and not writable:
+    no write, chmod, unlink, rename, or replacement by renaming another file or directory over it."""
     files = [
         FileEntry(path="prepare.py", data=b"HARNESS"),
         FileEntry(path="lib/eval.py", data=b"EVAL"),
         FileEntry(path="train.py", data=b"TRAIN", writable=True),
+        FileEntry(path="notes/todo.md", data=b"TODO", writable=True),
     ]
     code = (
         PROBE
@@ -352,16 +359,17 @@ t("truncate", lambda: os.truncate("prepare.py", 0))
 t("chmod", lambda: os.chmod("prepare.py", 0o666))
 t("chown", lambda: os.chown("prepare.py", 1000, 1000))
 t("unlink", lambda: os.unlink("prepare.py"))
-t("rename_away", lambda: os.rename("prepare.py", "moved.py"))
-open("fake.py", "w").write("FAKE")
-t("rename_over", lambda: os.rename("fake.py", "prepare.py"))
+t("rename_away", lambda: os.rename("prepare.py", "notes/moved.py"))
+t("create_in_free_dir", lambda: open("notes/fake.py", "w").write("FAKE"))
+t("rename_over", lambda: os.rename("notes/fake.py", "prepare.py"))
+t("rename_over_in_subdir", lambda: os.rename("notes/fake.py", "lib/eval.py"))
+t("link_over", lambda: os.link("notes/fake.py", "lib/evil.py"))
 t("unlink_in_subdir", lambda: os.unlink("lib/eval.py"))
-t("rename_subdir", lambda: os.rename("lib", "lib2"))
-open("fake2.py", "w").write("FAKE")
-t("rename_over_in_subdir", lambda: os.rename("fake2.py", "lib/eval.py"))
+t("rename_subdir", lambda: os.rename("lib", "notes/lib2"))
+t("mkdir_in_free_dir", lambda: os.mkdir("notes/fakelib"))
+t("rename_dir_over", lambda: os.rename("notes/fakelib", "lib"))
+t("create_next_to_harness", lambda: open("new.py", "w").write("NEW"))
 t("write_writable", lambda: open("train.py", "a").write("+"))
-t("create_new", lambda: open("new.py", "w").write("NEW"))
-t("mkdir_new", lambda: os.mkdir("newdir"))
 for key, path in (("prepare", "prepare.py"), ("eval", "lib/eval.py"), ("train", "train.py")):
     try:
         st = os.stat(path)
@@ -369,6 +377,7 @@ for key, path in (("prepare", "prepare.py"), ("eval", "lib/eval.py"), ("train", 
     except OSError as e:
         out[key] = errno.errorcode[e.errno]
 out["names"] = sorted(os.listdir("."))
+out["lib"] = sorted(os.listdir("lib"))
 print(json.dumps(out), flush=True)
 """
     )
@@ -376,27 +385,30 @@ print(json.dumps(out), flush=True)
 
     assert result.exit_code == 0, result.log
     seen = report(result)
-    expected = {
-        "write": "EACCES",
-        "truncate": "EACCES",
-        "chmod": "EPERM",
-        "chown": "EPERM",
-        "unlink": "EPERM",  # sticky, root-owned directory
-        "rename_away": "EPERM",
-        "rename_over": "EPERM",  # replacing the harness by a file of one's own
-        "unlink_in_subdir": "EPERM",
-        "rename_subdir": "EPERM",
-        "rename_over_in_subdir": "EPERM",
-        "write_writable": "OK",
-        "create_new": "OK",
-        "mkdir_new": "OK",
-        "prepare": ["HARNESS", "0o444", 0],
-        "eval": ["EVAL", "0o444", 0],
-        "train": ["TRAIN+", "0o644", 1000],
-    }
-    assert {k: seen[k] for k in expected} == expected
-    assert {"prepare.py", "lib", "train.py", "new.py", "newdir"} <= set(seen["names"])
-    assert "moved.py" not in seen["names"]
+    refused = {"EACCES", "EPERM"}
+    for attempt in (
+        "write",
+        "truncate",
+        "chmod",
+        "chown",
+        "unlink",
+        "rename_away",
+        "rename_over",
+        "rename_over_in_subdir",
+        "link_over",
+        "unlink_in_subdir",
+        "rename_subdir",
+        "rename_dir_over",
+        "create_next_to_harness",
+    ):
+        assert seen[attempt] in refused, (attempt, seen[attempt])
+    assert seen["create_in_free_dir"] == "OK" and seen["mkdir_in_free_dir"] == "OK"
+    assert seen["write_writable"] == "OK"
+    assert seen["prepare"] == ["HARNESS", "0o444", 0]
+    assert seen["eval"] == ["EVAL", "0o444", 0]
+    assert seen["train"] == ["TRAIN+", "0o644", 1000]
+    assert seen["names"] == ["lib", "notes", "prepare.py", "train.py"]
+    assert seen["lib"] == ["eval.py"]
 
 
 # -- 5. processes ---------------------------------------------------------------------------------
