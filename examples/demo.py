@@ -30,15 +30,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default="http://127.0.0.1:8080")
     ap.add_argument("--example", default=str(HERE / "charlm"), help="example directory")
-    ap.add_argument("--budget", type=float, default=None, help="override time_budget_s")
+    ap.add_argument(
+        "--budget", type=float, default=10.0, help="time_budget_s (default 10; 0 keeps ratchet.json's)"
+    )
+    ap.add_argument(
+        "--timeout", type=float, default=30.0, help="timeout_s (default 30; 0 keeps ratchet.json's)"
+    )
     ap.add_argument("--out", default="data", help="where to save the best workspace")
     args = ap.parse_args()
 
     client = RatchetClient(args.url)
     example = Path(args.example)
-    overrides = {"name": f"{example.name}-{time.strftime('%Y%m%d-%H%M%S')}"}
+    overrides: dict[str, object] = {"name": f"{example.name}-{time.strftime('%Y%m%d-%H%M%S')}"}
     if args.budget:
         overrides["time_budget_s"] = args.budget
+    if args.timeout:
+        overrides["timeout_s"] = args.timeout
     try:
         loop = client.create_loop(loop_body_from_dir(example, **overrides))
     except ApiError as exc:

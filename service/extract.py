@@ -17,6 +17,7 @@ MAX_METRICS = 64
 
 class Extracted(msgspec.Struct, kw_only=True):
     metrics: dict[str, float] = {}
+    non_numeric: dict[str, str] = {}  # reported keys whose values are not numbers (shown in reasons)
     source: str = "none"  # "metrics.json", "summary" or "none"
     problem: str | None = None  # why nothing usable was found
 
@@ -41,12 +42,17 @@ def _from_json(data: bytes) -> Extracted:
         return Extracted(source="metrics.json", problem=f"metrics.json is not valid JSON: {exc}")
     if not isinstance(obj, dict):
         return Extracted(source="metrics.json", problem="metrics.json must hold a JSON object")
-    metrics = {}
+    metrics: dict[str, float] = {}
+    non_numeric: dict[str, str] = {}
     for key, value in list(obj.items())[:MAX_METRICS]:
+        if not isinstance(key, str) or len(key) > 64:
+            continue
         num = _number(value)
-        if num is not None and isinstance(key, str) and len(key) <= 64:
+        if num is not None:
             metrics[key] = num
-    return Extracted(metrics=metrics, source="metrics.json")
+        else:
+            non_numeric[key] = json.dumps(value)[:40]
+    return Extracted(metrics=metrics, non_numeric=non_numeric, source="metrics.json")
 
 
 def _from_log(log: str) -> Extracted:
@@ -55,14 +61,17 @@ def _from_log(log: str) -> Extracted:
     if not starts:
         return Extracted(problem="no metrics.json and no '---' summary block in the output")
     metrics: dict[str, float] = {}
+    non_numeric: dict[str, str] = {}
     for line in lines[starts[-1] + 1 :]:
         m = _KV.match(line)
-        if not m:
+        if not m or len(metrics) + len(non_numeric) >= MAX_METRICS:
             continue
         num = _number(m.group(2))
-        if num is not None and len(metrics) < MAX_METRICS:
+        if num is not None:
             metrics[m.group(1)] = num
-    return Extracted(metrics=metrics, source="summary")
+        else:
+            non_numeric[m.group(1)] = m.group(2)[:40]
+    return Extracted(metrics=metrics, non_numeric=non_numeric, source="summary")
 
 
 def extract_metrics(log: str, metrics_json: bytes | None) -> Extracted:

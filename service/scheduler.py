@@ -257,7 +257,13 @@ class Scheduler:
         value = extracted.metrics.get(cfg.metric.name)
         problem = extracted.problem
         if value is None and problem is None:
-            problem = f"metric {cfg.metric.name!r} missing from the {extracted.source}"
+            bad = extracted.non_numeric.get(cfg.metric.name)
+            where = "metrics.json" if extracted.source == "metrics.json" else "summary block"
+            problem = (
+                f"{cfg.metric.name} in the {where} is {bad}, not a number"
+                if bad is not None
+                else f"metric {cfg.metric.name!r} missing from the {where}"
+            )
         outcome = Outcome(
             exit_code=result.exit_code,
             oom_killed=result.oom_killed,

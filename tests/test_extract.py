@@ -156,3 +156,10 @@ def test_empty_metrics_json_file_is_a_problem():
 def test_metrics_json_nan_literal_is_kept():
     ex = extract_metrics("", b'{"val_bpb": NaN}')
     assert math.isnan(ex.metrics["val_bpb"])
+
+
+def test_non_numeric_values_are_reported():
+    out = extract_metrics("", b'{"val_bpb": null, "steps": 3}')
+    assert out.metrics == {"steps": 3.0} and out.non_numeric == {"val_bpb": "null"}
+    out = extract_metrics("---\nval_bpb: oops\nsteps: 4\n", None)
+    assert out.metrics == {"steps": 4.0} and out.non_numeric == {"val_bpb": "oops"}
