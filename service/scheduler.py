@@ -19,6 +19,7 @@ from pathlib import Path
 import msgspec
 
 from sandbox import (
+    LABEL_SANDBOX,
     FileEntry,
     Limits,
     PreparedRun,
@@ -108,14 +109,24 @@ class Scheduler:
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     async def recover(self) -> None:
-        """Experiments left `running` by a previous process: remove their containers, queue them again."""
-        for exp_id in await self.store.running_ids():
-            try:
-                await asyncio.to_thread(self.sandbox.remove_labelled, {"ratchet.experiment": exp_id})
-            except SandboxError as exc:
-                log.warning("recover %s: %s", exp_id, exc)
+        """Experiments left `running` by a previous process: remove every container and volume that
+        process made (they carry this data dir's instance label), then queue those experiments again."""
+        running = await self.store.running_ids()
+        try:
+            removed = await asyncio.to_thread(
+                self.sandbox.remove_labelled, {LABEL_SANDBOX: self.sandbox.instance}
+            )
+        except SandboxError as exc:
+            log.warning("recover: could not clean up the previous run's containers: %s", exc)
+            removed = 0
+        for exp_id in running:
             await transitions.requeue(self.store, exp_id)
-            log.info("requeued %s left running by a previous run of the service", exp_id)
+        if running or removed:
+            log.info(
+                "recovered: %d experiment(s) requeued, %d container(s)/volume(s) removed",
+                len(running),
+                removed,
+            )
 
     def wake(self) -> None:
         self._wake.set()

@@ -68,13 +68,13 @@ def test_two_loops_share_two_slots(server, docker_client):
 def test_restart_requeues_what_was_running(server_factory, docker_client):
     first = server_factory(slots=1, name="data")
     loop = make_loop(first, workspace={"files": {"train.py": TRAIN.replace("SLEEP = 0.0", "SLEEP = 3.0")}})
+    label = f"ratchet.sandbox={first.instance}"
     deadline = time.monotonic() + 30
-    while first.client.get(f"/v1/loops/{loop['id']}").json()["counts"]["running"] == 0:
-        assert time.monotonic() < deadline
+    while not docker_client.api.containers(filters={"label": label, "status": "running"}):
+        assert time.monotonic() < deadline, "the baseline's container never ran"
         time.sleep(0.05)
     first.stop(kill=True)  # kill -9: no graceful shutdown, the container stays behind
-    label = f"ratchet.sandbox={first.instance}"
-    assert docker_client.containers.list(all=True, filters={"label": label}), "expected an orphan container"
+    assert docker_client.api.containers(all=True, filters={"label": label}), "expected an orphan container"
     first.start()  # same data dir, same instance id
     final = first.wait_idle(loop["id"], timeout=60)
     assert final["baseline"] == "ok" and final["counts"]["keep"] == 1
