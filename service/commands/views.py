@@ -6,7 +6,7 @@ import time
 from typing import Any
 
 from rich import box
-from rich.console import Group, RenderableType
+from rich.console import RenderableType
 from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
@@ -135,4 +135,4 @@ def running_table(exps: list[dict[str, Any]], loop: dict[str, Any]) -> Renderabl
         )
         note = f"{fmt_seconds(spent)} / {budget:g}s" + (f" (kill at {kill:g}s)" if over else "")
         table.add_row(str(exp["number"]), exp["id"], note, bar, Text(exp["description"]))
-    return Group(table)
+    return table
