@@ -1,50 +1,56 @@
-"""`ratchet` command line: `ratchet serve` runs the service."""
+"""`ratchet` command line: `ratchet serve` runs the service; the other commands drive a running
+service over its API (see `service.commands`)."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
+from typing import Any
 
+import click
+
+from .commands import COMMANDS
+from .commands.common import DEFAULT_URL, CliState, RatchetGroup
 from .settings import Settings, SettingsError, load_settings
 
-__all__ = ["main"]
+__all__ = ["cli", "main"]
+
+_DEFAULTS = Settings()
 
 
-def _parser() -> argparse.ArgumentParser:
-    defaults = Settings()
-    p = argparse.ArgumentParser(prog="ratchet", description="Autoresearch loops as a service.")
-    sub = p.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the HTTP service (SQLite + the local container engine)")
-    serve.add_argument("--host", help=f"bind address (default {defaults.host}; env RATCHET_HOST)")
-    serve.add_argument("--port", type=int, help=f"port (default {defaults.port}; env RATCHET_PORT)")
-    serve.add_argument("--data-dir", help=f"database, snapshots and logs (default {defaults.data_dir})")
-    serve.add_argument("--slots", type=int, help="concurrent experiments (default: one per GPU, else 1)")
-    serve.add_argument("--gpus", help="comma-separated GPU ids to use (default: detect with nvidia-smi)")
-    serve.add_argument("--runtime", choices=["runc", "runsc"], help="default container runtime")
-    serve.add_argument(
-        "--image", dest="default_image", help=f"default image (default {defaults.default_image})"
-    )
-    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    sub.add_parser("version", help="print the version")
-    return p
+@click.group(cls=RatchetGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--url",
+    envvar="RATCHET_URL",
+    default=DEFAULT_URL,
+    show_default=True,
+    help="the Ratchet service (env RATCHET_URL)",
+)
+@click.option("--token", envvar="RATCHET_TOKEN", help="sent as a bearer token (env RATCHET_TOKEN)")
+@click.pass_context
+def cli(ctx: click.Context, url: str, token: str | None) -> None:
+    """Autoresearch loops as a service."""
+    ctx.obj = CliState(url=url, token=token or None)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.command == "version":
-        from .app import VERSION
-
-        print(f"ratchet {VERSION}")
-        return 0
-    flags = {k: v for k, v in vars(args).items() if k != "command"}
+@cli.command()
+@click.option("--host", help=f"bind address (default {_DEFAULTS.host}; env RATCHET_HOST)")
+@click.option("--port", type=int, help=f"port (default {_DEFAULTS.port}; env RATCHET_PORT)")
+@click.option("--data-dir", help=f"database, snapshots and logs (default {_DEFAULTS.data_dir})")
+@click.option("--slots", type=int, help="concurrent experiments (default: one per GPU, else 1)")
+@click.option("--gpus", help="comma-separated GPU ids to use (default: detect with nvidia-smi)")
+@click.option("--runtime", type=click.Choice(["runc", "runsc"]), help="default container runtime")
+@click.option("--image", "default_image", help=f"default image (default {_DEFAULTS.default_image})")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(**flags: Any) -> None:
+    """Run the HTTP service (SQLite + the local container engine)."""
     if flags.get("gpus") is not None:
         flags["gpus"] = [g.strip() for g in flags["gpus"].split(",") if g.strip()]
     try:
         settings = load_settings(flags)
     except SettingsError as exc:
-        print(f"ratchet: {exc}", file=sys.stderr)
-        return 2
+        click.echo(f"ratchet: {exc}", err=True)
+        sys.exit(2)
     import uvicorn
 
     from .app import create_app
@@ -59,6 +65,25 @@ def main(argv: list[str] | None = None) -> int:
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
     )
+
+
+@cli.command()
+def version() -> None:
+    """Print the version."""
+    from .app import VERSION
+
+    click.echo(f"ratchet {VERSION}")
+
+
+for _command in COMMANDS:
+    cli.add_command(_command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="ratchet")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
     return 0
 
 

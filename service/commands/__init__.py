@@ -1,0 +1,14 @@
+"""The client side of `ratchet`: commands that drive a running service over its v1 API."""
+
+from __future__ import annotations
+
+import click
+
+from .experiments import diff, logs, submit
+from .loops import loop
+from .watch import watch
+from .workspace import pull, results
+
+__all__ = ["COMMANDS"]
+
+COMMANDS: tuple[click.Command, ...] = (loop, submit, watch, logs, diff, results, pull)
