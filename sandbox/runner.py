@@ -30,6 +30,7 @@ import docker.errors
 import requests.exceptions
 
 from .archive import read_output_tar, workspace_tar
+from .livefilter import MarkerFilter
 from .logcap import CappedLog
 from .options import MOUNT_POINT, OUTPUT_DIR, container_options, volume_options
 from .spec import RunResult, RunSpec, Timings
@@ -99,8 +100,10 @@ class Sandbox:
         spec: RunSpec,
         *,
         on_start: Callable[[PreparedRun], None] | None = None,
+        on_output: Callable[[bytes], None] | None = None,
     ) -> RunResult:
-        """prepare + execute in one call; `on_start` receives the run (e.g. to keep a cancel handle)."""
+        """prepare + execute in one call; `on_start` receives the run (e.g. to keep a cancel handle),
+        `on_output` the output as it arrives (see `PreparedRun.execute`)."""
         run = self.prepare(spec)
         if on_start is not None:
             try:
@@ -108,7 +111,7 @@ class Sandbox:
             except BaseException:
                 run.release()
                 raise
-        return run.execute()
+        return run.execute(on_output=on_output)
 
     def remove_labelled(self, labels: dict[str, str]) -> int:
         """Force-remove every container and volume carrying all of `labels`; returns how many."""
@@ -177,14 +180,18 @@ class PreparedRun:
 
     # -- execute -------------------------------------------------------------------------------
 
-    def execute(self) -> RunResult:
-        """Open the gate and see the run through; always releases the container."""
+    def execute(self, on_output: Callable[[bytes], None] | None = None) -> RunResult:
+        """Open the gate and see the run through; always releases the container.
+
+        `on_output` is called in this thread with each piece of output (stdout and stderr
+        interleaved as received, without the gate's report) as soon as it arrives; its exceptions
+        are logged and ignored. It should return quickly: the run's output waits while it runs."""
         try:
-            return self._execute()
+            return self._execute(_OutputTap(on_output, self.run_id) if on_output is not None else None)
         finally:
             self.release()
 
-    def _execute(self) -> RunResult:
+    def _execute(self, tap: _OutputTap | None) -> RunResult:
         if self._cancel.is_set():
             return RunResult(exit_code=None, cancelled=True, timings=self.timings)
         assert self._raw is not None and self.container_id is not None
@@ -194,7 +201,7 @@ class PreparedRun:
         self.timings.started = time.time()
         deadline = time.monotonic() + self.spec.timeout_s
         frames = _FrameReader()  # one per run: a chunk may hold frames on both sides of the report
-        outcome = self._pump(frames, logbuf, deadline, until_marker=True)
+        outcome = self._pump(frames, logbuf, deadline, until_marker=True, tap=tap)
         self.timings.finished = time.time()
         result = RunResult(
             exit_code=None,
@@ -206,8 +213,11 @@ class PreparedRun:
             self._collect(result)
             # stdout and stderr travel separately: drain what is still in flight until the
             # container closes the stream (the gate exits once told the output is collected).
-            if self._pump(frames, logbuf, time.monotonic() + _EXIT_GRACE_S, until_marker=False) == "timeout":
+            grace = time.monotonic() + _EXIT_GRACE_S
+            if self._pump(frames, logbuf, grace, until_marker=False, tap=tap) == "timeout":
                 log.warning("run %s: gate did not exit after collection; killed", self.run_id)
+        if tap is not None:
+            tap.close()
         self._finish(result)
         text, marker = _strip_marker(logbuf.text())
         result.log = text
@@ -215,7 +225,14 @@ class PreparedRun:
         result.log_truncated = logbuf.dropped > 0
         return result
 
-    def _pump(self, frames: _FrameReader, logbuf: CappedLog, deadline: float, until_marker: bool) -> str:
+    def _pump(
+        self,
+        frames: _FrameReader,
+        logbuf: CappedLog,
+        deadline: float,
+        until_marker: bool,
+        tap: _OutputTap | None = None,
+    ) -> str:
         """Copy the attach stream into the log until the gate reports (if `until_marker`), the
         stream ends, the deadline passes or a cancel arrives."""
         assert self._raw is not None
@@ -242,9 +259,13 @@ class PreparedRun:
             reported = False
             for stream, payload in frames.feed(data):  # the whole chunk: nothing after the report is lost
                 logbuf.write(payload)
+                if tap is not None:
+                    tap.feed(stream, payload)
                 if until_marker and stream == 2 and not reported:
                     stderr_tail = (stderr_tail + payload)[-96:]
                     reported = _DONE.search(stderr_tail) is not None
+            if tap is not None:
+                tap.emit()
             if reported:
                 return "done"
 
@@ -327,6 +348,39 @@ class PreparedRun:
         except Exception as exc:
             log.warning("run %s: could not remove volume %s: %s", self.run_id, self.volume, exc)
         self.timings.released = time.time()
+
+
+class _OutputTap:
+    """Hands output to a caller's callback once per read from the engine, minus the gate's report
+    (which only ever travels on stderr). A failing callback never disturbs the run."""
+
+    def __init__(self, callback: Callable[[bytes], None], run_id: str) -> None:
+        self._callback = callback
+        self._run_id = run_id
+        self._stderr = MarkerFilter()
+        self._pending: list[bytes] = []
+        self.failures = 0
+
+    def feed(self, stream: int, payload: bytes) -> None:
+        self._pending.append(self._stderr.feed(payload) if stream == 2 else payload)
+
+    def emit(self) -> None:
+        data = b"".join(self._pending)
+        self._pending.clear()
+        if not data:
+            return
+        try:
+            self._callback(data)
+        except Exception:
+            self.failures += 1
+            if self.failures == 1:  # once per run: a callback failing on every chunk must not flood the log
+                log.exception("run %s: output callback failed; the run goes on", self._run_id)
+
+    def close(self) -> None:
+        self._pending.append(self._stderr.flush())
+        self.emit()
+        if self.failures > 1:
+            log.warning("run %s: output callback failed %d times", self._run_id, self.failures)
 
 
 class _FrameReader:

@@ -7,13 +7,16 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import msgspec
 from litestar import Controller, Request, Response, get, post
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
+from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
-from litestar.response import Stream
+from litestar.response import ServerSentEvent, Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED
 
 from . import candidates, transitions
+from .follow import follow_events, live_text
 from .ledger import LEDGER_STATUSES, header, row
 from .models import (
     CandidateCreate,
@@ -26,6 +29,7 @@ from .models import (
     Status,
 )
 from .patches import CandidateError
+from .scheduler import LIVE_LOG_BYTES
 from .services import Services
 from .snapshots import decode_manifest
 
@@ -170,15 +174,47 @@ class ExperimentController(Controller):
     path = "/v1/experiments"
     tags = ["experiments"]
 
-    @get("/{exp_id:str}", summary="One experiment with metrics and a log tail")
+    @get("/{exp_id:str}", summary="One experiment with metrics and a log tail (live while it runs)")
     async def show(self, exp_id: ExpId, services: Services) -> ExperimentView:
-        return await _experiment(services, exp_id)
-
-    @get("/{exp_id:str}/logs", media_type="text/plain", summary="The full (capped) log")
-    async def logs(self, exp_id: ExpId, services: Services) -> Response[bytes]:
         exp = await _experiment(services, exp_id)
-        path = services.scheduler.logs_dir / f"{exp_id}.log"
-        data = await asyncio.to_thread(path.read_bytes) if path.exists() else b""
+        live = services.scheduler.live_log(exp_id) if exp.status is Status.running else None
+        if live is not None:
+            tail = live_text(live, services.settings.log_tail_bytes, mark_gap=False)
+            exp = msgspec.structs.replace(exp, log_tail=tail)
+        return exp
+
+    @get(  # no media_type here: it would override the event stream's
+        "/{exp_id:str}/logs",
+        summary="The full (capped) log; while running, the newest output; ?follow=true streams it",
+        description=(
+            "With `follow=true`: server-sent events. `data` events carry the output as it is printed"
+            " (concatenate them); `event: end` carries the final status and closes the stream. A queued"
+            " experiment is waited for, a finished one sends its stored log and `end`."
+        ),
+        responses={
+            200: ResponseSpec(
+                data_container=str,
+                media_type="text/plain",
+                description="the log; with follow=true a text/event-stream instead",
+                generate_examples=False,
+            )
+        },
+    )
+    async def logs(
+        self,
+        exp_id: ExpId,
+        services: Services,
+        follow: Annotated[bool, Parameter(description="stream as server-sent events until it ends")] = False,
+    ) -> Response[bytes] | ServerSentEvent:
+        exp = await _experiment(services, exp_id)
+        if follow:
+            return ServerSentEvent(follow_events(services.store, services.scheduler, exp_id))
+        live = services.scheduler.live_log(exp_id) if exp.status is Status.running else None
+        if live is not None:
+            data = live_text(live, LIVE_LOG_BYTES).encode()
+        else:
+            path = services.scheduler.logs_dir / f"{exp_id}.log"
+            data = await asyncio.to_thread(path.read_bytes) if path.exists() else b""
         return Response(
             data, media_type="text/plain; charset=utf-8", headers={"X-Ratchet-Status": exp.status.value}
         )

@@ -26,6 +26,7 @@ from .api import (
     exception_handlers,
 )
 from .gpus import detect_gpus
+from .livelog import on_exit_signals
 from .scheduler import Scheduler
 from .services import Services
 from .settings import Settings
@@ -92,6 +93,7 @@ def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
             holder["services"] = Services(settings, store, snapshots, engine, scheduler, gpus)
             await scheduler.start()
             stack.push_async_callback(scheduler.stop)
+            stack.enter_context(on_exit_signals(scheduler.end_streams))
             log.info("ratchet %s ready: %r, data in %s", VERSION, scheduler, data_dir)
             yield
 

@@ -35,6 +35,7 @@ from . import transitions
 from .decisions import Outcome
 from .extract import extract_metrics
 from .gpus import GpuPool
+from .livelog import LiveLog
 from .models import ExperimentView, LoopConfig, LoopView, Status
 from .patches import is_editable
 from .settings import Settings
@@ -45,6 +46,8 @@ __all__ = ["Scheduler"]
 
 log = logging.getLogger("ratchet.scheduler")
 
+LIVE_LOG_BYTES = 1024 * 1024  # newest output of each running experiment kept for followers
+
 
 class _Slot(msgspec.Struct, kw_only=True):
     exp_id: str
@@ -54,6 +57,7 @@ class _Slot(msgspec.Struct, kw_only=True):
     task: asyncio.Task[None] | None = None
     run: PreparedRun | None = None
     cancel_requested: bool = False
+    live: LiveLog  # its output as it arrives, for followers
 
 
 class Scheduler:
@@ -79,6 +83,8 @@ class Scheduler:
         # they never starve the default pool that serves the API's short blocking calls.
         self._threads = ThreadPoolExecutor(max_workers=self.slots + 2, thread_name_prefix="ratchet-run")
         self._stopping = False
+        self._slots_changed = asyncio.Event()  # replaced on every set: each waiter sees one change
+        self.streams_ending = False
         self.dispatched = 0
         m.SLOTS_TOTAL.set(self.slots)
         m.SLOTS_BUSY.set(0)
@@ -95,6 +101,7 @@ class Scheduler:
     async def stop(self) -> None:
         """Kills running containers and puts their experiments back in the queue for the next start."""
         self._stopping = True
+        self.end_streams()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -172,8 +179,10 @@ class Scheduler:
             self.pool.release(gpus)
             return False
         self._rotation[loop_id] = time.monotonic()
-        slot = _Slot(exp_id=exp_id, loop_name=loop.name, gpus=gpus, handed_at=time.time())
+        live = LiveLog(asyncio.get_running_loop(), LIVE_LOG_BYTES)
+        slot = _Slot(exp_id=exp_id, loop_name=loop.name, gpus=gpus, handed_at=time.time(), live=live)
         self._running[exp_id] = slot
+        self._announce()
         self.dispatched += 1
         m.SLOTS_BUSY.set(len(self._running))
         m.RUNNING.set(len(self._running))
@@ -186,9 +195,13 @@ class Scheduler:
         result: RunResult | None = None
         try:
             spec = await self._spec(exp, loop, slot.gpus)
-            result = await asyncio.get_running_loop().run_in_executor(
-                self._threads, partial(self.sandbox.run, spec, on_start=lambda run: self._attach(slot, run))
+            run = partial(
+                self.sandbox.run,
+                spec,
+                on_start=lambda run: self._attach(slot, run),
+                on_output=slot.live.write,
             )
+            result = await asyncio.get_running_loop().run_in_executor(self._threads, run)
             await self._record(slot, exp, loop, result)
         except (SandboxError, SpecError, OSError) as exc:
             kind = "container engine" if isinstance(exc, SandboxError) else "sandbox setup"
@@ -203,6 +216,8 @@ class Scheduler:
         finally:
             self.pool.release(slot.gpus)
             del self._running[slot.exp_id]
+            slot.live.close()  # after the final status is written: followers read it next
+            self._announce()
             m.SLOTS_BUSY.set(len(self._running))
             m.RUNNING.set(len(self._running))
             if result is not None and result.timings.started and result.timings.finished:
@@ -336,6 +351,30 @@ class Scheduler:
     @property
     def busy(self) -> int:
         return len(self._running)
+
+    # -- live output -----------------------------------------------------------------------------
+
+    def live_log(self, exp_id: str) -> LiveLog | None:
+        """The output of `exp_id` while it holds a slot; None when it is not running here."""
+        slot = self._running.get(exp_id)
+        return slot.live if slot is not None else None
+
+    async def slots_changed(self, timeout: float) -> None:
+        """Returns when an experiment starts or finishes (or `end_streams`), or after `timeout`."""
+        changed = self._slots_changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), timeout)
+
+    def _announce(self) -> None:
+        self._slots_changed.set()
+        self._slots_changed = asyncio.Event()
+
+    def end_streams(self) -> None:
+        """The service is stopping: followers of live output end now rather than hold it up."""
+        self.streams_ending = True
+        for slot in self._running.values():
+            slot.live.wake_all()
+        self._announce()
 
 
 def _tail(text: str, n: int) -> str:
