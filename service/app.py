@@ -32,6 +32,7 @@ from .services import Services
 from .settings import Settings
 from .snapshots import SnapshotStore
 from .store import Store
+from .web import PageController, ProgressController
 
 __all__ = ["create_app"]
 
@@ -110,6 +111,8 @@ def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
             SnapshotController,
             HealthController,
             MetricsController,
+            ProgressController,
+            PageController,
         ],
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         lifespan=[lifespan],

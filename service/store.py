@@ -232,6 +232,27 @@ class Store:
         )
         return [_experiment(r) for r in rows]
 
+    async def latest_experiments(self, loop_id: str, limit: int) -> list[ExperimentView]:
+        """The newest `limit` experiments of a loop, newest first."""
+        rows = await self._q(
+            f"SELECT {_EXP_COLUMNS} FROM experiments WHERE loop_id = ? ORDER BY seq DESC LIMIT ?",
+            (loop_id, limit),
+        )
+        return [_experiment(r) for r in rows]
+
+    async def progress_rows(self, loop_id: str) -> AsyncIterator[aiosqlite.Row]:
+        """(number, status, metric, description) of kept and discarded experiments in experiment
+        order, streamed; descriptions only for keeps (the chart labels only those)."""
+        async with self.r.execute(
+            "SELECT seq, status, metric, CASE WHEN status = 'keep' THEN substr(description, 1, 300) END"
+            " FROM experiments WHERE loop_id = ? AND status IN ('keep', 'discard') AND metric IS NOT NULL"
+            " ORDER BY seq",
+            (loop_id,),
+        ) as cursor:
+            while rows := await cursor.fetchmany(1000):
+                for row in rows:
+                    yield row
+
     async def ledger_rows(self, loop_id: str, statuses: tuple[str, ...]) -> AsyncIterator[aiosqlite.Row]:
         """Finished experiments in finishing order, streamed (no full materialisation)."""
         marks = ",".join("?" * len(statuses))
