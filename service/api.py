@@ -4,6 +4,7 @@ domain errors become responses in one place (`exception_handlers`)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -40,6 +41,8 @@ __all__ = [
     "SnapshotController",
     "exception_handlers",
 ]
+
+log = logging.getLogger("ratchet.api")
 
 LoopId = Annotated[str, Parameter(pattern=r"^[0-9a-f]{16}$", description="loop id")]
 ExpId = Annotated[str, Parameter(pattern=r"^[0-9a-f]{16}$", description="experiment id")]
@@ -303,10 +306,17 @@ def _http(request: Request, exc: HTTPException) -> Response[dict[str, object]]:
     return Response(body, status_code=exc.status_code, headers=exc.headers)
 
 
+def _internal(request: Request, exc: Exception) -> Response[dict[str, object]]:
+    # A bug, not bad input: keep the traceback in the service log, never in the response.
+    log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+    return _error(request, 500, "internal error; the service log has the details")
+
+
 exception_handlers = {
     CandidateError: _refused,
     transitions.Conflict: _conflict,
     candidates.NotFound: _not_found,
     ValidationException: _validation,
     HTTPException: _http,
+    Exception: _internal,
 }
