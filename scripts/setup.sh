@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare this machine for Ratchet. Idempotent: safe to re-run, fast when nothing changed.
 #
-#   1. Debian packages: docker.io runsc debootstrap ca-certificates python3-venv git
+#   1. Debian packages: docker.io runsc debootstrap ca-certificates python3-venv git prometheus
 #      (optional: wrk, docker-compose), apt-get update only when something is missing
 #   2. /etc/docker/daemon.json: "live-restore": true and the gVisor runtime `runsc`
 #      (other keys are kept); a running engine is told to reload it
@@ -52,13 +52,15 @@ have_pkg() {
     ca-certificates) [ -s /etc/ssl/certs/ca-certificates.crt ] ;;
     python3-venv) command -v "$PYTHON" >/dev/null && "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null ;;
     git) command -v git >/dev/null ;;
+    prometheus) command -v prometheus >/dev/null && command -v promtool >/dev/null ;;
     wrk) command -v wrk >/dev/null ;;
     docker-compose) command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 ;;
     *) dpkg -s "$1" >/dev/null 2>&1 ;;
   esac
 }
 
-REQUIRED=(docker.io runsc debootstrap ca-certificates python3-venv git)
+# prometheus: the tests start their own server from it (the package's service is not used)
+REQUIRED=(docker.io runsc debootstrap ca-certificates python3-venv git prometheus)
 OPTIONAL=(wrk docker-compose)
 missing=()
 for p in "${REQUIRED[@]}"; do have_pkg "$p" || missing+=("$p"); done
