@@ -19,6 +19,7 @@ __all__ = [
     "ENGINE_ERRORS",
     "ENGINE_ERROR_REASONS",
     "EXPERIMENTS",
+    "FAILED",
     "FAILURES",
     "FAILURE_REASONS",
     "FINAL_STATUSES",
@@ -39,6 +40,7 @@ __all__ = [
 ]
 
 FINAL_STATUSES = ("keep", "discard", "crash", "timeout", "cancelled", "error")
+FAILED = ("crash", "timeout")  # the verdicts that count as failures of the workload
 FAILURE_REASONS = (
     "exit_nonzero",
     "oom",
@@ -122,11 +124,9 @@ def track_loop(name: str) -> None:
         histogram.labels(loop=name)
 
 
-def failure_reason(outcome: Outcome) -> str | None:
-    """Why a run counts as a failure, in the same order of precedence as `decisions.decide`;
-    None when it produced a usable metric or was cancelled."""
-    if outcome.cancelled:
-        return None
+def failure_reason(outcome: Outcome, unparsable: bool = False) -> str:
+    """Why a run judged crash or timeout failed, in the order of precedence of `decisions.decide`.
+    `unparsable`: the metric was reported, but its value is not a number."""
     if outcome.timed_out:
         return "timeout"
     if outcome.oom_killed:
@@ -134,10 +134,10 @@ def failure_reason(outcome: Outcome) -> str | None:
     if outcome.exit_code != 0:
         return "exit_nonzero"
     if outcome.metric is None:
-        return "missing_metric"
+        return "non_finite_metric" if unparsable else "missing_metric"
     if not math.isfinite(outcome.metric):
         return "non_finite_metric"
-    return None
+    return "internal"  # decide() found a usable metric, so this is not a failure of the workload
 
 
 def engine_error_reason(exc: BaseException) -> str:

@@ -324,8 +324,9 @@ class Scheduler:
         if result.workload_seconds is not None:
             m.DURATION.labels(loop=loop.name).observe(result.workload_seconds)
         if decision is not None:
-            best = value if decision.becomes_best else None
-            await self._observe_decided(loop, exp.id, outcome, decision.status, best)
+            unparsable = cfg.metric.name in extracted.non_numeric
+            failure = m.failure_reason(outcome, unparsable) if decision.status in m.FAILED else None
+            await self._observe_decided(loop, exp.id, failure, value if decision.becomes_best else None)
         log.info(
             "experiment %s (%s #%d): %s — %s",
             exp.id,
@@ -336,10 +337,10 @@ class Scheduler:
         )
 
     async def _observe_decided(
-        self, loop: LoopView, exp_id: str, outcome: Outcome, status: str, new_best: float | None
+        self, loop: LoopView, exp_id: str, failure: str | None, new_best: float | None
     ) -> None:
-        if status in (Status.crash, Status.timeout):
-            m.FAILURES.labels(loop=loop.name, reason=m.failure_reason(outcome) or "internal").inc()
+        if failure is not None:
+            m.FAILURES.labels(loop=loop.name, reason=failure).inc()
         if new_best is not None:
             m.BEST_METRIC.labels(loop=loop.name, metric=loop.config.metric.name).set(new_best)
         if await self.store.finish_seq(exp_id) == 1:  # the loop's first decided experiment

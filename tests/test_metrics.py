@@ -28,16 +28,24 @@ outcomes = st.builds(
 
 @given(outcome=outcomes, baseline=st.booleans(), best=st.one_of(st.none(), st.floats(-10, 10)))
 def test_failure_reason_matches_the_decision(outcome: Outcome, baseline: bool, best: float | None):
-    """A failure is counted with a reason exactly when the run is judged crash or timeout."""
+    """Every crash or timeout verdict has a cause from the fixed set, the one `decide` acted on."""
     decision = decide(
         outcome, metric_name="val_bpb", direction="minimize", min_delta=0.0, best=best, baseline=baseline
     )
+    if decision.status not in m.FAILED:
+        return
     reason = m.failure_reason(outcome)
-    if decision.status in ("crash", "timeout"):
-        assert reason in m.FAILURE_REASONS
-        assert (reason == "timeout") == (decision.status == "timeout")
-    else:
-        assert reason is None
+    assert reason in m.FAILURE_REASONS and reason not in ("engine", "internal")
+    assert (reason == "timeout") == (decision.status == "timeout")
+    assert (reason == "oom") == ("out of memory" in decision.reason)
+    assert (reason == "exit_nonzero") == ("exited with code" in decision.reason)
+
+
+def test_a_metric_that_is_not_a_number_is_not_missing():
+    no_metric = Outcome(exit_code=0, metric=None)
+    assert m.failure_reason(no_metric) == "missing_metric"
+    assert m.failure_reason(no_metric, unparsable=True) == "non_finite_metric"
+    assert m.failure_reason(Outcome(exit_code=0, metric=float("inf"))) == "non_finite_metric"
 
 
 @pytest.mark.parametrize(
