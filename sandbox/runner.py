@@ -48,7 +48,14 @@ _EXIT_GRACE_S = 10.0
 
 
 class SandboxError(RuntimeError):
-    """The container engine failed (not the workload): unreachable, image missing, API error."""
+    """The container engine failed (not the workload): unreachable, image missing, API error.
+
+    `reason` is one of a small fixed set (image_missing, refused, unreachable) so callers can count
+    failures by kind without parsing messages."""
+
+    def __init__(self, message: str, reason: str = "refused") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @contextlib.contextmanager
@@ -57,11 +64,11 @@ def _engine(action: str) -> Iterator[None]:
     try:
         yield
     except docker.errors.ImageNotFound as exc:
-        raise SandboxError(f"{action}: image not found ({exc.explanation})") from exc
+        raise SandboxError(f"{action}: image not found ({exc.explanation})", "image_missing") from exc
     except docker.errors.APIError as exc:
         raise SandboxError(f"{action}: engine refused: {exc.explanation or exc}") from exc
     except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
-        raise SandboxError(f"{action}: engine unreachable: {exc}") from exc
+        raise SandboxError(f"{action}: engine unreachable: {exc}", "unreachable") from exc
 
 
 class Sandbox:

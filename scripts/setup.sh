@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare this machine for Ratchet. Idempotent: safe to re-run, fast when nothing changed.
 #
-#   1. Debian packages: docker.io runsc debootstrap ca-certificates python3-venv git chromium
+#   1. Debian packages: docker.io runsc debootstrap ca-certificates python3-venv git chromium prometheus
 #      (optional: wrk, docker-compose), apt-get update only when something is missing
 #   2. /etc/docker/daemon.json: "live-restore": true and the gVisor runtime `runsc`
 #      (other keys are kept); a running engine is told to reload it
@@ -53,6 +53,7 @@ have_pkg() {
     python3-venv) command -v "$PYTHON" >/dev/null && "$PYTHON" -c 'import ensurepip, venv' 2>/dev/null ;;
     git) command -v git >/dev/null ;;
     chromium) [ -x /usr/bin/chromium ] ;;
+    prometheus) command -v prometheus >/dev/null && command -v promtool >/dev/null ;;
     wrk) command -v wrk >/dev/null ;;
     docker-compose) command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 ;;
     *) dpkg -s "$1" >/dev/null 2>&1 ;;
@@ -60,6 +61,7 @@ have_pkg() {
 }
 
 REQUIRED=(docker.io runsc debootstrap ca-certificates python3-venv git chromium)
+    prometheus) command -v prometheus >/dev/null && command -v promtool >/dev/null ;;
 OPTIONAL=(wrk docker-compose)
 missing=()
 for p in "${REQUIRED[@]}"; do have_pkg "$p" || missing+=("$p"); done

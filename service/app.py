@@ -7,6 +7,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import platform
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 
 from sandbox import Sandbox
 
+from . import metrics
 from .api import (
     ExperimentController,
     HealthController,
@@ -76,6 +78,7 @@ def _lock_data_dir(data_dir: Path) -> int:
 
 def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
     data_dir = Path(settings.data_dir)
+    metrics.BUILD.info({"version": VERSION, "python": platform.python_version()})
     holder: dict[str, Services] = {}
 
     @contextlib.asynccontextmanager

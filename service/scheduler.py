@@ -96,6 +96,7 @@ class Scheduler:
 
     async def start(self) -> None:
         await self.recover()
+        await self.publish_bests()
         self._task = asyncio.create_task(self._loop(), name="ratchet-scheduler")
 
     async def stop(self) -> None:
@@ -135,6 +136,12 @@ class Scheduler:
                 removed,
             )
 
+    async def publish_bests(self) -> None:
+        """Gauges live only in this process: a restarted service rebuilds the best metrics from the
+        database (oldest loop first, so a reused name shows its newest loop)."""
+        for name, metric, best in await self.store.best_metrics():
+            m.BEST_METRIC.labels(loop=name, metric=metric).set(best)
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -155,6 +162,7 @@ class Scheduler:
     async def _iteration(self) -> None:
         depths = await self.store.queue_depths()
         for name, depth in depths.items():
+            m.track_loop(name)
             m.QUEUE_DEPTH.labels(loop=name).set(depth)
         while len(self._running) < self.slots and not self._stopping:
             heads = await self.store.queue_heads()
@@ -186,6 +194,7 @@ class Scheduler:
         self.dispatched += 1
         m.SLOTS_BUSY.set(len(self._running))
         m.RUNNING.set(len(self._running))
+        m.QUEUE_WAIT.labels(loop=loop.name).observe(max(0.0, slot.handed_at - exp.created_at))
         slot.task = asyncio.create_task(self._run(slot, exp, loop), name=f"experiment-{exp_id}")
         return True
 
@@ -205,14 +214,16 @@ class Scheduler:
             await self._record(slot, exp, loop, result)
         except (SandboxError, SpecError, OSError) as exc:
             kind = "container engine" if isinstance(exc, SandboxError) else "sandbox setup"
-            m.ENGINE_ERRORS.labels(reason=type(exc).__name__).inc()
+            m.ENGINE_ERRORS.labels(reason=m.engine_error_reason(exc)).inc()
             log.warning("experiment %s: %s failed: %s", exp.id, kind, exc)
             await transitions.fail(self.store, exp.id, f"{kind}: {exc}")
             m.EXPERIMENTS.labels(loop=loop.name, status=Status.error.value).inc()
+            m.FAILURES.labels(loop=loop.name, reason="engine").inc()
         except Exception as exc:
             log.exception("experiment %s: unexpected failure", exp.id)
             await transitions.fail(self.store, exp.id, f"internal error: {type(exc).__name__}: {exc}")
             m.EXPERIMENTS.labels(loop=loop.name, status=Status.error.value).inc()
+            m.FAILURES.labels(loop=loop.name, reason="internal").inc()
         finally:
             self.pool.release(slot.gpus)
             del self._running[slot.exp_id]
@@ -223,7 +234,7 @@ class Scheduler:
             if result is not None and result.timings.started and result.timings.finished:
                 before = result.timings.started - slot.handed_at
                 after = time.time() - result.timings.finished
-                m.OVERHEAD.observe(max(0.0, before) + max(0.0, after))
+                m.OVERHEAD.labels(loop=slot.loop_name).observe(max(0.0, before) + max(0.0, after))
             self.wake()
 
     def _attach(self, slot: _Slot, run: PreparedRun) -> None:
@@ -275,6 +286,7 @@ class Scheduler:
     async def _record(self, slot: _Slot, exp: ExperimentView, loop: LoopView, result: RunResult) -> None:
         await asyncio.to_thread(self._write_log, exp.id, result.log)
         tail = _tail(result.log, self.settings.log_tail_bytes)
+        m.record_run(result)
         if result.cancelled and self._stopping:
             await transitions.requeue(self.store, exp.id)  # service shutdown: run it again next time
             return
@@ -310,9 +322,11 @@ class Scheduler:
         status = decision.status if decision else Status.cancelled
         m.EXPERIMENTS.labels(loop=loop.name, status=str(status)).inc()
         if result.workload_seconds is not None:
-            m.DURATION.observe(result.workload_seconds)
-        if decision is not None and decision.becomes_best and value is not None:
-            m.BEST_METRIC.labels(loop=loop.name, metric=cfg.metric.name).set(value)
+            m.DURATION.labels(loop=loop.name).observe(result.workload_seconds)
+        if decision is not None:
+            unparsable = cfg.metric.name in extracted.non_numeric
+            failure = m.failure_reason(outcome, unparsable) if decision.status in m.FAILED else None
+            await self._observe_decided(loop, exp.id, failure, value if decision.becomes_best else None)
         log.info(
             "experiment %s (%s #%d): %s — %s",
             exp.id,
@@ -321,6 +335,16 @@ class Scheduler:
             status,
             decision.reason if decision else "cancelled",
         )
+
+    async def _observe_decided(
+        self, loop: LoopView, exp_id: str, failure: str | None, new_best: float | None
+    ) -> None:
+        if failure is not None:
+            m.FAILURES.labels(loop=loop.name, reason=failure).inc()
+        if new_best is not None:
+            m.BEST_METRIC.labels(loop=loop.name, metric=loop.config.metric.name).set(new_best)
+        if await self.store.finish_seq(exp_id) == 1:  # the loop's first decided experiment
+            m.TIME_TO_FIRST_RESULT.labels(loop=loop.name).observe(max(0.0, time.time() - loop.created_at))
 
     def _write_log(self, exp_id: str, text: str) -> None:
         path = self.logs_dir / f"{exp_id}.log"

@@ -286,6 +286,18 @@ class Store:
         )
         return {r[0]: r[1] for r in rows}
 
+    async def finish_seq(self, exp_id: str) -> int | None:
+        """The experiment's place in its loop's finishing order (1 = the loop's first result)."""
+        row = await self._q("SELECT finish_seq FROM experiments WHERE id = ?", (exp_id,), one=True)
+        return row[0] if row else None
+
+    async def best_metrics(self) -> list[tuple[str, str, float]]:
+        """(loop name, metric name, best value) of every loop that has a best, oldest loop first."""
+        rows = await self._q(
+            "SELECT name, config, best_metric FROM loops WHERE best_metric IS NOT NULL ORDER BY created_at"
+        )
+        return [(r[0], msgspec.json.decode(r[1], type=LoopConfig).metric.name, r[2]) for r in rows]
+
     async def running_ids(self) -> list[str]:
         rows = await self._q("SELECT id FROM experiments WHERE status = 'running'")
         return [r[0] for r in rows]

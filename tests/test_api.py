@@ -318,4 +318,4 @@ def test_gpu_inventory_sets_slots_and_engine_failure_is_error(server_factory):
     assert exp["gpus"] == ["0", "1"]
     assert "container engine" in exp["reason"]
     assert base["baseline"] == "pending"  # an infrastructure error says nothing about the baseline
-    assert 'ratchet_engine_errors_total{reason="SandboxError"} 1.0' in srv.client.get("/metrics").text
+    assert 'ratchet_engine_errors_total{reason="refused"} 1.0' in srv.client.get("/metrics").text
