@@ -60,8 +60,9 @@ have_pkg() {
   esac
 }
 
-REQUIRED=(docker.io runsc debootstrap ca-certificates python3-venv git chromium)
-    prometheus) command -v prometheus >/dev/null && command -v promtool >/dev/null ;;
+# chromium: the browser tests; prometheus: the tests start their own server from it (the
+# package's own service is not used)
+REQUIRED=(docker.io runsc debootstrap ca-certificates python3-venv git chromium prometheus)
 OPTIONAL=(wrk docker-compose)
 missing=()
 for p in "${REQUIRED[@]}"; do have_pkg "$p" || missing+=("$p"); done
