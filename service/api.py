@@ -300,7 +300,14 @@ def _validation(request: Request, exc: ValidationException) -> Response[dict[str
 
 
 def _http(request: Request, exc: HTTPException) -> Response[dict[str, object]]:
-    body: dict[str, object] = {"status_code": exc.status_code, "detail": exc.detail}
+    detail = exc.detail
+    if exc.status_code == 413:
+        limit = request.app.request_max_body_size
+        detail = (
+            f"request body over the limit of {limit} bytes: send a smaller candidate (a patch rather than"
+            " whole files) or raise RATCHET_MAX_BODY_BYTES"
+        )
+    body: dict[str, object] = {"status_code": exc.status_code, "detail": detail}
     if exc.extra:
         body["errors"] = exc.extra
     return Response(body, status_code=exc.status_code, headers=exc.headers)

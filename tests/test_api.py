@@ -99,7 +99,7 @@ def test_candidate_refusals_are_422_and_store_nothing(server):
     r = server.client.post(
         f"/v1/loops/{lid}/experiments", json={"description": "big", "files": {"train.py": big}}
     )
-    assert r.status_code == 413
+    assert r.status_code == 413 and "RATCHET_MAX_BODY_BYTES" in r.json()["detail"]
 
 
 def test_loop_refusals(server):
