@@ -16,7 +16,7 @@ from litestar.params import Parameter
 from litestar.response import ServerSentEvent, Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED
 
-from . import candidates, transitions
+from . import candidates, history, transitions
 from .follow import follow_events, live_text
 from .ledger import LEDGER_STATUSES, header, row
 from .models import (
@@ -26,6 +26,7 @@ from .models import (
     Health,
     LoopCreate,
     LoopView,
+    RerunCreate,
     SnapshotView,
     Status,
 )
@@ -167,6 +168,47 @@ class LoopController(Controller):
             headers={"Content-Disposition": f'inline; filename="{loop.name}-results.tsv"'},
         )
 
+    @get(
+        "/{loop_id:str}/history.bundle",
+        media_type="application/octet-stream",
+        summary="The accepted history as a git bundle: baseline, then one commit per keep",
+        description=(
+            "Branch `ratchet/<loop name>`: the baseline is the root commit, then one commit per kept"
+            " experiment in finishing order (message: description, blank line, metric lines). Clone it"
+            " with `git clone <file> <dir> -b ratchet/<loop name>`. 409 before a successful baseline."
+        ),
+    )
+    async def history_bundle(self, loop_id: LoopId, services: Services) -> Response[bytes]:
+        loop = await _loop(services, loop_id)
+        rows = await services.store.kept_for_history(loop_id)
+        if not rows:
+            raise transitions.Conflict(
+                f"loop {loop.name} has no successful baseline yet, so there is no history to bundle"
+            )
+        commits = [
+            history.HistoryCommit(
+                experiment=r["id"],
+                description=r["description"],
+                snapshot=r["snapshot"],
+                manifest=r["manifest"],
+                metrics=msgspec.json.decode(r["metrics"]) if r["metrics"] else {},
+                finished_at=r["finished_at"],
+            )
+            for r in rows
+        ]
+        data = await asyncio.to_thread(
+            history.build_bundle,
+            commits,
+            f"ratchet/{loop.name}",
+            loop.config.metric.name,
+            services.snapshots,
+        )
+        return Response(
+            data,
+            media_type="application/octet-stream",
+            headers={"Content-Disposition": f'attachment; filename="{loop.name}.bundle"'},
+        )
+
     @get("/{loop_id:str}/snapshots", summary="Accepted snapshots, newest first")
     async def snapshots(self, loop_id: LoopId, services: Services) -> list[SnapshotView]:
         await _loop(services, loop_id)
@@ -226,6 +268,24 @@ class ExperimentController(Controller):
     async def diff(self, exp_id: ExpId, services: Services) -> Response[str]:
         await _experiment(services, exp_id)
         return Response(await services.store.get_diff(exp_id) or "", media_type="text/x-diff; charset=utf-8")
+
+    @post(
+        "/{exp_id:str}/rerun",
+        status_code=HTTP_202_ACCEPTED,
+        summary="Queue the identical snapshot again (optional seed, passed as RATCHET_SEED)",
+        description=(
+            "The new experiment has the same parent, snapshot and diff, `rerun_of` set, and is judged"
+            " like any other: re-running the current best is a discard unless it beats itself."
+            " A re-run of a baseline is a baseline. 409 when the loop is stopped or full."
+        ),
+    )
+    async def rerun(
+        self, exp_id: ExpId, services: Services, data: RerunCreate | None = None
+    ) -> ExperimentView:
+        await _experiment(services, exp_id)
+        new_id = await transitions.rerun(services.store, exp_id, data.seed if data else None)
+        services.scheduler.wake()
+        return await _experiment(services, new_id)
 
     @post("/{exp_id:str}/cancel", status_code=HTTP_200_OK, summary="Cancel a queued or running experiment")
     async def cancel(self, exp_id: ExpId, services: Services) -> ExperimentView:
@@ -292,6 +352,10 @@ def _not_found(request: Request, exc: candidates.NotFound) -> Response[dict[str,
     return _error(request, 404, str(exc))
 
 
+def _git_missing(request: Request, exc: history.GitMissing) -> Response[dict[str, object]]:
+    return _error(request, 503, str(exc))
+
+
 def _validation(request: Request, exc: ValidationException) -> Response[dict[str, object]]:
     body: dict[str, object] = {"status_code": 400, "detail": exc.detail}
     if exc.extra:
@@ -323,6 +387,7 @@ exception_handlers = {
     CandidateError: _refused,
     transitions.Conflict: _conflict,
     candidates.NotFound: _not_found,
+    history.GitMissing: _git_missing,
     ValidationException: _validation,
     HTTPException: _http,
     Exception: _internal,

@@ -56,4 +56,9 @@ MIGRATIONS: list[str] = [
     CREATE INDEX experiments_queued ON experiments(loop_id, seq) WHERE status = 'queued';
     CREATE INDEX experiments_running ON experiments(status) WHERE status = 'running';
     """,
+    # 2: re-runs of an experiment's snapshot, optionally with a seed for the workload
+    """
+    ALTER TABLE experiments ADD COLUMN rerun_of TEXT REFERENCES experiments(id);
+    ALTER TABLE experiments ADD COLUMN seed INTEGER;
+    """,
 ]

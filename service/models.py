@@ -17,6 +17,7 @@ __all__ = [
     "LoopCreate",
     "LoopView",
     "MetricSpec",
+    "RerunCreate",
     "Resources",
     "SnapshotView",
     "Status",
@@ -156,6 +157,14 @@ class ExperimentView(msgspec.Struct, kw_only=True):
     finished_at: float | None = None
     workload_seconds: float | None = None
     log_tail: str | None = None
+    rerun_of: str | None = None  # the experiment this one re-runs
+    seed: int | None = None  # passed to the workload as RATCHET_SEED
+
+
+class RerunCreate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Run an experiment's snapshot again; `seed` reaches the workload as `RATCHET_SEED`."""
+
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None
 
 
 class ExperimentPage(msgspec.Struct, kw_only=True):

@@ -261,6 +261,8 @@ class Scheduler:
             "RATCHET_EXPERIMENT_ID": exp.id,
             "RATCHET_LOOP_ID": loop.id,
         }
+        if exp.seed is not None:
+            env["RATCHET_SEED"] = str(exp.seed)
         return RunSpec(
             image=cfg.image or self.settings.default_image,
             argv=list(cfg.command),

@@ -20,7 +20,7 @@ __all__ = ["Store"]
 
 _EXP_COLUMNS = (
     "id, loop_id, seq, kind, description, status, reason, parent, snapshot, metric, metrics,"
-    " memory_gb, exit_code, gpus, created_at, started_at, finished_at, workload_seconds"
+    " memory_gb, exit_code, gpus, created_at, started_at, finished_at, workload_seconds, rerun_of, seed"
 )
 
 
@@ -46,6 +46,8 @@ def _experiment(row: aiosqlite.Row, log_tail: str | None = None) -> ExperimentVi
         finished_at=row["finished_at"],
         workload_seconds=row["workload_seconds"],
         log_tail=log_tail,
+        rerun_of=row["rerun_of"],
+        seed=row["seed"],
     )
 
 
@@ -264,6 +266,15 @@ class Store:
             while rows := await cursor.fetchmany(500):
                 for row in rows:
                     yield row
+
+    async def kept_for_history(self, loop_id: str) -> list[aiosqlite.Row]:
+        """Kept experiments with their manifests, in finishing order (the loop's git history)."""
+        return await self._q(
+            "SELECT e.id, e.seq, e.kind, e.description, e.snapshot, e.metric, e.metrics, e.finished_at,"
+            " s.manifest FROM experiments e JOIN snapshots s ON s.id = e.snapshot"
+            " WHERE e.loop_id = ? AND e.status = 'keep' ORDER BY e.finish_seq",
+            (loop_id,),
+        )
 
     async def queue_heads(self) -> list[tuple[str, str]]:
         """(loop_id, experiment_id) of the oldest dispatchable queued experiment of each active loop."""

@@ -33,6 +33,7 @@ __all__ = [
     "new_id",
     "queue_baseline",
     "requeue",
+    "rerun",
     "set_loop_state",
     "start",
     "submit",
@@ -89,14 +90,17 @@ async def _insert_experiment(
     parent: str | None,
     snapshot: str,
     diff: str | None,
+    *,
+    rerun_of: str | None = None,
+    seed: int | None = None,
 ) -> str:
     row = await _rows(db, "SELECT next_seq FROM loops WHERE id = ?", (loop_id,), first=True)
     seq = row[0]
     exp_id = new_id()
     await db.execute(
         "INSERT INTO experiments (id, loop_id, seq, kind, description, parent, snapshot, diff, status,"
-        " created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?)",
-        (exp_id, loop_id, seq, kind, description, parent, snapshot, diff, time.time()),
+        " created_at, rerun_of, seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
+        (exp_id, loop_id, seq, kind, description, parent, snapshot, diff, time.time(), rerun_of, seed),
     )
     await db.execute("UPDATE loops SET next_seq = next_seq + 1 WHERE id = ?", (loop_id,))
     return exp_id
@@ -141,21 +145,54 @@ async def submit(
         return await _insert_experiment(db, loop_id, "candidate", description, parent, snapshot, diff)
 
 
+async def _check_no_pending_baseline(db: aiosqlite.Connection, loop_id: str) -> None:
+    pending = await _rows(
+        db,
+        "SELECT 1 FROM experiments WHERE loop_id = ? AND kind = 'baseline'"
+        " AND status IN ('queued', 'running')",
+        (loop_id,),
+        first=True,
+    )
+    if pending:
+        raise Conflict("a baseline of this loop is already queued or running")
+
+
 async def queue_baseline(store: Store, loop_id: str) -> str:
     """Runs the unmodified root snapshot again (e.g. after a failed baseline)."""
     async with store.tx() as db:
         await _check_capacity(db, loop_id)
         row = await _rows(db, "SELECT root_snapshot FROM loops WHERE id = ?", (loop_id,), first=True)
-        pending = await _rows(
+        await _check_no_pending_baseline(db, loop_id)
+        return await _insert_experiment(db, loop_id, "baseline", "baseline (re-run)", None, row[0], None)
+
+
+async def rerun(store: Store, exp_id: str, seed: int | None = None) -> str:
+    """Queues the identical snapshot (same parent, same diff) of `exp_id` again, linked to it and
+    judged like any other experiment of its kind. Returns the new experiment id."""
+    async with store.tx() as db:
+        exp = await _rows(
             db,
-            "SELECT 1 FROM experiments WHERE loop_id = ? AND kind = 'baseline'"
-            " AND status IN ('queued', 'running')",
-            (loop_id,),
+            "SELECT loop_id, seq, kind, description, parent, snapshot, diff FROM experiments WHERE id = ?",
+            (exp_id,),
             first=True,
         )
-        if pending:
-            raise Conflict("a baseline of this loop is already queued or running")
-        return await _insert_experiment(db, loop_id, "baseline", "baseline (re-run)", None, row[0], None)
+        if exp is None:
+            raise LookupError(exp_id)
+        await _check_capacity(db, exp["loop_id"])
+        if exp["kind"] == "baseline":
+            await _check_no_pending_baseline(db, exp["loop_id"])
+        description = f"rerun of #{exp['seq']}: {exp['description']}"[:2000]
+        return await _insert_experiment(
+            db,
+            exp["loop_id"],
+            exp["kind"],
+            description,
+            exp["parent"],
+            exp["snapshot"],
+            exp["diff"],
+            rerun_of=exp_id,
+            seed=seed,
+        )
 
 
 async def start(store: Store, exp_id: str, gpus: list[str]) -> bool:
