@@ -37,9 +37,10 @@ FROM ${BASE_IMAGE}
 ARG RATCHET_VERSION=dev
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN set -eu; \
-    if ! command -v python3 >/dev/null 2>&1; then \
+    # git builds the loops' history bundles (GET /v1/loops/{id}/history.bundle)
+    if ! command -v python3 >/dev/null 2>&1 || ! command -v git >/dev/null 2>&1; then \
         apt-get update; \
-        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3; \
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 git; \
         rm -rf /var/lib/apt/lists/*; \
     fi; \
     groupadd --system --gid 10001 ratchet; \
@@ -52,6 +53,7 @@ RUN set -eu; \
     /opt/ratchet/bin/pip install -q --no-index --no-deps /tmp/wheels/app/*.whl; \
     /opt/ratchet/bin/pip check; \
     /opt/ratchet/bin/python -c 'import litestar, msgspec, aiosqlite, docker, prometheus_client, uvicorn, httpx, service, sandbox'; \
+    git --version >/dev/null; \
     rm -rf /tmp/wheels
 
 ENV PATH=/opt/ratchet/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \

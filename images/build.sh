@@ -30,7 +30,7 @@ cd "$ROOT"
 SUITE=bookworm
 SUITE_PYTHON=3.11
 LOCAL_BASE_IMAGE="ratchet/base:${SUITE}"
-BASE_PACKAGES="python3,python3-numpy,python3-venv,python3-pip,ca-certificates"
+BASE_PACKAGES="python3,python3-numpy,python3-venv,python3-pip,ca-certificates,git"
 SANDBOX_IMAGE="ratchet/sandbox:latest"
 SERVICE_IMAGE="ratchet/service:latest"
 PUBLIC_SANDBOX_BASE="${RATCHET_SANDBOX_BASE:-debian:bookworm-slim}"
