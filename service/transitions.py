@@ -247,7 +247,9 @@ async def finish(store: Store, exp_id: str, outcome: Outcome, info: Finished) ->
             return None  # cancelled meanwhile: the cancel stands
         loop = await _rows(db, "SELECT * FROM loops WHERE id = ?", (exp["loop_id"],), first=True)
         config = msgspec.json.decode(loop["config"], type=LoopConfig)
-        baseline = exp["kind"] == "baseline"
+        # A baseline founds the best only while the loop has none; once one succeeded, a baseline
+        # re-run (measuring noise) is judged like any candidate and cannot reset the best.
+        baseline = exp["kind"] == "baseline" and loop["baseline"] != "ok"
         decision = decide(
             outcome,
             metric_name=config.metric.name,
@@ -279,7 +281,7 @@ async def finish(store: Store, exp_id: str, outcome: Outcome, info: Finished) ->
                 " baseline = 'ok', baseline_reason = NULL WHERE id = ?",
                 (exp["snapshot"], outcome.metric, exp_id, exp["loop_id"]),
             )
-        elif baseline and loop["baseline"] != "ok":
+        elif baseline:
             await db.execute(
                 "UPDATE loops SET baseline = 'failed', baseline_reason = ? WHERE id = ?",
                 (f"baseline {decision.status}: {decision.reason}", exp["loop_id"]),

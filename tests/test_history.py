@@ -132,7 +132,11 @@ def test_history_bundle_and_rerun(server, tmp_path: Path):
     r = server.client.post(f"/v1/experiments/{base['id']}/rerun")
     assert r.status_code == 202, r.text
     assert r.json()["kind"] == "baseline" and r.json()["rerun_of"] == base["id"]
-    server.wait_final(r.json()["id"])
+    best_before = server.client.get(f"/v1/loops/{lid}").json()["best_experiment"]
+    rerun_base = server.wait_final(r.json()["id"])
+    # judged like a candidate once a baseline succeeded: it cannot reset the best
+    assert rerun_base["status"] == "discard", rerun_base
+    assert server.client.get(f"/v1/loops/{lid}").json()["best_experiment"] == best_before
 
     assert server.client.post("/v1/experiments/0123456789abcdef/rerun").status_code == 404
     r = server.client.post(f"/v1/experiments/{keep1['id']}/rerun", json={"seed": "x"})
