@@ -12,6 +12,7 @@ import msgspec
 from sandbox import RUNSC_MIN_PIDS, Sandbox
 
 from . import transitions
+from .evaluate import check_evaluate
 from .models import CandidateCreate, LoopConfig, LoopCreate, LoopView
 from .patches import CandidateError, apply_files, apply_patch
 from .settings import Settings
@@ -64,6 +65,8 @@ async def create_loop(
     if await store.active_loop_named(config.name):
         raise transitions.Conflict(f"a loop named {config.name!r} is active; stop it or pick another name")
     tree, execs = decode_workspace(body.workspace, settings.max_workspace_bytes, settings.max_workspace_files)
+    if config.evaluate is not None:
+        check_evaluate(config.evaluate, config.editable, tree)
     if await asyncio.to_thread(_image_missing, sandbox, config.image or ""):
         raise CandidateError(
             f"image {config.image!r} is not on the container engine;"

@@ -29,6 +29,7 @@ class Outcome(msgspec.Struct, kw_only=True, frozen=True):
     metric_problem: str | None = None  # why the metric is missing
     timeout_s: float = 0.0
     memory_mb: int = 0
+    phase: str | None = None  # "evaluation" when this is the trusted evaluation's outcome
 
 
 class Decision(msgspec.Struct, kw_only=True, frozen=True):
@@ -44,6 +45,32 @@ def improves(value: float, best: float, direction: str, min_delta: float) -> boo
 
 
 def decide(
+    outcome: Outcome,
+    *,
+    metric_name: str,
+    direction: str,
+    min_delta: float,
+    best: float | None,
+    baseline: bool,
+) -> Decision:
+    decision = _decide(
+        outcome,
+        metric_name=metric_name,
+        direction=direction,
+        min_delta=min_delta,
+        best=best,
+        baseline=baseline,
+    )
+    if outcome.phase is None or decision.status in (Verdict.keep, Verdict.discard, Verdict.cancelled):
+        return decision
+    if decision.status == Verdict.timeout:
+        reason = f"{outcome.phase} killed at its hard timeout of {outcome.timeout_s:g} s"
+    else:
+        reason = f"{outcome.phase}: {decision.reason}"
+    return Decision(status=decision.status, reason=reason)
+
+
+def _decide(
     outcome: Outcome,
     *,
     metric_name: str,

@@ -11,6 +11,8 @@ from msgspec import Meta
 __all__ = [
     "FINAL",
     "CandidateCreate",
+    "EvalMount",
+    "EvaluateSpec",
     "ExperimentPage",
     "ExperimentView",
     "LoopConfig",
@@ -82,6 +84,23 @@ class Workspace(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
     archive: str | None = None
 
 
+class EvalMount(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A read-only mount for the evaluation only: a named volume or a host path, at `target`."""
+
+    source: Annotated[str, Meta(min_length=1, max_length=4096)]
+    target: Annotated[str, Meta(min_length=2, max_length=4096, pattern=r"^/")]
+
+
+class EvaluateSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A trusted evaluation phase: after a successful training run, `command` runs in a second
+    container holding only the non-editable files, the training output (read-only, under
+    `train_output/`) and `mounts`. The loop's metric comes from this phase alone."""
+
+    command: Annotated[list[Arg], Meta(min_length=1, max_length=256)]
+    mounts: Annotated[list[EvalMount], Meta(max_length=16)] = []
+    timeout_s: Seconds = 300.0
+
+
 class LoopConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """A loop's settings as stored, with every default resolved."""
 
@@ -98,6 +117,7 @@ class LoopConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     env: dict[EnvKey, Annotated[str, Meta(max_length=4096)]] = {}
     max_experiments: Annotated[int, Meta(ge=1)] | None = None
     runtime: Literal["runc", "runsc"] | None = None  # default: the service's setting
+    evaluate: EvaluateSpec | None = None  # a trusted evaluation phase; the metric comes from it
 
     @property
     def hard_timeout_s(self) -> float:

@@ -22,6 +22,7 @@ from sandbox import (
     LABEL_SANDBOX,
     FileEntry,
     Limits,
+    Mount,
     PreparedRun,
     RunResult,
     RunSpec,
@@ -29,11 +30,13 @@ from sandbox import (
     SandboxError,
     SpecError,
 )
+from sandbox.options import WORKSPACE_DIR
 
 from . import metrics as m
 from . import transitions
 from .decisions import Outcome
-from .extract import extract_metrics
+from .evaluate import EVAL_SEPARATOR, TRAIN_OUTPUT, eval_tree, prefixed
+from .extract import Extracted, extract_metrics
 from .gpus import GpuPool
 from .livelog import LiveLog
 from .models import ExperimentView, LoopConfig, LoopView, Status
@@ -203,15 +206,14 @@ class Scheduler:
     async def _run(self, slot: _Slot, exp: ExperimentView, loop: LoopView) -> None:
         result: RunResult | None = None
         try:
-            spec = await self._spec(exp, loop, slot.gpus)
-            run = partial(
-                self.sandbox.run,
-                spec,
-                on_start=lambda run: self._attach(slot, run),
-                on_output=slot.live.write,
-            )
-            result = await asyncio.get_running_loop().run_in_executor(self._threads, run)
-            await self._record(slot, exp, loop, result)
+            spec, tree = await self._spec(exp, loop, slot.gpus)
+            result = await self._sandbox_run(slot, spec)
+            evaluation: RunResult | None = None
+            if loop.config.evaluate is not None and _succeeded(result) and not slot.cancel_requested:
+                slot.live.write(f"\n{EVAL_SEPARATOR}\n".encode())
+                eval_spec = self._eval_spec(spec, loop.config, tree, result)
+                evaluation = await self._sandbox_run(slot, eval_spec)
+            await self._record(slot, exp, loop, result, evaluation)
         except (SandboxError, SpecError, OSError) as exc:
             kind = "container engine" if isinstance(exc, SandboxError) else "sandbox setup"
             m.ENGINE_ERRORS.labels(reason=m.engine_error_reason(exc)).inc()
@@ -237,12 +239,23 @@ class Scheduler:
                 m.OVERHEAD.labels(loop=slot.loop_name).observe(max(0.0, before) + max(0.0, after))
             self.wake()
 
+    async def _sandbox_run(self, slot: _Slot, spec: RunSpec) -> RunResult:
+        run = partial(
+            self.sandbox.run,
+            spec,
+            on_start=lambda run: self._attach(slot, run),
+            on_output=slot.live.write,
+        )
+        return await asyncio.get_running_loop().run_in_executor(self._threads, run)
+
     def _attach(self, slot: _Slot, run: PreparedRun) -> None:
         slot.run = run
         if slot.cancel_requested:
             run.cancel()
 
-    async def _spec(self, exp: ExperimentView, loop: LoopView, gpus: list[str]) -> RunSpec:
+    async def _spec(
+        self, exp: ExperimentView, loop: LoopView, gpus: list[str]
+    ) -> tuple[RunSpec, dict[str, bytes]]:
         raw = await self.store.get_manifest(exp.snapshot)
         if raw is None:
             raise OSError(f"snapshot {exp.snapshot} is missing from the database")
@@ -263,7 +276,7 @@ class Scheduler:
         }
         if exp.seed is not None:
             env["RATCHET_SEED"] = str(exp.seed)
-        return RunSpec(
+        spec = RunSpec(
             image=cfg.image or self.settings.default_image,
             argv=list(cfg.command),
             files=files,
@@ -284,39 +297,89 @@ class Scheduler:
                 "ratchet.instance": self.sandbox.instance,
             },
         )
+        return spec, tree
 
-    async def _record(self, slot: _Slot, exp: ExperimentView, loop: LoopView, result: RunResult) -> None:
-        await asyncio.to_thread(self._write_log, exp.id, result.log)
-        tail = _tail(result.log, self.settings.log_tail_bytes)
+    def _eval_spec(
+        self, train: RunSpec, cfg: LoopConfig, tree: dict[str, bytes], result: RunResult
+    ) -> RunSpec:
+        """The trusted evaluation: the non-editable files (read-only), the training output
+        (read-only, under train_output/), the evaluation's own mounts and hard timeout."""
+        ev = cfg.evaluate
+        assert ev is not None
+        files_tree, _ = eval_tree(tree, cfg.editable, result.output_files)
+        execs = {f.path for f in train.files if f.executable}
+        files = [
+            FileEntry(path=p, data=d, writable=False, executable=p in execs) for p, d in files_tree.items()
+        ]
+        env = {**train.env, "RATCHET_TRAIN_OUTPUT_DIR": f"{WORKSPACE_DIR}/{TRAIN_OUTPUT}"}
+        return msgspec.structs.replace(
+            train,
+            argv=list(ev.command),
+            files=files,
+            env=env,
+            mounts=[Mount(source=m.source, target=m.target) for m in ev.mounts],
+            timeout_s=ev.timeout_s,
+            labels={**train.labels, "ratchet.phase": "evaluate"},
+        )
+
+    async def _record(
+        self,
+        slot: _Slot,
+        exp: ExperimentView,
+        loop: LoopView,
+        result: RunResult,
+        evaluation: RunResult | None = None,
+    ) -> None:
+        text = result.log
+        if evaluation is not None:
+            sep = "" if not text or text.endswith("\n") else "\n"
+            text = f"{text}{sep}{EVAL_SEPARATOR}\n{evaluation.log}"
+        await asyncio.to_thread(self._write_log, exp.id, text)
+        tail = _tail(text, self.settings.log_tail_bytes)
         m.record_run(result)
-        if result.cancelled and self._stopping:
+        if (result.cancelled or (evaluation is not None and evaluation.cancelled)) and self._stopping:
             await transitions.requeue(self.store, exp.id)  # service shutdown: run it again next time
             return
         cfg = loop.config
-        extracted = extract_metrics(result.log, result.output_files.get("metrics.json"))
-        value = extracted.metrics.get(cfg.metric.name)
-        problem = extracted.problem
+        trained = extract_metrics(result.log, result.output_files.get("metrics.json"))
+        if cfg.evaluate is None:
+            judged, phase, source = result, None, trained
+            metrics = trained.metrics
+            timeout_s = cfg.hard_timeout_s
+        elif evaluation is None:  # training failed (or was cancelled): it decides, never its metric
+            judged, phase = result, None
+            source = Extracted(problem="evaluation did not run")
+            metrics = prefixed(trained.metrics)
+            timeout_s = cfg.hard_timeout_s
+        else:
+            judged, phase = evaluation, "evaluation"
+            source = extract_metrics(evaluation.log, evaluation.output_files.get("metrics.json"))
+            metrics = {**source.metrics, **prefixed(trained.metrics)}
+            timeout_s = cfg.evaluate.timeout_s
+        value = source.metrics.get(cfg.metric.name)
+        problem = source.problem
         if value is None and problem is None:
-            bad = extracted.non_numeric.get(cfg.metric.name)
-            where = "metrics.json" if extracted.source == "metrics.json" else "summary block"
+            bad = source.non_numeric.get(cfg.metric.name)
+            where = "metrics.json" if source.source == "metrics.json" else "summary block"
             problem = (
                 f"{cfg.metric.name} in the {where} is {bad}, not a number"
                 if bad is not None
                 else f"metric {cfg.metric.name!r} missing from the {where}"
             )
         outcome = Outcome(
-            exit_code=result.exit_code,
-            oom_killed=result.oom_killed,
-            timed_out=result.timed_out,
-            cancelled=result.cancelled,
+            exit_code=judged.exit_code,
+            oom_killed=judged.oom_killed,
+            timed_out=judged.timed_out,
+            cancelled=judged.cancelled,
             metric=value,
             metric_problem=problem,
-            timeout_s=cfg.hard_timeout_s,
+            timeout_s=timeout_s,
             memory_mb=cfg.resources.memory_mb,
+            phase=phase,
         )
         info = transitions.Finished(
-            metrics=extracted.metrics,
-            memory_gb=_memory_gb(extracted.metrics, result),
+            metrics=metrics,
+            memory_gb=_memory_gb(trained.metrics, result),
             workload_seconds=result.workload_seconds,
             log_tail=tail,
         )
@@ -326,7 +389,7 @@ class Scheduler:
         if result.workload_seconds is not None:
             m.DURATION.labels(loop=loop.name).observe(result.workload_seconds)
         if decision is not None:
-            unparsable = cfg.metric.name in extracted.non_numeric
+            unparsable = cfg.metric.name in source.non_numeric
             failure = m.failure_reason(outcome, unparsable) if decision.status in m.FAILED else None
             await self._observe_decided(loop, exp.id, failure, value if decision.becomes_best else None)
         log.info(
@@ -401,6 +464,10 @@ class Scheduler:
         for slot in self._running.values():
             slot.live.wake_all()
         self._announce()
+
+
+def _succeeded(result: RunResult) -> bool:
+    return result.exit_code == 0 and not (result.oom_killed or result.timed_out or result.cancelled)
 
 
 def _tail(text: str, n: int) -> str:
