@@ -220,3 +220,51 @@ def test_evaluate_running_editable_files_is_422(server, heldout, evaluate):
     r = server.client.post("/v1/loops", json=body)
     assert r.status_code == 422, r.text
     assert server.client.get("/v1/loops").json() == []
+
+
+def test_charlm_eval_example_through_the_service(server, docker_client, tmp_path):
+    """The bundled variant end to end: held-out text in a Docker volume only the evaluation mounts;
+    the baseline is scored by evaluate.py, and a candidate that skips training to print a perfect
+    score is not kept."""
+    import uuid
+    from pathlib import Path
+
+    from service.client import loop_body_from_dir
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "charlm-eval"
+    volume = f"ratchet-test-heldout-{uuid.uuid4().hex[:8]}"
+    docker_client.volumes.create(volume)
+    try:
+        docker_client.containers.run(
+            "ratchet/sandbox:latest",
+            ["sh", "-c", "cat /src/valid.txt > /h/valid.txt"],
+            user="0",
+            volumes={
+                volume: {"bind": "/h", "mode": "rw"},
+                str(example / "heldout"): {"bind": "/src", "mode": "ro"},
+            },
+            network_mode="none",
+            remove=True,
+        )
+        body = loop_body_from_dir(example, name="charlm-eval-e2e", time_budget_s=4, timeout_s=40)
+        assert not any(p.startswith("heldout/") for p in body["workspace"]["files"])
+        body["evaluate"]["mounts"] = [{"source": volume, "target": "/heldout"}]
+        r = server.client.post("/v1/loops", json=body)
+        assert r.status_code == 201, r.text
+        lid = r.json()["id"]
+        base = server.client.get(f"/v1/loops/{lid}/experiments").json()["items"][0]
+        base = server.wait_final(base["id"], timeout=180)
+        assert base["status"] == "keep", base
+        assert 0.5 < base["metric"] < 8.0 and "train.val_bpb" in base["metrics"]
+        cheat = "print('---')\nprint('val_bpb: 0.000001')\n"
+        r = server.client.post(
+            f"/v1/loops/{lid}/experiments",
+            json={"description": "skip training", "files": {"train.py": cheat}},
+        )
+        assert r.status_code == 202, r.text
+        done = server.wait_final(r.json()["id"], timeout=180)
+        assert done["status"] == "crash" and done["reason"].startswith("evaluation"), done
+        assert server.client.get(f"/v1/loops/{lid}").json()["best_metric"] == base["metric"]
+    finally:
+        server.stop()
+        docker_client.volumes.get(volume).remove(force=True)
