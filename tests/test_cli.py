@@ -181,6 +181,7 @@ def test_watch_once_and_logs_follow_while_running(server, tmp_path):
     server.wait_final(bad["id"])
     slow = client.submit(lid, "slow one", files={"train.py": with_value("0.25", sleep="3.0")})
     _running(server, lid, slow["id"])
+    time.sleep(1.0)  # a bar drawn at 0.1 s of 5 s is only a half cell ("╸"); let it grow a full one
 
     frame = ratchet(server, "watch", "cli-tiny", "--once")
     assert frame.exit_code == 0, frame.output
