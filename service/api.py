@@ -287,10 +287,14 @@ class ExperimentController(Controller):
         services.scheduler.wake()
         return await _experiment(services, new_id)
 
-    @post("/{exp_id:str}/cancel", status_code=HTTP_200_OK, summary="Cancel a queued or running experiment")
+    @post(
+        "/{exp_id:str}/cancel",
+        status_code=HTTP_200_OK,
+        summary="Cancel a queued, running or confirming experiment",
+    )
     async def cancel(self, exp_id: ExpId, services: Services) -> ExperimentView:
         exp = await _experiment(services, exp_id)
-        if exp.status not in (Status.queued, Status.running):
+        if exp.status not in (Status.queued, Status.running, Status.confirming):
             raise transitions.Conflict(f"experiment {exp_id} already finished with status {exp.status.value}")
         await services.scheduler.cancel(exp_id)
         return await _experiment(services, exp_id)

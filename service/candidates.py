@@ -59,6 +59,10 @@ async def create_loop(
         raise CandidateError(
             "timeout_s must be at least time_budget_s (it is the hard kill after the budget)"
         )
+    try:
+        transitions.rule_of(config)
+    except ValueError as exc:
+        raise CandidateError(f"acceptance: {exc}") from None
     for key in config.env:
         if key.startswith("RATCHET_"):
             raise CandidateError(f"env {key!r}: RATCHET_* variables are set by the service; rename it")

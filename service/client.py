@@ -21,7 +21,8 @@ from .loopdir import loop_body
 
 __all__ = ["FINAL_STATUSES", "ApiError", "RatchetClient", "Unreachable", "loop_body_from_dir", "parse_sse"]
 
-FINAL_STATUSES = frozenset({"keep", "discard", "crash", "timeout", "cancelled", "error"})
+FINAL_STATUSES = frozenset({"keep", "discard", "crash", "timeout", "cancelled", "error", "measured"})
+RUN_OVER = FINAL_STATUSES | {"confirming"}  # the run's own log is complete
 
 
 class ApiError(RuntimeError):
@@ -229,7 +230,7 @@ class RatchetClient:
                 yield text[shown:]
                 shown = len(text)
             # Status first: a log read after a final status is the complete log.
-            final = self.experiment(exp_id)["status"] in FINAL_STATUSES
+            final = self.experiment(exp_id)["status"] in RUN_OVER
             if not final:
                 time.sleep(poll)
             text = self.logs(exp_id)

@@ -16,6 +16,8 @@ class Verdict(StrEnum):
     crash = "crash"
     timeout = "timeout"
     cancelled = "cancelled"
+    confirming = "confirming"  # noise-aware rules: looks better, its confirmation runs decide
+    measured = "measured"  # a repeat run that succeeded: its value joins its candidate's mean
 
 
 class Outcome(msgspec.Struct, kw_only=True, frozen=True):

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from litestar.response import ServerSentEventMessage
 
 from .livelog import SKIPPED, LiveLog, TextDecoder
-from .models import FINAL
+from .models import RUN_OVER
 from .scheduler import Scheduler
 from .store import Store
 
@@ -45,7 +45,7 @@ async def follow_events(
         exp = await store.get_experiment(exp_id, with_tail=False)
         if exp is None:
             return
-        if exp.status in FINAL:
+        if exp.status in RUN_OVER:  # a confirming candidate's own run is over
             if not followed:
                 for piece in split_text(await read_stored_log(scheduler, exp_id)):
                     yield ServerSentEventMessage(data=piece)

@@ -39,7 +39,7 @@ __all__ = [
     "track_loop",
 ]
 
-FINAL_STATUSES = ("keep", "discard", "crash", "timeout", "cancelled", "error")
+FINAL_STATUSES = ("keep", "discard", "crash", "timeout", "cancelled", "error", "measured")
 FAILED = ("crash", "timeout")  # the verdicts that count as failures of the workload
 FAILURE_REASONS = (
     "exit_nonzero",

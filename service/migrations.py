@@ -61,4 +61,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE experiments ADD COLUMN rerun_of TEXT REFERENCES experiments(id);
     ALTER TABLE experiments ADD COLUMN seed INTEGER;
     """,
+    # 3: noise-aware acceptance: repeat runs of a candidate, its mean, the loop's measured noise
+    """
+    ALTER TABLE experiments ADD COLUMN repeat_of TEXT REFERENCES experiments(id);
+    ALTER TABLE experiments ADD COLUMN runs INTEGER;
+    ALTER TABLE experiments ADD COLUMN mean REAL;
+    ALTER TABLE experiments ADD COLUMN m2 REAL;
+    ALTER TABLE loops ADD COLUMN repeats INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE loops ADD COLUMN noise_ss REAL NOT NULL DEFAULT 0;
+    ALTER TABLE loops ADD COLUMN noise_dof INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE loops ADD COLUMN noise_sd REAL;
+    CREATE INDEX experiments_repeats ON experiments(repeat_of) WHERE repeat_of IS NOT NULL;
+    """,
 ]

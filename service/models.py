@@ -10,6 +10,8 @@ from msgspec import Meta
 
 __all__ = [
     "FINAL",
+    "RUN_OVER",
+    "AcceptanceSpec",
     "CandidateCreate",
     "EvalMount",
     "EvaluateSpec",
@@ -44,9 +46,23 @@ class Status(StrEnum):
     timeout = "timeout"  # killed at the hard wall-clock deadline
     cancelled = "cancelled"  # cancelled by a user, or by stopping its loop
     error = "error"  # the infrastructure failed, not the candidate
+    # noise-aware acceptance only:
+    confirming = "confirming"  # its first run looked better; its confirmation runs decide (no slot)
+    measured = "measured"  # a repeat run of a candidate: its value counts towards that candidate's mean
 
 
-FINAL = frozenset({Status.keep, Status.discard, Status.crash, Status.timeout, Status.cancelled, Status.error})
+FINAL = frozenset(
+    {
+        Status.keep,
+        Status.discard,
+        Status.crash,
+        Status.timeout,
+        Status.cancelled,
+        Status.error,
+        Status.measured,
+    }
+)
+RUN_OVER = FINAL | {Status.confirming}  # the experiment's own run has ended (its log is complete)
 
 
 class LoopState(StrEnum):
@@ -101,6 +117,19 @@ class EvaluateSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fie
     timeout_s: Seconds = 300.0
 
 
+class AcceptanceSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """When a successful candidate is kept. `strict`: better than the best so far on one run.
+    `confirm` and `significant` re-run a candidate that looks better and keep it only when the mean
+    of its runs beats the best's mean by `k` standard errors of the measured noise. Unset numbers
+    take the rule's defaults (see the README, "Trusting the ledger")."""
+
+    rule: Literal["strict", "confirm", "significant"] = "strict"
+    baseline_runs: Annotated[int, Meta(ge=1, le=50)] | None = None  # the baseline, repeated with seeds
+    confirm_runs: Annotated[int, Meta(ge=0, le=20)] | None = None  # extra runs of a promising candidate
+    k: Annotated[float, Meta(ge=0, le=10)] | None = None  # standard errors the mean must win by
+    remeasure_runs: Annotated[int, Meta(ge=0, le=1000)] | None = None  # idle slots re-run the best up to this
+
+
 class LoopConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """A loop's settings as stored, with every default resolved."""
 
@@ -118,6 +147,7 @@ class LoopConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     max_experiments: Annotated[int, Meta(ge=1)] | None = None
     runtime: Literal["runc", "runsc"] | None = None  # default: the service's setting
     evaluate: EvaluateSpec | None = None  # a trusted evaluation phase; the metric comes from it
+    acceptance: AcceptanceSpec = AcceptanceSpec()
 
     @property
     def hard_timeout_s(self) -> float:
@@ -143,6 +173,8 @@ class LoopView(msgspec.Struct, kw_only=True):
     best_snapshot: str | None = None
     best_metric: float | None = None
     best_experiment: str | None = None
+    best_runs: int | None = None  # successful runs behind best_metric (their mean)
+    noise_sd: float | None = None  # run-to-run standard deviation, pooled over repeated runs
     counts: dict[str, int] = {}
     created_at: float
 
@@ -179,6 +211,9 @@ class ExperimentView(msgspec.Struct, kw_only=True):
     log_tail: str | None = None
     rerun_of: str | None = None  # the experiment this one re-runs
     seed: int | None = None  # passed to the workload as RATCHET_SEED
+    repeat_of: str | None = None  # the candidate this run repeats (confirmation, noise or re-measure)
+    runs: int | None = None  # a candidate's successful runs so far (its own and its repeats')
+    mean: float | None = None  # the mean metric over those runs: what its verdict and the ledger use
 
 
 class RerunCreate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -81,6 +81,7 @@ class Scheduler:
         self._running: dict[str, _Slot] = {}
         self._wake = asyncio.Event()
         self._rotation: dict[str, float] = {}  # loop id -> last dispatch, for round-robin
+        self._remeasures: set[str] = set()  # idle-time runs of a best: first to give a slot back
         self._task: asyncio.Task[None] | None = None
         # Runs block a thread each for their whole duration: they get threads of their own so
         # they never starve the default pool that serves the API's short blocking calls.
@@ -176,7 +177,37 @@ class Scheduler:
                     break
                 started |= await self._dispatch(loop_id, exp_id)
             if not started:
-                return
+                break
+        if self._stopping:
+            return
+        if len(self._running) < self.slots:
+            await self._remeasure_when_idle()
+        else:
+            await self._preempt_remeasure()
+
+    async def _remeasure_when_idle(self) -> None:
+        """A slot with nothing to run re-measures a loop's best (noise-aware loops), so the best
+        so far is the mean of many runs rather than one lucky draw."""
+        for loop_id in await self.store.loops_with_best():
+            while len(self._running) < self.slots:
+                exp_id = await transitions.queue_remeasure(self.store, loop_id)
+                if exp_id is None:
+                    break
+                self._remeasures.add(exp_id)
+                if not await self._dispatch(loop_id, exp_id):
+                    self._remeasures.discard(exp_id)
+                    await transitions.cancel(self.store, exp_id, "no slot was free for re-measuring")
+                    break
+
+    async def _preempt_remeasure(self) -> None:
+        """Re-measuring only uses idle time: queued work takes the slot back from it."""
+        victim = next(
+            (s for s in self._running.values() if s.exp_id in self._remeasures and not s.cancel_requested),
+            None,
+        )
+        if victim is not None and await self.store.queue_heads():
+            log.info("re-measure %s gives its slot to queued work", victim.exp_id)
+            await self.cancel(victim.exp_id, "preempted: queued work needed the slot")
 
     async def _dispatch(self, loop_id: str, exp_id: str) -> bool:
         loop = await self.store.get_loop(loop_id, counts=False)
@@ -229,6 +260,7 @@ class Scheduler:
         finally:
             self.pool.release(slot.gpus)
             del self._running[slot.exp_id]
+            self._remeasures.discard(slot.exp_id)
             slot.live.close()  # after the final status is written: followers read it next
             self._announce()
             m.SLOTS_BUSY.set(len(self._running))
@@ -391,7 +423,7 @@ class Scheduler:
         if decision is not None:
             unparsable = cfg.metric.name in source.non_numeric
             failure = m.failure_reason(outcome, unparsable) if decision.status in m.FAILED else None
-            await self._observe_decided(loop, exp.id, failure, value if decision.becomes_best else None)
+            await self._observe_decided(loop, exp.id, failure)
         log.info(
             "experiment %s (%s #%d): %s — %s",
             exp.id,
@@ -401,13 +433,12 @@ class Scheduler:
             decision.reason if decision else "cancelled",
         )
 
-    async def _observe_decided(
-        self, loop: LoopView, exp_id: str, failure: str | None, new_best: float | None
-    ) -> None:
+    async def _observe_decided(self, loop: LoopView, exp_id: str, failure: str | None) -> None:
         if failure is not None:
             m.FAILURES.labels(loop=loop.name, reason=failure).inc()
-        if new_best is not None:
-            m.BEST_METRIC.labels(loop=loop.name, metric=loop.config.metric.name).set(new_best)
+        now = await self.store.get_loop(loop.id, counts=False)  # a new best, or the best's new mean
+        if now is not None and now.best_metric is not None:
+            m.BEST_METRIC.labels(loop=loop.name, metric=loop.config.metric.name).set(now.best_metric)
         if await self.store.finish_seq(exp_id) == 1:  # the loop's first decided experiment
             m.TIME_TO_FIRST_RESULT.labels(loop=loop.name).observe(max(0.0, time.time() - loop.created_at))
 
@@ -424,12 +455,16 @@ class Scheduler:
 
     async def cancel(self, exp_id: str, reason: str = "cancelled") -> bool:
         """Writes the cancel first, then kills the container if the experiment holds a slot."""
+        running_repeats = await self.store.repeat_ids(exp_id, ["running"])
         changed = await transitions.cancel(self.store, exp_id, reason)
-        slot = self._running.get(exp_id)
-        if slot is not None:
-            slot.cancel_requested = True
-            if slot.run is not None:
-                await asyncio.to_thread(slot.run.cancel)
+        for repeat in running_repeats if changed else []:
+            await transitions.cancel(self.store, repeat, f"its candidate was cancelled: {reason}")
+        for victim in [exp_id, *running_repeats]:
+            slot = self._running.get(victim)
+            if slot is not None:
+                slot.cancel_requested = True
+                if slot.run is not None:
+                    await asyncio.to_thread(slot.run.cancel)
         self.wake()
         return changed
 

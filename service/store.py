@@ -20,7 +20,12 @@ __all__ = ["Store"]
 
 _EXP_COLUMNS = (
     "id, loop_id, seq, kind, description, status, reason, parent, snapshot, metric, metrics,"
-    " memory_gb, exit_code, gpus, created_at, started_at, finished_at, workload_seconds, rerun_of, seed"
+    " memory_gb, exit_code, gpus, created_at, started_at, finished_at, workload_seconds, rerun_of, seed,"
+    " repeat_of, runs, mean"
+)
+
+_LOOP_SELECT = (
+    "SELECT l.*, b.runs AS best_runs FROM loops l LEFT JOIN experiments b ON b.id = l.best_experiment"
 )
 
 
@@ -48,6 +53,9 @@ def _experiment(row: aiosqlite.Row, log_tail: str | None = None) -> ExperimentVi
         log_tail=log_tail,
         rerun_of=row["rerun_of"],
         seed=row["seed"],
+        repeat_of=row["repeat_of"],
+        runs=row["runs"],
+        mean=row["mean"],
     )
 
 
@@ -147,7 +155,8 @@ class Store:
 
     async def accepted_snapshots(self, loop_id: str) -> list[SnapshotView]:
         rows = await self._q(
-            "SELECT snapshot, id, seq, metric, description, finished_at FROM experiments"
+            "SELECT snapshot, id, seq, COALESCE(mean, metric) AS metric, description, finished_at"
+            " FROM experiments"
             " WHERE loop_id = ? AND status = 'keep' ORDER BY finish_seq DESC",
             (loop_id,),
         )
@@ -167,7 +176,7 @@ class Store:
     # -- loops ----------------------------------------------------------------------------------
 
     async def get_loop(self, loop_id: str, counts: bool = True) -> LoopView | None:
-        row = await self._q("SELECT * FROM loops WHERE id = ?", (loop_id,), one=True)
+        row = await self._q(f"{_LOOP_SELECT} WHERE l.id = ?", (loop_id,), one=True)
         if row is None:
             return None
         return await self._loop_view(row, counts)
@@ -184,8 +193,11 @@ class Store:
             best_snapshot=row["best_snapshot"],
             best_metric=row["best_metric"],
             best_experiment=row["best_experiment"],
+            noise_sd=row["noise_sd"],
             created_at=row["created_at"],
         )
+        if row["best_experiment"] is not None:
+            view.best_runs = row["best_runs"] or 1
         if counts:
             view.counts = await self.counts(row["id"])
         return view
@@ -199,7 +211,7 @@ class Store:
         return counts
 
     async def list_loops(self) -> list[LoopView]:
-        rows = await self._q("SELECT * FROM loops ORDER BY created_at")
+        rows = await self._q(f"{_LOOP_SELECT} ORDER BY l.created_at")
         return [await self._loop_view(r, True) for r in rows]
 
     async def active_loop_named(self, name: str) -> str | None:
@@ -246,7 +258,8 @@ class Store:
         """(number, status, metric, description) of kept and discarded experiments in experiment
         order, streamed; descriptions only for keeps (the chart labels only those)."""
         async with self.r.execute(
-            "SELECT seq, status, metric, CASE WHEN status = 'keep' THEN substr(description, 1, 300) END"
+            "SELECT seq, status, COALESCE(mean, metric) AS metric,"
+            " CASE WHEN status = 'keep' THEN substr(description, 1, 300) END"
             " FROM experiments WHERE loop_id = ? AND status IN ('keep', 'discard') AND metric IS NOT NULL"
             " ORDER BY seq",
             (loop_id,),
@@ -259,7 +272,8 @@ class Store:
         """Finished experiments in finishing order, streamed (no full materialisation)."""
         marks = ",".join("?" * len(statuses))
         async with self.r.execute(
-            "SELECT snapshot, status, metric, memory_gb, description FROM experiments"
+            "SELECT snapshot, status, COALESCE(mean, metric) AS metric, memory_gb, description"
+            " FROM experiments"
             f" WHERE loop_id = ? AND finish_seq IS NOT NULL AND status IN ({marks}) ORDER BY finish_seq",
             (loop_id, *statuses),
         ) as cursor:
@@ -277,14 +291,15 @@ class Store:
         )
 
     async def queue_heads(self) -> list[tuple[str, str]]:
-        """(loop_id, experiment_id) of the oldest dispatchable queued experiment of each active loop."""
+        """(loop_id, experiment_id) of the next dispatchable queued experiment of each active loop:
+        repeat runs (confirmations of a promising candidate, noise) first, then the oldest."""
         rows = await self._q(
             """
                 SELECT l.id, (
                     SELECT e.id FROM experiments e
                     WHERE e.loop_id = l.id AND e.status = 'queued'
                       AND (e.kind = 'baseline' OR l.baseline = 'ok')
-                    ORDER BY e.seq LIMIT 1)
+                    ORDER BY e.repeat_of IS NULL, e.seq LIMIT 1)
                 FROM loops l WHERE l.state = 'active'
                 """
         )
@@ -318,5 +333,20 @@ class Store:
         rows = await self._q(
             f"SELECT id FROM experiments WHERE loop_id = ? AND status IN ({','.join('?' * len(statuses))})",
             (loop_id, *statuses),
+        )
+        return [r[0] for r in rows]
+
+    async def repeat_ids(self, primary_id: str, statuses: Iterable[str]) -> list[str]:
+        statuses = list(statuses)
+        rows = await self._q(
+            f"SELECT id FROM experiments WHERE repeat_of = ? AND status IN ({','.join('?' * len(statuses))})",
+            (primary_id, *statuses),
+        )
+        return [r[0] for r in rows]
+
+    async def loops_with_best(self) -> list[str]:
+        """Active loops that have a best: the ones an idle slot may re-measure."""
+        rows = await self._q(
+            "SELECT id FROM loops WHERE state = 'active' AND best_experiment IS NOT NULL ORDER BY created_at"
         )
         return [r[0] for r in rows]

@@ -3,10 +3,18 @@ write (`UPDATE ... WHERE status = :expected`) in its own transaction, committed 
 scheduler acts on it.
 
     queued ──start──> running ──finish──> keep | discard | crash | timeout
+      │                  │                measured           (a repeat run that succeeded)
+      │                  │                confirming ──settle──> keep | discard
+      │                  │                     └──cancel──> cancelled
       │                  ├──fail────────> error
       │                  ├──cancel──────> cancelled
       │                  └──requeue─────> queued      (service restarted mid-run)
       └──cancel──> cancelled
+
+Noise-aware acceptance adds repeat runs (`repeat_of` = the candidate they repeat): the baseline's
+noise runs, a promising candidate's confirmation runs, and re-measurements of the best. Each is an
+experiment of its own; its value joins its candidate's mean (`runs`, `mean`, `m2` on the candidate),
+and the candidate waits in `confirming` until its last confirmation run ends, then `settle`s.
 """
 
 from __future__ import annotations
@@ -18,7 +26,8 @@ from typing import Any
 import aiosqlite
 import msgspec
 
-from .decisions import Decision, Outcome, decide
+from .acceptance import Judgement, Rule, judge, pooled, resolve, sum_squares
+from .decisions import Decision, Outcome, Verdict, decide
 from .models import FINAL, LoopConfig, LoopState, Status
 from .store import Store
 
@@ -32,8 +41,10 @@ __all__ = [
     "finish",
     "new_id",
     "queue_baseline",
+    "queue_remeasure",
     "requeue",
     "rerun",
+    "rule_of",
     "set_loop_state",
     "start",
     "submit",
@@ -41,8 +52,10 @@ __all__ = [
 
 ALLOWED: dict[Status, frozenset[Status]] = {
     Status.queued: frozenset({Status.running, Status.cancelled}),
-    Status.running: frozenset(FINAL | {Status.queued}),
+    Status.running: frozenset(FINAL | {Status.queued, Status.confirming}),
+    Status.confirming: frozenset({Status.keep, Status.discard, Status.cancelled}),
 }
+GOOD_RUN = ("keep", "discard", "confirming")  # a candidate's own run that produced its value
 LOOP_MOVES: dict[str, dict[str, str]] = {
     "pause": {LoopState.active: LoopState.paused, LoopState.paused: LoopState.paused},
     "resume": {LoopState.paused: LoopState.active, LoopState.active: LoopState.active},
@@ -93,17 +106,75 @@ async def _insert_experiment(
     *,
     rerun_of: str | None = None,
     seed: int | None = None,
+    repeat_of: str | None = None,
 ) -> str:
     row = await _rows(db, "SELECT next_seq FROM loops WHERE id = ?", (loop_id,), first=True)
     seq = row[0]
     exp_id = new_id()
     await db.execute(
         "INSERT INTO experiments (id, loop_id, seq, kind, description, parent, snapshot, diff, status,"
-        " created_at, rerun_of, seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
-        (exp_id, loop_id, seq, kind, description, parent, snapshot, diff, time.time(), rerun_of, seed),
+        " created_at, rerun_of, seed, repeat_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
+        (
+            exp_id,
+            loop_id,
+            seq,
+            kind,
+            description,
+            parent,
+            snapshot,
+            diff,
+            time.time(),
+            rerun_of,
+            seed,
+            repeat_of,
+        ),
     )
-    await db.execute("UPDATE loops SET next_seq = next_seq + 1 WHERE id = ?", (loop_id,))
+    repeats = 1 if repeat_of is not None else 0
+    await db.execute(
+        "UPDATE loops SET next_seq = next_seq + 1, repeats = repeats + ? WHERE id = ?", (repeats, loop_id)
+    )
     return exp_id
+
+
+def rule_of(config: LoopConfig) -> Rule:
+    a = config.acceptance
+    return resolve(
+        a.rule,
+        baseline_runs=a.baseline_runs,
+        confirm_runs=a.confirm_runs,
+        k=a.k,
+        remeasure_runs=a.remeasure_runs,
+    )
+
+
+async def _queue_repeats(db: aiosqlite.Connection, primary_id: str, count: int, why: str) -> list[str]:
+    """`count` more runs of `primary_id`'s snapshot, each with a seed of its own (1, 2, ... over
+    all of the candidate's repeats), as the workload's RATCHET_SEED."""
+    exp = await _rows(
+        db,
+        "SELECT loop_id, seq, kind, description, parent, snapshot, diff FROM experiments WHERE id = ?",
+        (primary_id,),
+        first=True,
+    )
+    done = await _rows(db, "SELECT COUNT(*) FROM experiments WHERE repeat_of = ?", (primary_id,), first=True)
+    ids = []
+    for i in range(1, count + 1):
+        seed = done[0] + i
+        description = f"{why} of #{exp['seq']} (seed {seed}): {exp['description']}"[:2000]
+        ids.append(
+            await _insert_experiment(
+                db,
+                exp["loop_id"],
+                exp["kind"],
+                description,
+                exp["parent"],
+                exp["snapshot"],
+                exp["diff"],
+                seed=seed,
+                repeat_of=primary_id,
+            )
+        )
+    return ids
 
 
 async def create_loop(store: Store, config: LoopConfig, root: str, manifest: bytes) -> tuple[str, str]:
@@ -124,15 +195,19 @@ async def create_loop(store: Store, config: LoopConfig, root: str, manifest: byt
             ),
         )
         exp_id = await _insert_experiment(db, loop_id, "baseline", "baseline", None, root, None)
+        await _queue_repeats(db, exp_id, rule_of(config).baseline_runs - 1, "noise run")
     return loop_id, exp_id
 
 
 async def _check_capacity(db: aiosqlite.Connection, loop_id: str) -> None:
-    row = await _rows(db, "SELECT state, config, next_seq FROM loops WHERE id = ?", (loop_id,), first=True)
+    row = await _rows(
+        db, "SELECT state, config, next_seq, repeats FROM loops WHERE id = ?", (loop_id,), first=True
+    )
     if row["state"] == LoopState.stopped:
         raise Conflict("the loop is stopped; create a new loop to run more experiments")
     config = msgspec.json.decode(row["config"], type=LoopConfig)
-    if config.max_experiments is not None and row["next_seq"] - 1 >= config.max_experiments:
+    submitted = row["next_seq"] - 1 - row["repeats"]  # repeat runs do not count against the limit
+    if config.max_experiments is not None and submitted >= config.max_experiments:
         raise Conflict(f"the loop has reached max_experiments={config.max_experiments}")
 
 
@@ -209,7 +284,7 @@ async def requeue(store: Store, exp_id: str) -> bool:
 
 async def fail(store: Store, exp_id: str, reason: str, log_tail: str | None = None) -> bool:
     async with store.tx() as db:
-        return await _move(
+        moved = await _move(
             db,
             exp_id,
             Status.running,
@@ -218,15 +293,46 @@ async def fail(store: Store, exp_id: str, reason: str, log_tail: str | None = No
             finished_at=time.time(),
             log_tail=log_tail,
         )
+        if moved:
+            await _after_repeat_ended(db, exp_id)
+        return moved
 
 
 async def cancel(store: Store, exp_id: str, reason: str = "cancelled") -> bool:
-    """Cancels a queued or running experiment; False when it had already finished."""
+    """Cancels a queued, running or confirming experiment (a confirming one with its queued repeat
+    runs; running ones are the caller's to kill); False when it had already finished."""
     async with store.tx() as db:
-        for expected in (Status.queued, Status.running):
+        for expected in (Status.queued, Status.running, Status.confirming):
             if await _move(db, exp_id, expected, Status.cancelled, reason=reason, finished_at=time.time()):
+                await db.execute(
+                    "UPDATE experiments SET status = 'cancelled', reason = ?, finished_at = ?"
+                    " WHERE repeat_of = ? AND status = 'queued'",
+                    (f"its candidate was cancelled: {reason}"[:2000], time.time(), exp_id),
+                )
+                await _after_repeat_ended(db, exp_id)
                 return True
     return False
+
+
+async def queue_remeasure(store: Store, loop_id: str) -> str | None:
+    """One more run of the loop's best, for a slot that would otherwise sit idle: its mean becomes
+    more honest with every run. None when the loop needs none (inactive, no best, enough runs)."""
+    async with store.tx() as db:
+        loop = await _rows(db, "SELECT * FROM loops WHERE id = ?", (loop_id,), first=True)
+        if loop is None or loop["state"] != LoopState.active or loop["best_experiment"] is None:
+            return None
+        rule = rule_of(msgspec.json.decode(loop["config"], type=LoopConfig))
+        best = loop["best_experiment"]
+        tried = await _rows(
+            db,
+            "SELECT COUNT(*) FROM experiments WHERE repeat_of = ? AND status != 'cancelled'",
+            (best,),
+            first=True,
+        )
+        if 1 + tried[0] >= rule.remeasure_runs:
+            return None
+        (exp_id,) = await _queue_repeats(db, best, 1, "re-measure")
+        return exp_id
 
 
 class Finished(msgspec.Struct, kw_only=True):
@@ -241,24 +347,35 @@ async def finish(store: Store, exp_id: str, outcome: Outcome, info: Finished) ->
     so two experiments finishing together cannot both become best unless the later one wins."""
     async with store.tx() as db:
         exp = await _rows(
-            db, "SELECT loop_id, kind, snapshot, status FROM experiments WHERE id = ?", (exp_id,), first=True
+            db,
+            "SELECT loop_id, seq, kind, snapshot, status, repeat_of FROM experiments WHERE id = ?",
+            (exp_id,),
+            first=True,
         )
         if exp is None or exp["status"] != Status.running:
             return None  # cancelled meanwhile: the cancel stands
         loop = await _rows(db, "SELECT * FROM loops WHERE id = ?", (exp["loop_id"],), first=True)
         config = msgspec.json.decode(loop["config"], type=LoopConfig)
+        if exp["repeat_of"] is not None:
+            return await _finish_repeat(db, exp_id, exp["repeat_of"], config, outcome, info)
         # A baseline founds the best only while the loop has none; once one succeeded, a baseline
         # re-run (measuring noise) is judged like any candidate and cannot reset the best.
         baseline = exp["kind"] == "baseline" and loop["baseline"] != "ok"
+        best = loop["best_metric"] if loop["baseline"] == "ok" else None
         decision = decide(
             outcome,
             metric_name=config.metric.name,
             direction=config.metric.direction,
             min_delta=config.metric.min_delta,
-            best=loop["best_metric"] if loop["baseline"] == "ok" else None,
+            best=best,
             baseline=baseline,
         )
-        finish_seq = loop["finished"] + 1
+        rule = rule_of(config)
+        if rule.name != "strict" and best is not None and decision.status in (Verdict.keep, Verdict.discard):
+            assert outcome.metric is not None
+            decision = await _first_run(db, loop, config, rule, outcome.metric)
+        final = decision.status != Verdict.confirming
+        finish_seq = loop["finished"] + 1 if final else None
         await _move(
             db,
             exp_id,
@@ -274,19 +391,194 @@ async def finish(store: Store, exp_id: str, outcome: Outcome, info: Finished) ->
             workload_seconds=info.workload_seconds,
             log_tail=info.log_tail,
         )
-        await db.execute("UPDATE loops SET finished = ? WHERE id = ?", (finish_seq, exp["loop_id"]))
+        if final:
+            await db.execute("UPDATE loops SET finished = ? WHERE id = ?", (finish_seq, exp["loop_id"]))
+        else:
+            await _queue_repeats(db, exp_id, rule.confirm_runs, "confirmation")
         if decision.becomes_best:
-            await db.execute(
-                "UPDATE loops SET best_snapshot = ?, best_metric = ?, best_experiment = ?,"
-                " baseline = 'ok', baseline_reason = NULL WHERE id = ?",
-                (exp["snapshot"], outcome.metric, exp_id, exp["loop_id"]),
-            )
+            await _make_best(db, exp["loop_id"], exp_id, exp["snapshot"], outcome.metric)
         elif baseline:
             await db.execute(
                 "UPDATE loops SET baseline = 'failed', baseline_reason = ? WHERE id = ?",
                 (f"baseline {decision.status}: {decision.reason}", exp["loop_id"]),
             )
+            await db.execute(
+                "UPDATE experiments SET status = 'cancelled', reason = 'the baseline failed', finished_at = ?"
+                " WHERE repeat_of = ? AND status = 'queued'",
+                (time.time(), exp_id),
+            )
+        if decision.status in GOOD_RUN:
+            await _refresh_group(db, exp_id)
         return decision
+
+
+async def _first_run(
+    db: aiosqlite.Connection, loop: aiosqlite.Row, config: LoopConfig, rule: Rule, value: float
+) -> Decision:
+    incumbent = await _group_values(db, loop["best_experiment"])
+    verdict = _judge(config, rule, [value], incumbent or [loop["best_metric"]], loop["noise_sd"])
+    return _as_decision(verdict)
+
+
+def _judge(
+    config: LoopConfig, rule: Rule, candidate: list[float], incumbent: list[float], noise: float | None
+) -> Judgement:
+    return judge(
+        rule,
+        candidate,
+        incumbent,
+        noise,
+        direction=config.metric.direction,
+        min_delta=config.metric.min_delta,
+        metric_name=config.metric.name,
+    )
+
+
+def _as_decision(j: Judgement) -> Decision:
+    status = {"keep": Verdict.keep, "discard": Verdict.discard, "confirm": Verdict.confirming}[j.verdict]
+    return Decision(status=status, reason=j.reason, becomes_best=j.verdict == "keep")
+
+
+async def _make_best(
+    db: aiosqlite.Connection, loop_id: str, exp_id: str, snapshot: str, metric: float | None
+) -> None:
+    await db.execute(
+        "UPDATE loops SET best_snapshot = ?, best_metric = ?, best_experiment = ?,"
+        " baseline = 'ok', baseline_reason = NULL WHERE id = ?",
+        (snapshot, metric, exp_id, loop_id),
+    )
+
+
+async def _finish_repeat(
+    db: aiosqlite.Connection,
+    exp_id: str,
+    primary_id: str,
+    config: LoopConfig,
+    outcome: Outcome,
+    info: Finished,
+) -> Decision:
+    """A repeat run is judged only for failure; its value joins its candidate's mean."""
+    decision = decide(
+        outcome,
+        metric_name=config.metric.name,
+        direction=config.metric.direction,
+        min_delta=config.metric.min_delta,
+        best=None,
+        baseline=True,  # any finite metric of a successful run is a measurement
+    )
+    if decision.status == Verdict.keep:
+        decision = Decision(status=Verdict.measured, reason=f"{config.metric.name} {outcome.metric:.6f}")
+    await _move(
+        db,
+        exp_id,
+        Status.running,
+        Status(decision.status),
+        reason=decision.reason,
+        metric=outcome.metric,
+        metrics=msgspec.json.encode(info.metrics).decode(),
+        memory_gb=info.memory_gb,
+        exit_code=outcome.exit_code,
+        finished_at=time.time(),
+        workload_seconds=info.workload_seconds,
+        log_tail=info.log_tail,
+    )
+    await _refresh_group(db, primary_id)
+    await _settle(db, primary_id)
+    return decision
+
+
+async def _after_repeat_ended(db: aiosqlite.Connection, exp_id: str) -> None:
+    """A repeat run ended without a value (error, cancel): its candidate may be ready to settle."""
+    row = await _rows(db, "SELECT repeat_of FROM experiments WHERE id = ?", (exp_id,), first=True)
+    if row is not None and row[0] is not None:
+        await _settle(db, row[0])
+
+
+async def _group_values(db: aiosqlite.Connection, primary_id: str | None) -> list[float]:
+    """The metric of every successful run of a candidate: its own and its repeats', in run order."""
+    if primary_id is None:
+        return []
+    rows = await _rows(
+        db,
+        "SELECT metric FROM experiments WHERE metric IS NOT NULL AND ("
+        f" (id = ? AND status IN ({','.join('?' * len(GOOD_RUN))}))"
+        " OR (repeat_of = ? AND status = 'measured')) ORDER BY seq",
+        (primary_id, *GOOD_RUN, primary_id),
+    )
+    return [r[0] for r in rows]
+
+
+async def _refresh_group(db: aiosqlite.Connection, primary_id: str) -> None:
+    """Recomputes the candidate's runs/mean/m2, its share of the loop's pooled noise, and the
+    loop's best metric when this candidate is the best (the best is the mean of all its runs)."""
+    values = await _group_values(db, primary_id)
+    row = await _rows(db, "SELECT loop_id, m2, runs FROM experiments WHERE id = ?", (primary_id,), first=True)
+    if not values:
+        return
+    m2 = sum_squares(values)
+    mean = sum(values) / len(values)
+    old_m2, old_dof = row["m2"] or 0.0, max(0, (row["runs"] or 1) - 1)
+    await db.execute(
+        "UPDATE experiments SET runs = ?, mean = ?, m2 = ? WHERE id = ?", (len(values), mean, m2, primary_id)
+    )
+    loop = await _rows(
+        db,
+        "SELECT noise_ss, noise_dof, best_experiment FROM loops WHERE id = ?",
+        (row["loop_id"],),
+        first=True,
+    )
+    ss = max(0.0, loop["noise_ss"] - old_m2 + m2)
+    dof = loop["noise_dof"] - old_dof + len(values) - 1
+    await db.execute(
+        "UPDATE loops SET noise_ss = ?, noise_dof = ?, noise_sd = ? WHERE id = ?",
+        (ss, dof, pooled(ss, dof), row["loop_id"]),
+    )
+    if loop["best_experiment"] == primary_id:
+        await db.execute("UPDATE loops SET best_metric = ? WHERE id = ?", (mean, row["loop_id"]))
+
+
+async def _settle(db: aiosqlite.Connection, primary_id: str) -> None:
+    """A confirming candidate whose repeat runs have all ended gets its verdict: the mean of its
+    runs against the best's mean, as the loop's rule says."""
+    exp = await _rows(
+        db, "SELECT loop_id, snapshot, status FROM experiments WHERE id = ?", (primary_id,), first=True
+    )
+    if exp is None or exp["status"] != Status.confirming:
+        return
+    repeats = await _rows(
+        db, "SELECT seq, status, reason FROM experiments WHERE repeat_of = ? ORDER BY seq", (primary_id,)
+    )
+    if any(r["status"] in ("queued", "running") for r in repeats):
+        return
+    loop = await _rows(db, "SELECT * FROM loops WHERE id = ?", (exp["loop_id"],), first=True)
+    config = msgspec.json.decode(loop["config"], type=LoopConfig)
+    rule = rule_of(config)
+    values = await _group_values(db, primary_id)
+    failed = next((r for r in repeats if r["status"] in ("crash", "timeout")), None)
+    if failed is not None:
+        why = f"run #{failed['seq']} of it ended {failed['status']}: {failed['reason']}"
+        decision = Decision(status=Verdict.discard, reason=f"not reproducible: {why}")
+    else:
+        incumbent = await _group_values(db, loop["best_experiment"]) or [loop["best_metric"]]
+        decision = _as_decision(_judge(config, rule, values, incumbent, loop["noise_sd"]))
+        if decision.status == Verdict.confirming:
+            decision = Decision(
+                status=Verdict.discard,
+                reason=f"confirmation incomplete: {len(values)} of {1 + rule.confirm_runs} runs succeeded",
+            )
+    finish_seq = loop["finished"] + 1
+    await _move(
+        db,
+        primary_id,
+        Status.confirming,
+        Status(decision.status),
+        reason=decision.reason[:2000],
+        finish_seq=finish_seq,
+        finished_at=time.time(),
+    )
+    await db.execute("UPDATE loops SET finished = ? WHERE id = ?", (finish_seq, exp["loop_id"]))
+    if decision.becomes_best:
+        await _make_best(db, exp["loop_id"], primary_id, exp["snapshot"], sum(values) / len(values))
 
 
 async def set_loop_state(store: Store, loop_id: str, action: str) -> tuple[str, list[str]]:
@@ -303,7 +595,7 @@ async def set_loop_state(store: Store, loop_id: str, action: str) -> tuple[str, 
             now = time.time()
             await db.execute(
                 "UPDATE experiments SET status = 'cancelled', reason = 'loop stopped', finished_at = ?"
-                " WHERE loop_id = ? AND status = 'queued'",
+                " WHERE loop_id = ? AND status IN ('queued', 'confirming')",
                 (now, loop_id),
             )
             rows = await _rows(

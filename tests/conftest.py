@@ -123,7 +123,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             exp = self.client.get(f"/v1/experiments/{exp_id}").json()
-            if exp["status"] not in ("queued", "running"):
+            if exp["status"] not in ("queued", "running", "confirming"):
                 return exp
             time.sleep(0.2)
         raise AssertionError(f"experiment {exp_id} did not finish in {timeout} s:\n{self.log()[-3000:]}")
@@ -132,7 +132,8 @@ class Server:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             loop = self.client.get(f"/v1/loops/{loop_id}").json()
-            if loop["counts"]["queued"] == 0 and loop["counts"]["running"] == 0:
+            counts = loop["counts"]
+            if counts["queued"] == 0 and counts["running"] == 0 and counts["confirming"] == 0:
                 return loop
             time.sleep(0.2)
         raise AssertionError(f"loop {loop_id} still busy after {timeout} s:\n{self.log()[-3000:]}")
