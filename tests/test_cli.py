@@ -228,3 +228,14 @@ def test_server_down_is_one_clear_line(tmp_path, via_env):
     assert proc.stderr.strip() == (
         f"Error: cannot reach Ratchet at {url}: connection refused — is `ratchet serve` running?"
     )
+
+
+def test_loop_create_with_an_acceptance_rule(server, tmp_path):
+    lid = create(server, tmp_path, "--acceptance", "confirm")
+    loop = server.wait_idle(lid)
+    assert loop["config"]["acceptance"]["rule"] == "confirm"
+    assert 3 <= loop["best_runs"] <= 16  # the baseline, its two noise runs, re-measurements
+    shown = ratchet(server, "loop", "show", "cli-tiny")
+    assert shown.exit_code == 0 and "measured" in shown.stdout, shown.output
+    bad = ratchet(server, "loop", "create", str(tmp_path / "loop"), "--acceptance", "lenient")
+    assert bad.exit_code == 2 and "lenient" in bad.output

@@ -36,6 +36,7 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
         "command": flags["command"],
         "max_experiments": flags["max_experiments"],
         "runtime": flags["runtime"],
+        "acceptance": {"rule": flags["acceptance"]} if flags["acceptance"] else None,
         "metric": {k: v for k, v in metric.items() if v is not None},
         "resources": {k: v for k, v in resources.items() if v is not None},
         "env": env,
@@ -70,6 +71,11 @@ def _env_pair(pair: str) -> tuple[str, str]:
 @click.option("--env", multiple=True, metavar="KEY=VALUE", help="environment for the workload; repeatable")
 @click.option("--max-experiments", type=int, metavar="N")
 @click.option("--runtime", type=click.Choice(["runc", "runsc"]))
+@click.option(
+    "--acceptance",
+    type=click.Choice(["strict", "confirm", "significant"]),
+    help="when a better-looking candidate is kept (see the README, 'Trusting the ledger')",
+)
 @click.option("-q", "--quiet", is_flag=True, help="print only the loop id")
 @pass_state
 def create(state: CliState, directory: Path, quiet: bool, **flags: Any) -> None:
