@@ -38,6 +38,7 @@ class Decision(msgspec.Struct, kw_only=True, frozen=True):
     status: Verdict
     reason: str
     becomes_best: bool = False
+    settled: Verdict | None = None  # a repeat run's: the verdict it completed for its candidate
 
 
 def improves(value: float, best: float, direction: str, min_delta: float) -> bool:

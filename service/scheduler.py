@@ -417,7 +417,10 @@ class Scheduler:
         )
         decision = await transitions.finish(self.store, exp.id, outcome, info)
         status = decision.status if decision else Status.cancelled
-        m.EXPERIMENTS.labels(loop=loop.name, status=str(status)).inc()
+        if status != Status.confirming:  # counted once its confirmation runs settle it
+            m.EXPERIMENTS.labels(loop=loop.name, status=str(status)).inc()
+        if decision is not None and decision.settled is not None:
+            m.EXPERIMENTS.labels(loop=loop.name, status=str(decision.settled)).inc()
         if result.workload_seconds is not None:
             m.DURATION.labels(loop=loop.name).observe(result.workload_seconds)
         if decision is not None:

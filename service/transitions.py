@@ -483,7 +483,9 @@ async def _finish_repeat(
         log_tail=info.log_tail,
     )
     await _refresh_group(db, primary_id)
-    await _settle(db, primary_id)
+    settled = await _settle(db, primary_id)
+    if settled is not None:
+        decision = msgspec.structs.replace(decision, settled=settled.status)
     return decision
 
 
@@ -537,19 +539,19 @@ async def _refresh_group(db: aiosqlite.Connection, primary_id: str) -> None:
         await db.execute("UPDATE loops SET best_metric = ? WHERE id = ?", (mean, row["loop_id"]))
 
 
-async def _settle(db: aiosqlite.Connection, primary_id: str) -> None:
+async def _settle(db: aiosqlite.Connection, primary_id: str) -> Decision | None:
     """A confirming candidate whose repeat runs have all ended gets its verdict: the mean of its
     runs against the best's mean, as the loop's rule says."""
     exp = await _rows(
         db, "SELECT loop_id, snapshot, status FROM experiments WHERE id = ?", (primary_id,), first=True
     )
     if exp is None or exp["status"] != Status.confirming:
-        return
+        return None
     repeats = await _rows(
         db, "SELECT seq, status, reason FROM experiments WHERE repeat_of = ? ORDER BY seq", (primary_id,)
     )
     if any(r["status"] in ("queued", "running") for r in repeats):
-        return
+        return None
     loop = await _rows(db, "SELECT * FROM loops WHERE id = ?", (exp["loop_id"],), first=True)
     config = msgspec.json.decode(loop["config"], type=LoopConfig)
     rule = rule_of(config)
@@ -579,6 +581,7 @@ async def _settle(db: aiosqlite.Connection, primary_id: str) -> None:
     await db.execute("UPDATE loops SET finished = ? WHERE id = ?", (finish_seq, exp["loop_id"]))
     if decision.becomes_best:
         await _make_best(db, exp["loop_id"], primary_id, exp["snapshot"], sum(values) / len(values))
+    return decision
 
 
 async def set_loop_state(store: Store, loop_id: str, action: str) -> tuple[str, list[str]]:

@@ -179,7 +179,7 @@ tr.best td { background: #eef8f1; }
 .b-crash, .b-failed { background: #c0392b; } .b-timeout { background: #e67e22; }
 .b-cancelled, .b-stopped { background: #6c7a89; } .b-error { background: #8e44ad; }
 .b-queued, .b-pending { background: #7986cb; } .b-running { background: #1e88e5; }
-.b-paused { background: #f1a208; }
+.b-paused { background: #f1a208; } .b-confirming { background: #26a69a; } .b-measured { background: #78909c; }
 .muted { color: var(--muted); }
 footer { padding: 0 24px 24px; color: var(--muted); font-size: 12px; }
 """

@@ -41,6 +41,8 @@ STATUS_STYLE = {
     "timeout": "magenta",
     "cancelled": "dim",
     "error": "bold red",
+    "confirming": "green",
+    "measured": "dim cyan",
 }
 
 
