@@ -238,7 +238,11 @@ async def queue_baseline(store: Store, loop_id: str) -> str:
         await _check_capacity(db, loop_id)
         row = await _rows(db, "SELECT root_snapshot FROM loops WHERE id = ?", (loop_id,), first=True)
         await _check_no_pending_baseline(db, loop_id)
-        return await _insert_experiment(db, loop_id, "baseline", "baseline (re-run)", None, row[0], None)
+        exp_id = await _insert_experiment(db, loop_id, "baseline", "baseline (re-run)", None, row[0], None)
+        config = await _rows(db, "SELECT config FROM loops WHERE id = ?", (loop_id,), first=True)
+        runs = rule_of(msgspec.json.decode(config[0], type=LoopConfig)).baseline_runs
+        await _queue_repeats(db, exp_id, runs - 1, "noise run")
+        return exp_id
 
 
 async def rerun(store: Store, exp_id: str, seed: int | None = None) -> str:
