@@ -225,7 +225,15 @@ def check_what_happened(prom: Prometheus) -> None:
     """Prometheus saw exactly the outcomes of `run_loop`, each under its own label value."""
     sel = f'loop="{LOOP}"'
     statuses = _by(prom, "status", f"ratchet_experiments_total{{{sel}}}")
-    assert statuses == {"keep": 2, "discard": 2, "crash": 2, "timeout": 1, "cancelled": 1, "error": 0}
+    assert statuses == {
+        "keep": 2,
+        "discard": 2,
+        "crash": 2,
+        "timeout": 1,
+        "cancelled": 1,
+        "error": 0,
+        "measured": 0,
+    }
     failures = _by(prom, "reason", f"ratchet_experiment_failures_total{{{sel}}} > 0")
     assert failures == {"exit_nonzero": 1, "oom": 1, "timeout": 1}, failures
     kills = _by(prom, "reason", "ratchet_sandbox_kills_total")
