@@ -9,14 +9,14 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import msgspec
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, Stream
-from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
-from . import candidates, history, transitions
+from . import candidates, history, tokens, transitions
 from .follow import follow_events, live_text
 from .ledger import LEDGER_STATUSES, header, row
 from .models import (
@@ -27,8 +27,12 @@ from .models import (
     LoopCreate,
     LoopView,
     RerunCreate,
+    Scope,
     SnapshotView,
     Status,
+    TokenCreate,
+    TokenCreated,
+    TokenView,
 )
 from .patches import CandidateError
 from .scheduler import LIVE_LOG_BYTES
@@ -40,6 +44,7 @@ __all__ = [
     "HealthController",
     "LoopController",
     "SnapshotController",
+    "TokenController",
     "exception_handlers",
 ]
 
@@ -47,6 +52,9 @@ log = logging.getLogger("ratchet.api")
 
 LoopId = Annotated[str, Parameter(pattern=r"^[0-9a-f]{16}$", description="loop id")]
 ExpId = Annotated[str, Parameter(pattern=r"^[0-9a-f]{16}$", description="experiment id")]
+# Route options read by service.auth: submitting needs the submit scope, on a loop the token may use.
+SUBMIT_TO_LOOP = {"scope": "submit", "loop": "path"}
+SUBMIT_TO_EXPERIMENTS_LOOP = {"scope": "submit", "loop": "experiment"}
 
 
 async def _loop(services: Services, loop_id: str) -> LoopView:
@@ -112,6 +120,7 @@ class LoopController(Controller):
         "/{loop_id:str}/baseline",
         status_code=HTTP_202_ACCEPTED,
         summary="Queue the unmodified baseline again",
+        opt=SUBMIT_TO_LOOP,
     )
     async def rerun_baseline(self, loop_id: LoopId, services: Services) -> ExperimentView:
         await _loop(services, loop_id)
@@ -123,6 +132,7 @@ class LoopController(Controller):
         "/{loop_id:str}/experiments",
         status_code=HTTP_202_ACCEPTED,
         summary="Submit a candidate (unified diff or whole files); 422 when refused",
+        opt=SUBMIT_TO_LOOP,
     )
     async def submit(self, loop_id: LoopId, data: CandidateCreate, services: Services) -> ExperimentView:
         loop = await _loop(services, loop_id)
@@ -139,9 +149,15 @@ class LoopController(Controller):
         services: Services,
         status: Annotated[list[Status] | None, Parameter(description="filter; repeat for several")] = None,
         after: Annotated[int, Parameter(ge=0, description="experiment number to start after")] = 0,
-        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+        limit: Annotated[int, Parameter(ge=1, description="page size, at most RATCHET_MAX_PAGE_SIZE")] = 100,
     ) -> ExperimentPage:
         await _loop(services, loop_id)
+        most = services.settings.max_page_size
+        if limit > most:
+            raise ValidationException(
+                f"limit={limit} is over the largest page of {most}; ask for at most {most} and follow"
+                " next_after (or raise RATCHET_MAX_PAGE_SIZE)"
+            )
         items = await services.store.list_experiments(loop_id, status, after, limit + 1)
         more = len(items) > limit
         items = items[:limit]
@@ -278,6 +294,7 @@ class ExperimentController(Controller):
             " like any other: re-running the current best is a discard unless it beats itself."
             " A re-run of a baseline is a baseline. 409 when the loop is stopped or full."
         ),
+        opt=SUBMIT_TO_EXPERIMENTS_LOOP,
     )
     async def rerun(
         self, exp_id: ExpId, services: Services, data: RerunCreate | None = None
@@ -319,9 +336,33 @@ class SnapshotController(Controller):
         )
 
 
+class TokenController(Controller):
+    path = "/v1/tokens"
+    tags = ["tokens"]
+    opt = {"scope": Scope.admin.value}
+
+    @post("/", status_code=HTTP_201_CREATED, summary="Create an API token; the secret is shown only here")
+    async def create(self, data: TokenCreate, services: Services) -> TokenCreated:
+        if Scope.admin in data.scopes and data.loops is not None:
+            raise CandidateError("an admin token may use every loop: leave out 'loops' or the admin scope")
+        return await tokens.create_token(services.store, data)
+
+    @get("/", summary="All API tokens (never their secrets)")
+    async def list_tokens(self, services: Services) -> list[TokenView]:
+        return await tokens.list_tokens(services.store)
+
+    @delete("/{token_id:str}", status_code=HTTP_204_NO_CONTENT, summary="Revoke a token, at once")
+    async def revoke(
+        self, token_id: Annotated[str, Parameter(pattern=r"^[0-9a-f]{16}$")], services: Services
+    ) -> None:
+        if not await tokens.delete_token(services.store, token_id):
+            raise NotFoundException(f"no token {token_id}; list tokens with GET /v1/tokens")
+
+
 class HealthController(Controller):
     path = "/"
     tags = ["health"]
+    opt = {"auth": "open"}
 
     @get("/healthz", summary="Liveness")
     async def healthz(self) -> Health:

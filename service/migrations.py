@@ -61,4 +61,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE experiments ADD COLUMN rerun_of TEXT REFERENCES experiments(id);
     ALTER TABLE experiments ADD COLUMN seed INTEGER;
     """,
+    # API tokens: only the SHA-256 of each secret is stored
+    """
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        hash TEXT NOT NULL UNIQUE,
+        scopes TEXT NOT NULL,
+        loops TEXT,
+        created_at REAL NOT NULL,
+        last_used_at REAL
+    );
+    """,
 ]
