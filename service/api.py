@@ -212,10 +212,13 @@ class LoopController(Controller):
         services: Services,
         status: Annotated[list[Status] | None, Parameter(description="filter; repeat for several")] = None,
         after: Annotated[int, Parameter(ge=0, description="experiment number to start after")] = 0,
-        limit: Annotated[int, Parameter(ge=1, description="page size, at most RATCHET_MAX_PAGE_SIZE")] = 100,
+        limit: Annotated[
+            int | None, Parameter(ge=1, description="page size (default 100), at most RATCHET_MAX_PAGE_SIZE")
+        ] = None,
     ) -> ExperimentPage:
         await _loop(services, loop_id)
         most = services.settings.max_page_size
+        limit = min(100, most) if limit is None else limit
         if limit > most:
             raise ValidationException(
                 f"limit={limit} is over the largest page of {most}; ask for at most {most} and follow"
