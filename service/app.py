@@ -80,9 +80,10 @@ def _lock_data_dir(data_dir: Path) -> int:
 
 
 def _log_auth(settings: Settings, mode: str) -> None:
-    if mode == "tokens":
-        bootstrap = "a bootstrap admin token is set" if settings.admin_token else "no RATCHET_ADMIN_TOKEN"
-        log.info("auth: bearer tokens (%s)", bootstrap)
+    if mode == "tokens" and settings.admin_token:
+        log.info("auth: bearer tokens; a bootstrap admin token is set")
+    elif mode == "tokens":
+        log.warning("auth: bearer tokens, no RATCHET_ADMIN_TOKEN: only tokens made earlier can log in")
     elif not is_loopback(settings.host):
         log.warning(
             "!!! AUTH IS OFF on %s (RATCHET_AUTH=none, RATCHET_AUTH_NONE_ON_NETWORK=1): anyone who can"

@@ -5,6 +5,7 @@ and 403 without the scope it needs; tokens restricted to loops, revocation, stor
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import secrets
 import sqlite3
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 from litestar.routes import HTTPRoute
 from test_api import make_loop
 
-from service.app import create_app
+from service.app import _log_auth, create_app
 from service.auth import auth_mode
 from service.cli import cli
 from service.settings import Settings, SettingsError
@@ -230,3 +231,13 @@ def test_serve_refuses_auth_none_on_a_network_address_without_opt_in(tmp_path):
     assert result.exit_code == 2 and "RATCHET_AUTH_NONE_ON_NETWORK" in result.output
     short = CliRunner().invoke(cli, ["serve", "--admin-token", "short", "--data-dir", str(tmp_path)])
     assert short.exit_code == 2 and "admin_token" in short.output
+
+
+def test_auth_none_on_a_network_address_is_logged_loudly(caplog):
+    caplog.set_level(logging.INFO, logger="ratchet")
+    _log_auth(Settings(host="0.0.0.0", auth="none", auth_none_on_network=True), "none")
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "AUTH IS OFF on 0.0.0.0" in caplog.text and "run code" in caplog.text
+    caplog.clear()
+    _log_auth(Settings(host="127.0.0.1"), "none")
+    assert [r.levelname for r in caplog.records] == ["INFO"]
