@@ -9,26 +9,32 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 import msgspec
-from litestar import Controller, Request, Response, get, post
+from litestar import Controller, Request, Response, delete, get, post
 from litestar.exceptions import HTTPException, NotFoundException, ValidationException
 from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import Operation
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent, Stream
-from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED
+from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
-from . import candidates, history, transitions
+from . import candidates, history, tokens, transitions
 from .follow import follow_events, live_text
 from .ledger import LEDGER_STATUSES, header, row
 from .models import (
     CandidateCreate,
+    ErrorBody,
     ExperimentPage,
     ExperimentView,
     Health,
     LoopCreate,
     LoopView,
     RerunCreate,
+    Scope,
     SnapshotView,
     Status,
+    TokenCreate,
+    TokenCreated,
+    TokenView,
 )
 from .patches import CandidateError
 from .scheduler import LIVE_LOG_BYTES
@@ -40,6 +46,7 @@ __all__ = [
     "HealthController",
     "LoopController",
     "SnapshotController",
+    "TokenController",
     "exception_handlers",
 ]
 
@@ -47,6 +54,46 @@ log = logging.getLogger("ratchet.api")
 
 LoopId = Annotated[str, Parameter(pattern=r"^[0-9a-f]{16}$", description="loop id")]
 ExpId = Annotated[str, Parameter(pattern=r"^[0-9a-f]{16}$", description="experiment id")]
+# Route options read by service.auth: submitting needs the submit scope, on a loop the token may use.
+SUBMIT_TO_LOOP = {"scope": "submit", "loop": "path"}
+SUBMIT_TO_EXPERIMENTS_LOOP = {"scope": "submit", "loop": "experiment"}
+
+
+_ERRORS = {
+    400: "malformed request: `detail` and `errors` name the field",
+    401: "no valid bearer token (only when the service runs with auth tokens)",
+    403: "the token lacks the scope this needs, or may not use this loop",
+    404: "no such resource",
+    409: "conflicts with the current state (a stopped or full loop, a finished experiment)",
+    413: "the body is over RATCHET_MAX_BODY_BYTES",
+    422: "refused: `detail` says what to fix; nothing was stored",
+    503: "a tool the service needs is missing",
+}
+
+
+def errors(*codes: int) -> dict[int, ResponseSpec]:
+    """OpenAPI entries for the error answers of a route; every route may answer 400, 401 and 403."""
+    return {
+        code: ResponseSpec(data_container=ErrorBody, description=_ERRORS[code], generate_examples=False)
+        for code in (400, 401, 403, *codes)
+    }
+
+
+class _LogsOperation(Operation):
+    """The log answers as plain text, or with ?follow=true as an event stream: document both."""
+
+    def to_schema(self) -> dict[str, object]:
+        schema = super().to_schema()
+        event = {
+            "type": "object",
+            "properties": {
+                "event": {"type": "string", "enum": ["message", "end"]},
+                "data": {"type": "string", "description": "output, or the final status for `end`"},
+            },
+            "required": ["data"],
+        }
+        schema["responses"]["200"]["content"]["text/event-stream"] = {"itemSchema": event}
+        return schema
 
 
 async def _loop(services: Services, loop_id: str) -> LoopView:
@@ -67,7 +114,12 @@ class LoopController(Controller):
     path = "/v1/loops"
     tags = ["loops"]
 
-    @post("/", status_code=HTTP_201_CREATED, summary="Create a loop and queue its baseline")
+    @post(
+        "/",
+        status_code=HTTP_201_CREATED,
+        summary="Create a loop and queue its baseline",
+        responses=errors(409, 413, 422),
+    )
     async def create(self, data: LoopCreate, services: Services) -> LoopView:
         loop_id, _ = await candidates.create_loop(
             data, services.settings, services.store, services.snapshots, services.sandbox, len(services.gpus)
@@ -75,11 +127,15 @@ class LoopController(Controller):
         services.scheduler.wake()
         return await _loop(services, loop_id)
 
-    @get("/", summary="All loops")
+    @get("/", summary="All loops", responses=errors())
     async def list_loops(self, services: Services) -> list[LoopView]:
         return await services.store.list_loops()
 
-    @get("/{loop_id:str}", summary="One loop: state, best metric and snapshot, counts per status")
+    @get(
+        "/{loop_id:str}",
+        summary="One loop: state, best metric and snapshot, counts per status",
+        responses=errors(404),
+    )
     async def show(self, loop_id: LoopId, services: Services) -> LoopView:
         return await _loop(services, loop_id)
 
@@ -94,16 +150,25 @@ class LoopController(Controller):
         "/{loop_id:str}/pause",
         status_code=HTTP_200_OK,
         summary="Start nothing new; running experiments finish",
+        responses=errors(404, 409),
     )
     async def pause(self, loop_id: LoopId, services: Services) -> LoopView:
         return await self._control(services, loop_id, "pause")
 
-    @post("/{loop_id:str}/resume", status_code=HTTP_200_OK, summary="Dispatch queued experiments again")
+    @post(
+        "/{loop_id:str}/resume",
+        status_code=HTTP_200_OK,
+        summary="Dispatch queued experiments again",
+        responses=errors(404, 409),
+    )
     async def resume(self, loop_id: LoopId, services: Services) -> LoopView:
         return await self._control(services, loop_id, "resume")
 
     @post(
-        "/{loop_id:str}/stop", status_code=HTTP_200_OK, summary="Cancel queued and running experiments; final"
+        "/{loop_id:str}/stop",
+        status_code=HTTP_200_OK,
+        summary="Cancel queued and running experiments; final",
+        responses=errors(404, 409),
     )
     async def stop(self, loop_id: LoopId, services: Services) -> LoopView:
         return await self._control(services, loop_id, "stop")
@@ -112,6 +177,8 @@ class LoopController(Controller):
         "/{loop_id:str}/baseline",
         status_code=HTTP_202_ACCEPTED,
         summary="Queue the unmodified baseline again",
+        responses=errors(404, 409),
+        opt=SUBMIT_TO_LOOP,
     )
     async def rerun_baseline(self, loop_id: LoopId, services: Services) -> ExperimentView:
         await _loop(services, loop_id)
@@ -123,6 +190,8 @@ class LoopController(Controller):
         "/{loop_id:str}/experiments",
         status_code=HTTP_202_ACCEPTED,
         summary="Submit a candidate (unified diff or whole files); 422 when refused",
+        responses=errors(404, 409, 413, 422),
+        opt=SUBMIT_TO_LOOP,
     )
     async def submit(self, loop_id: LoopId, data: CandidateCreate, services: Services) -> ExperimentView:
         loop = await _loop(services, loop_id)
@@ -132,22 +201,40 @@ class LoopController(Controller):
         services.scheduler.wake()
         return await _experiment(services, exp_id)
 
-    @get("/{loop_id:str}/experiments", summary="Experiments of a loop in submission order, paginated")
+    @get(
+        "/{loop_id:str}/experiments",
+        summary="Experiments of a loop in submission order, paginated",
+        responses=errors(404),
+    )
     async def experiments(
         self,
         loop_id: LoopId,
         services: Services,
         status: Annotated[list[Status] | None, Parameter(description="filter; repeat for several")] = None,
         after: Annotated[int, Parameter(ge=0, description="experiment number to start after")] = 0,
-        limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
+        limit: Annotated[
+            int | None, Parameter(ge=1, description="page size (default 100), at most RATCHET_MAX_PAGE_SIZE")
+        ] = None,
     ) -> ExperimentPage:
         await _loop(services, loop_id)
+        most = services.settings.max_page_size
+        limit = min(100, most) if limit is None else limit
+        if limit > most:
+            raise ValidationException(
+                f"limit={limit} is over the largest page of {most}; ask for at most {most} and follow"
+                " next_after (or raise RATCHET_MAX_PAGE_SIZE)"
+            )
         items = await services.store.list_experiments(loop_id, status, after, limit + 1)
         more = len(items) > limit
         items = items[:limit]
         return ExperimentPage(items=items, next_after=items[-1].number if more else None)
 
-    @get("/{loop_id:str}/results.tsv", media_type="text/tab-separated-values", summary="The ledger")
+    @get(
+        "/{loop_id:str}/results.tsv",
+        media_type="text/tab-separated-values",
+        summary="The ledger",
+        responses=errors(404),
+    )
     async def results(self, loop_id: LoopId, services: Services) -> Stream:
         loop = await _loop(services, loop_id)
 
@@ -172,6 +259,7 @@ class LoopController(Controller):
         "/{loop_id:str}/history.bundle",
         media_type="application/octet-stream",
         summary="The accepted history as a git bundle: baseline, then one commit per keep",
+        responses=errors(404, 409, 503),
         description=(
             "Branch `ratchet/<loop name>`: the baseline is the root commit, then one commit per kept"
             " experiment in finishing order (message: description, blank line, metric lines). Clone it"
@@ -209,7 +297,7 @@ class LoopController(Controller):
             headers={"Content-Disposition": f'attachment; filename="{loop.name}.bundle"'},
         )
 
-    @get("/{loop_id:str}/snapshots", summary="Accepted snapshots, newest first")
+    @get("/{loop_id:str}/snapshots", summary="Accepted snapshots, newest first", responses=errors(404))
     async def snapshots(self, loop_id: LoopId, services: Services) -> list[SnapshotView]:
         await _loop(services, loop_id)
         return await services.store.accepted_snapshots(loop_id)
@@ -219,7 +307,11 @@ class ExperimentController(Controller):
     path = "/v1/experiments"
     tags = ["experiments"]
 
-    @get("/{exp_id:str}", summary="One experiment with metrics and a log tail (live while it runs)")
+    @get(
+        "/{exp_id:str}",
+        summary="One experiment with metrics and a log tail (live while it runs)",
+        responses=errors(404),
+    )
     async def show(self, exp_id: ExpId, services: Services) -> ExperimentView:
         exp = await _experiment(services, exp_id)
         live = services.scheduler.live_log(exp_id) if exp.status is Status.running else None
@@ -242,8 +334,10 @@ class ExperimentController(Controller):
                 media_type="text/plain",
                 description="the log; with follow=true a text/event-stream instead",
                 generate_examples=False,
-            )
+            ),
+            **errors(404),
         },
+        operation_class=_LogsOperation,
     )
     async def logs(
         self,
@@ -264,7 +358,12 @@ class ExperimentController(Controller):
             data, media_type="text/plain; charset=utf-8", headers={"X-Ratchet-Status": exp.status.value}
         )
 
-    @get("/{exp_id:str}/diff", media_type="text/x-diff", summary="The candidate's diff against its parent")
+    @get(
+        "/{exp_id:str}/diff",
+        media_type="text/x-diff",
+        summary="The candidate's diff against its parent",
+        responses=errors(404),
+    )
     async def diff(self, exp_id: ExpId, services: Services) -> Response[str]:
         await _experiment(services, exp_id)
         return Response(await services.store.get_diff(exp_id) or "", media_type="text/x-diff; charset=utf-8")
@@ -273,11 +372,13 @@ class ExperimentController(Controller):
         "/{exp_id:str}/rerun",
         status_code=HTTP_202_ACCEPTED,
         summary="Queue the identical snapshot again (optional seed, passed as RATCHET_SEED)",
+        responses=errors(404, 409, 413),
         description=(
             "The new experiment has the same parent, snapshot and diff, `rerun_of` set, and is judged"
             " like any other: re-running the current best is a discard unless it beats itself."
             " A re-run of a baseline is a baseline. 409 when the loop is stopped or full."
         ),
+        opt=SUBMIT_TO_EXPERIMENTS_LOOP,
     )
     async def rerun(
         self, exp_id: ExpId, services: Services, data: RerunCreate | None = None
@@ -291,6 +392,7 @@ class ExperimentController(Controller):
         "/{exp_id:str}/cancel",
         status_code=HTTP_200_OK,
         summary="Cancel a queued, running or confirming experiment",
+        responses=errors(404, 409),
     )
     async def cancel(self, exp_id: ExpId, services: Services) -> ExperimentView:
         exp = await _experiment(services, exp_id)
@@ -308,6 +410,7 @@ class SnapshotController(Controller):
         "/{snapshot_id:str}/archive",
         media_type="application/gzip",
         summary="The whole workspace of a snapshot as .tar.gz",
+        responses=errors(404),
     )
     async def archive(
         self, snapshot_id: Annotated[str, Parameter(pattern=r"^[0-9a-f]{64}$")], services: Services
@@ -323,15 +426,55 @@ class SnapshotController(Controller):
         )
 
 
+class TokenController(Controller):
+    path = "/v1/tokens"
+    tags = ["tokens"]
+    opt = {"scope": Scope.admin.value}
+
+    @post(
+        "/",
+        status_code=HTTP_201_CREATED,
+        summary="Create an API token; the secret is shown only here",
+        responses=errors(413, 422),
+    )
+    async def create(self, data: TokenCreate, services: Services) -> TokenCreated:
+        if Scope.admin in data.scopes and data.loops is not None:
+            raise CandidateError("an admin token may use every loop: leave out 'loops' or the admin scope")
+        return await tokens.create_token(services.store, data)
+
+    @get("/", summary="All API tokens (never their secrets)", responses=errors())
+    async def list_tokens(self, services: Services) -> list[TokenView]:
+        return await tokens.list_tokens(services.store)
+
+    @delete(
+        "/{token_id:str}",
+        status_code=HTTP_204_NO_CONTENT,
+        summary="Revoke a token, at once",
+        responses=errors(404),
+    )
+    async def revoke(
+        self, token_id: Annotated[str, Parameter(pattern=r"^[0-9a-f]{16}$")], services: Services
+    ) -> None:
+        if not await tokens.delete_token(services.store, token_id):
+            raise NotFoundException(f"no token {token_id}; list tokens with GET /v1/tokens")
+
+
 class HealthController(Controller):
     path = "/"
     tags = ["health"]
+    opt = {"auth": "open"}
 
     @get("/healthz", summary="Liveness")
     async def healthz(self) -> Health:
         return Health(status="ok")
 
-    @get("/readyz", summary="Readiness: the database answers and the container engine pings")
+    @get(
+        "/readyz",
+        summary="Readiness: the database answers and the container engine pings",
+        responses={
+            503: ResponseSpec(data_container=Health, description="not ready", generate_examples=False)
+        },
+    )
     async def readyz(self, services: Services) -> Response[Health]:
         db = await services.store.ping()
         engine = await asyncio.to_thread(services.sandbox.ping)

@@ -25,8 +25,10 @@ from .api import (
     HealthController,
     LoopController,
     SnapshotController,
+    TokenController,
     exception_handlers,
 )
+from .auth import SECURITY, SECURITY_COMPONENTS, Authenticator, is_loopback
 from .gpus import detect_gpus
 from .livelog import on_exit_signals
 from .scheduler import Scheduler
@@ -49,6 +51,7 @@ log = logging.getLogger("ratchet")
 class MetricsController(PrometheusController):
     path = "/metrics"
     include_in_schema = False
+    opt = {"auth": "metrics"}
 
 
 def _instance_id(data_dir: Path) -> str:
@@ -76,6 +79,21 @@ def _lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
+def _log_auth(settings: Settings, mode: str) -> None:
+    if mode == "tokens" and settings.admin_token:
+        log.info("auth: bearer tokens; a bootstrap admin token is set")
+    elif mode == "tokens":
+        log.warning("auth: bearer tokens, no RATCHET_ADMIN_TOKEN: only tokens made earlier can log in")
+    elif not is_loopback(settings.host):
+        log.warning(
+            "!!! AUTH IS OFF on %s (RATCHET_AUTH=none, RATCHET_AUTH_NONE_ON_NETWORK=1): anyone who can"
+            " reach this port can create loops and run code on this machine !!!",
+            settings.host,
+        )
+    else:
+        log.info("auth: none (loopback %s only); RATCHET_AUTH=tokens turns tokens on", settings.host)
+
+
 def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
     data_dir = Path(settings.data_dir)
     metrics.BUILD.info({"version": VERSION, "python": platform.python_version()})
@@ -99,10 +117,13 @@ def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
             stack.push_async_callback(scheduler.stop)
             stack.enter_context(on_exit_signals(scheduler.end_streams))
             log.info("ratchet %s ready: %r, data in %s", VERSION, scheduler, data_dir)
+            _log_auth(settings, guard.mode)
             yield
 
     def provide_services() -> Services:
         return holder["services"]
+
+    guard = Authenticator(settings, provide_services)
 
     prometheus = PrometheusConfig(
         app_name="ratchet", prefix="ratchet_http", group_path=True, exclude=["/metrics"]
@@ -112,6 +133,7 @@ def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
             LoopController,
             ExperimentController,
             SnapshotController,
+            TokenController,
             HealthController,
             MetricsController,
             ProgressController,
@@ -120,9 +142,15 @@ def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        guards=[guard],
         middleware=[prometheus.middleware],
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
-            title="Ratchet", version=VERSION, description=DESCRIPTION, path="/schema"
+            title="Ratchet",
+            version=VERSION,
+            description=DESCRIPTION,
+            path="/schema",
+            components=SECURITY_COMPONENTS,
+            security=SECURITY,
         ),
     )

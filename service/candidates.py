@@ -127,8 +127,9 @@ async def submit_candidate(
     total = sum(len(d) for d in child.values())
     if total > settings.max_workspace_bytes or len(child) > settings.max_workspace_files:
         raise CandidateError(
-            f"the edited workspace exceeds the limits ({settings.max_workspace_bytes} bytes, "
-            f"{settings.max_workspace_files} files)"
+            f"the edited workspace would hold {total} bytes in {len(child)} files; the limits are"
+            f" {settings.max_workspace_bytes} bytes (RATCHET_MAX_WORKSPACE_BYTES) and"
+            f" {settings.max_workspace_files} files (RATCHET_MAX_WORKSPACE_FILES): make the edit smaller"
         )
     execs = frozenset(e.path for e in parent_manifest.files if e.executable)
     diff = _unified(tree, child)

@@ -42,12 +42,21 @@ def cli(ctx: click.Context, url: str, token: str | None) -> None:
 @click.option("--runtime", type=click.Choice(["runc", "runsc"]), help="default container runtime")
 @click.option("--image", "default_image", help=f"default image (default {_DEFAULTS.default_image})")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--auth",
+    type=click.Choice(["none", "tokens"]),
+    help="bearer tokens or none (default: none on a loopback address, else tokens; env RATCHET_AUTH)",
+)
+@click.option("--admin-token", help="bootstrap admin token, 16+ characters (env RATCHET_ADMIN_TOKEN)")
 def serve(**flags: Any) -> None:
     """Run the HTTP service (SQLite + the local container engine)."""
     if flags.get("gpus") is not None:
         flags["gpus"] = [g.strip() for g in flags["gpus"].split(",") if g.strip()]
+    from .auth import auth_mode
+
     try:
         settings = load_settings(flags)
+        auth_mode(settings)
     except SettingsError as exc:
         click.echo(f"ratchet: {exc}", err=True)
         sys.exit(2)

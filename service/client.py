@@ -159,6 +159,23 @@ class RatchetClient:
     def archive(self, snapshot_id: str) -> bytes:
         return self._call("GET", f"/v1/snapshots/{snapshot_id}/archive").content
 
+    # -- tokens ------------------------------------------------------------------------------------
+
+    def create_token(
+        self, name: str, scopes: Iterable[str], loops: Iterable[str] | None = None
+    ) -> dict[str, Any]:
+        """A new token; its `secret` is in this answer only."""
+        body: dict[str, Any] = {"name": name, "scopes": list(scopes)}
+        if loops is not None:
+            body["loops"] = list(loops)
+        return self._call("POST", "/v1/tokens", json=body).json()
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/tokens").json()
+
+    def revoke_token(self, token_id: str) -> None:
+        self._call("DELETE", f"/v1/tokens/{token_id}")
+
     # -- experiments -------------------------------------------------------------------------------
 
     def submit(

@@ -73,4 +73,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE loops ADD COLUMN noise_sd REAL;
     CREATE INDEX experiments_repeats ON experiments(repeat_of) WHERE repeat_of IS NOT NULL;
     """,
+    # 4: API tokens: only the SHA-256 of each secret is stored
+    """
+    CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        hash TEXT NOT NULL UNIQUE,
+        scopes TEXT NOT NULL,
+        loops TEXT,
+        created_at REAL NOT NULL,
+        last_used_at REAL
+    );
+    """,
 ]

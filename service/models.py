@@ -13,6 +13,7 @@ __all__ = [
     "RUN_OVER",
     "AcceptanceSpec",
     "CandidateCreate",
+    "ErrorBody",
     "EvalMount",
     "EvaluateSpec",
     "ExperimentPage",
@@ -23,8 +24,12 @@ __all__ = [
     "MetricSpec",
     "RerunCreate",
     "Resources",
+    "Scope",
     "SnapshotView",
     "Status",
+    "TokenCreate",
+    "TokenCreated",
+    "TokenView",
     "Workspace",
 ]
 
@@ -242,3 +247,43 @@ class Health(msgspec.Struct, kw_only=True):
     database: bool | None = None
     engine: bool | None = None
     detail: str | None = None
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    """Every 4xx and 5xx answer: `detail` says what was wrong and how to fix it."""
+
+    status_code: int
+    detail: str
+    errors: list[dict[str, str]] | None = None  # for 400: one entry per offending field
+
+
+class Scope(StrEnum):
+    """What an API token may do. `admin` implies the others."""
+
+    read = "read"  # view loops, experiments, ledgers, snapshots, logs and pages
+    submit = "submit"  # submit candidates and re-runs (to the token's loops, if it names any)
+    admin = "admin"  # create and control loops, cancel experiments, manage tokens
+
+
+LoopRef = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+class TokenCreate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A new API token. `loops` (names or ids) restricts where it may submit; null: every loop."""
+
+    name: Name
+    scopes: Annotated[list[Scope], Meta(min_length=1, max_length=3)]
+    loops: Annotated[list[LoopRef], Meta(min_length=1, max_length=256)] | None = None
+
+
+class TokenView(msgspec.Struct, kw_only=True):
+    id: str
+    name: str
+    scopes: list[Scope]
+    loops: list[str] | None = None
+    created_at: float
+    last_used_at: float | None = None
+
+
+class TokenCreated(TokenView, kw_only=True):
+    secret: str  # shown only in this answer; only its hash is stored

@@ -34,6 +34,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     max_body_bytes: Annotated[int, Meta(ge=1024, le=1024**3)] = 16 * 1024 * 1024
     max_workspace_bytes: Annotated[int, Meta(ge=1024)] = 64 * 1024 * 1024
     max_workspace_files: Annotated[int, Meta(ge=1)] = 2000
+    # Largest page of GET /v1/loops/{id}/experiments (`limit`); clients page with `next_after`.
+    max_page_size: Annotated[int, Meta(ge=1, le=100_000)] = 1000
+    # "none": every caller may do everything; "tokens": bearer tokens with scopes.
+    # Default (None): "none" when bound to a loopback address, else "tokens".
+    auth: Literal["none", "tokens"] | None = None
+    # Opt-in to auth "none" on a non-loopback address: anyone who reaches the port can run code.
+    auth_none_on_network: bool = False
+    admin_token: Annotated[str, Meta(min_length=16, max_length=512)] | None = None  # bootstrap admin
+    metrics_auth: bool = False  # True: /metrics needs a token with the read scope
     instance: str | None = None  # labels this service's containers; default: kept in the data dir
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 

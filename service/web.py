@@ -17,7 +17,7 @@ from litestar import Controller, Response, get
 from litestar.exceptions import NotFoundException
 from litestar.response import Redirect
 
-from .api import LoopId
+from .api import LoopId, errors
 from .chart import Point, progress_svg
 from .models import ExperimentView, LoopView, Status
 from .services import Services
@@ -66,6 +66,7 @@ class ProgressController(Controller):
         "/{loop_id:str}/progress.svg",
         media_type="image/svg+xml",
         summary="The progress chart: metric per experiment, kept ones labelled, the running best",
+        responses=errors(404),
     )
     async def progress(self, loop_id: LoopId, services: Services) -> Response[str]:
         loop = await _loop(services, loop_id)

@@ -13,6 +13,8 @@ from .patches import CandidateError, check_path
 
 __all__ = ["WorkspaceError", "decode_workspace"]
 
+SMALLER = "leave out data and generated files (mount data for the evaluation instead) or raise"
+
 Tree = dict[str, bytes]
 
 
@@ -34,10 +36,15 @@ def decode_workspace(ws: Workspace, max_bytes: int, max_files: int) -> tuple[Tre
     if not tree:
         raise WorkspaceError("workspace is empty: give at least one file")
     if len(tree) > max_files:
-        raise WorkspaceError(f"workspace has {len(tree)} files; the limit is {max_files}")
+        raise WorkspaceError(
+            f"workspace has {len(tree)} files; the limit is {max_files}:"
+            f" {SMALLER} RATCHET_MAX_WORKSPACE_FILES"
+        )
     total = sum(len(d) for d in tree.values())
     if total > max_bytes:
-        raise WorkspaceError(f"workspace holds {total} bytes; the limit is {max_bytes}")
+        raise WorkspaceError(
+            f"workspace holds {total} bytes; the limit is {max_bytes}: {SMALLER} RATCHET_MAX_WORKSPACE_BYTES"
+        )
     return tree, execs
 
 
@@ -64,7 +71,8 @@ def _from_archive(b64: str, max_bytes: int, max_files: int) -> tuple[Tree, froze
                 total += member.size
                 if total > max_bytes or len(tree) >= max_files:
                     raise WorkspaceError(
-                        f"archive exceeds the workspace limits ({max_bytes} bytes, {max_files} files)"
+                        f"archive exceeds the workspace limits ({max_bytes} bytes, {max_files} files):"
+                        f" {SMALLER} RATCHET_MAX_WORKSPACE_BYTES / RATCHET_MAX_WORKSPACE_FILES"
                     )
                 fh = tar.extractfile(member)
                 tree[name] = fh.read() if fh else b""

@@ -6,9 +6,10 @@ import click
 
 from .experiments import diff, logs, submit
 from .loops import loop
+from .tokens import token
 from .watch import watch
 from .workspace import pull, results
 
 __all__ = ["COMMANDS"]
 
-COMMANDS: tuple[click.Command, ...] = (loop, submit, watch, logs, diff, results, pull)
+COMMANDS: tuple[click.Command, ...] = (loop, submit, watch, logs, diff, results, pull, token)
