@@ -19,7 +19,7 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 
 from sandbox import Sandbox
 
-from . import metrics
+from . import faults, metrics
 from .api import (
     ExperimentController,
     HealthController,
@@ -28,6 +28,7 @@ from .api import (
     exception_handlers,
 )
 from .gpus import detect_gpus
+from .integrity import DataDamaged, verify
 from .livelog import on_exit_signals
 from .scheduler import Scheduler
 from .services import Services
@@ -80,6 +81,7 @@ def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
     data_dir = Path(settings.data_dir)
     metrics.BUILD.info({"version": VERSION, "python": platform.python_version()})
     holder: dict[str, Services] = {}
+    faults.arm(settings.fault_point)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -91,6 +93,11 @@ def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
             await store.open()
             stack.push_async_callback(store.close)
             snapshots = SnapshotStore(data_dir / "blobs")
+            try:
+                await verify(store, snapshots, settings.verify_blobs)
+            except DataDamaged as exc:
+                log.error("refusing to start: %s", exc)
+                raise
             engine = sandbox or Sandbox(instance=instance)
             gpus = settings.gpus if settings.gpus is not None else detect_gpus()
             scheduler = Scheduler(settings, store, snapshots, engine, gpus)

@@ -61,4 +61,10 @@ MIGRATIONS: list[str] = [
     ALTER TABLE experiments ADD COLUMN rerun_of TEXT REFERENCES experiments(id);
     ALTER TABLE experiments ADD COLUMN seed INTEGER;
     """,
+    # 3: how many times an experiment was started, and when a retried one may start again
+    """
+    ALTER TABLE experiments ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE experiments ADD COLUMN not_before REAL;
+    UPDATE experiments SET attempts = 1 WHERE started_at IS NOT NULL;
+    """,
 ]

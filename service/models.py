@@ -179,6 +179,7 @@ class ExperimentView(msgspec.Struct, kw_only=True):
     log_tail: str | None = None
     rerun_of: str | None = None  # the experiment this one re-runs
     seed: int | None = None  # passed to the workload as RATCHET_SEED
+    attempts: int = 0  # times it was started: >1 after a restart or a container engine failure
 
 
 class RerunCreate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
