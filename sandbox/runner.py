@@ -289,7 +289,7 @@ class PreparedRun:
         except SandboxError as exc:
             self._kill()
             raise SandboxError(
-                f"the run's output stream ended while its container still ran ({exc})", "unreachable"
+                f"lost the run's output stream before the workload finished ({exc})", "unreachable"
             ) from exc
 
     def _collect(self, result: RunResult) -> None:

@@ -28,7 +28,7 @@ from .api import (
     exception_handlers,
 )
 from .gpus import detect_gpus
-from .integrity import DataDamaged, verify
+from .integrity import DataDamaged, open_verified
 from .livelog import on_exit_signals
 from .scheduler import Scheduler
 from .services import Services
@@ -90,11 +90,9 @@ def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
             stack.callback(os.close, _lock_data_dir(data_dir))
             instance = settings.instance or _instance_id(data_dir)
             store = Store(data_dir / "ratchet.db")
-            await store.open()
-            stack.push_async_callback(store.close)
             snapshots = SnapshotStore(data_dir / "blobs")
             try:
-                await verify(store, snapshots, settings.verify_blobs)
+                await open_verified(store, snapshots, settings.verify_blobs, stack)
             except DataDamaged as exc:
                 log.error("refusing to start: %s", exc)
                 raise

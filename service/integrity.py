@@ -10,12 +10,14 @@ names what is damaged and what to do, rather than running candidates against a b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sqlite3
 
 from .snapshots import SnapshotStore, decode_manifest
 from .store import Store
 
-__all__ = ["DataDamaged", "verify"]
+__all__ = ["DataDamaged", "open_verified", "verify"]
 
 log = logging.getLogger("ratchet.integrity")
 _LISTED = 10  # problems named in the message; the rest are counted
@@ -25,8 +27,26 @@ class DataDamaged(RuntimeError):
     """The data dir failed the start-up check; the message says what and how to go on."""
 
 
+async def open_verified(
+    store: Store, snapshots: SnapshotStore, mode: str, stack: contextlib.AsyncExitStack
+) -> None:
+    """Opens the store (closed by `stack`) and checks the data dir; DataDamaged when it fails."""
+    try:
+        await store.open()
+    except sqlite3.DatabaseError as exc:
+        raise DataDamaged(
+            f"the database {store.path} is damaged ({exc}). Restore it from a backup; the service will"
+            " not start on it"
+        ) from exc
+    stack.push_async_callback(store.close)
+    await verify(store, snapshots, mode)
+
+
 async def verify(store: Store, snapshots: SnapshotStore, mode: str) -> None:
-    problems = await store.quick_check()
+    try:
+        problems = await store.quick_check()
+    except sqlite3.DatabaseError as exc:
+        problems = [str(exc)]
     if problems:
         raise DataDamaged(
             f"the database {store.path} is damaged (PRAGMA quick_check: {'; '.join(problems[:_LISTED])})."
@@ -75,7 +95,7 @@ def _blob_problem(snapshots: SnapshotStore, blob: str, size: int, deep: bool) ->
     try:
         data = snapshots.get_blob(blob)
     except OSError as exc:
-        return f"cannot be read back ({exc})"
+        return str(exc).removeprefix(f"blob {blob} ")
     if len(data) != size:
         return f"holds {len(data)} bytes, not {size}"
     return None
