@@ -253,8 +253,9 @@ class Scheduler:
             kind = "container engine" if isinstance(exc, SandboxError) else "sandbox setup"
             m.ENGINE_ERRORS.labels(reason=m.engine_error_reason(exc)).inc()
             log.warning("experiment %s: %s failed: %s", exp.id, kind, exc)
-            if not await self._retry(exp.id, exc, f"{kind}: {exc}"):
-                await transitions.fail(self.store, exp.id, f"{kind}: {exc}")
+            reason = await self._retry(exp.id, exc, f"{kind}: {exc}")
+            if reason is not None:
+                await transitions.fail(self.store, exp.id, reason)
                 m.EXPERIMENTS.labels(loop=loop.name, status=Status.error.value).inc()
                 m.FAILURES.labels(loop=loop.name, reason="engine").inc()
         except Exception as exc:
@@ -275,21 +276,22 @@ class Scheduler:
                 m.OVERHEAD.labels(loop=slot.loop_name).observe(max(0.0, before) + max(0.0, after))
             self.wake()
 
-    async def _retry(self, exp_id: str, exc: Exception, reason: str) -> bool:
+    async def _retry(self, exp_id: str, exc: Exception, reason: str) -> str | None:
         """An engine that stopped answering broke this run, not the candidate: queue it again after a
-        back-off (doubling each time), up to `engine_retries` times; False once they are used up.
-        Its container may outlive the outage, so it is removed as soon as the engine answers."""
+        back-off (doubling each time), up to `engine_retries` times. Returns None when it was queued
+        again, else the reason to end it with as `error`. Its container may outlive the outage, so
+        it is removed as soon as the engine answers."""
         if not (isinstance(exc, SandboxError) and exc.reason == "unreachable"):
-            return False
+            return reason
         self._leftovers.append({LABEL_SANDBOX: self.sandbox.instance, "ratchet.experiment": exp_id})
         attempts = await self.store.attempts(exp_id)
         if attempts > self.settings.engine_retries:
-            return False
+            return f"{reason} (gave up after {attempts} attempts)"
         delay = self.settings.engine_backoff_s * 2 ** max(0, attempts - 1)
         tries = self.settings.engine_retries + 1
         note = f"{reason} (attempt {attempts} of {tries} failed; queued again, not before {delay:g} s)"
         await transitions.retry(self.store, exp_id, note, time.time() + delay)
-        return True
+        return None
 
     async def _sandbox_run(self, slot: _Slot, spec: RunSpec) -> RunResult:
         run = partial(

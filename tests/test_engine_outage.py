@@ -92,7 +92,7 @@ def test_engine_failures_end_as_error_after_the_retries(server_factory, docker_c
     exp = srv.wait_final(exp_id, timeout=120)
     assert exp["status"] == "error", exp  # the infrastructure failed, not the candidate
     assert exp["attempts"] == 3
-    assert "lost the run's output stream" in exp["reason"], exp
+    assert "lost the run's output stream" in exp["reason"] and "after 3 attempts" in exp["reason"], exp
     assert srv.client.get("/readyz").status_code == 200
     proxy.cut_attach_after = None
     again = _submit(srv, lid, 0.25)
