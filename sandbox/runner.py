@@ -45,6 +45,7 @@ _DONE = re.compile(rb"\n__RATCHET_DONE__ (-?\d+)\n")
 _DONE_TEXT = re.compile(r"\n__RATCHET_DONE__ -?\d+\n")
 _COLLECT_TIMEOUT_S = 30.0
 _EXIT_GRACE_S = 10.0
+_LOST_GRACE_S = 5.0
 
 
 class SandboxError(RuntimeError):
@@ -216,6 +217,8 @@ class PreparedRun:
             cancelled=outcome == "cancelled",
             timings=self.timings,
         )
+        if outcome == "exited":
+            self._check_stream_lost()
         if outcome == "done":
             self._collect(result)
             # stdout and stderr travel separately: drain what is still in flight until the
@@ -275,6 +278,19 @@ class PreparedRun:
                 tap.emit()
             if reported:
                 return "done"
+
+    def _check_stream_lost(self) -> None:
+        """The output stream ended without the gate's report. When the OOM killer takes PID 1 the
+        container ends with it; one still running lost its stream to the engine (restarted, or the
+        connection cut): that is the infrastructure failing, never a result of the workload."""
+        try:
+            with _engine("wait"):
+                self.sandbox.client.api.wait(self.container_id, timeout=_LOST_GRACE_S)
+        except SandboxError as exc:
+            self._kill()
+            raise SandboxError(
+                f"lost the run's output stream before the workload finished ({exc})", "unreachable"
+            ) from exc
 
     def _collect(self, result: RunResult) -> None:
         """Output files and peak memory, read while the gate keeps the container (and volume) alive."""

@@ -19,7 +19,7 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
 
 from sandbox import Sandbox
 
-from . import metrics
+from . import faults, metrics
 from .api import (
     ExperimentController,
     HealthController,
@@ -30,6 +30,7 @@ from .api import (
 )
 from .auth import SECURITY, SECURITY_COMPONENTS, Authenticator, is_loopback
 from .gpus import detect_gpus
+from .integrity import DataDamaged, open_verified
 from .livelog import on_exit_signals
 from .scheduler import Scheduler
 from .services import Services
@@ -98,6 +99,7 @@ def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
     data_dir = Path(settings.data_dir)
     metrics.BUILD.info({"version": VERSION, "python": platform.python_version()})
     holder: dict[str, Services] = {}
+    faults.arm(settings.fault_point)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -106,9 +108,12 @@ def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
             stack.callback(os.close, _lock_data_dir(data_dir))
             instance = settings.instance or _instance_id(data_dir)
             store = Store(data_dir / "ratchet.db")
-            await store.open()
-            stack.push_async_callback(store.close)
             snapshots = SnapshotStore(data_dir / "blobs")
+            try:
+                await open_verified(store, snapshots, settings.verify_blobs, stack)
+            except DataDamaged as exc:
+                log.error("refusing to start: %s", exc)
+                raise
             engine = sandbox or Sandbox(instance=instance)
             gpus = settings.gpus if settings.gpus is not None else detect_gpus()
             scheduler = Scheduler(settings, store, snapshots, engine, gpus)

@@ -11,7 +11,7 @@ import msgspec
 
 from sandbox import RUNSC_MIN_PIDS, Sandbox
 
-from . import transitions
+from . import faults, transitions
 from .evaluate import check_evaluate
 from .models import CandidateCreate, LoopConfig, LoopCreate, LoopView
 from .patches import CandidateError, apply_files, apply_patch
@@ -134,6 +134,7 @@ async def submit_candidate(
     execs = frozenset(e.path for e in parent_manifest.files if e.executable)
     diff = _unified(tree, child)
     manifest = await asyncio.to_thread(snapshots.put_tree, child, execs)
-    return await transitions.submit(
-        store, loop.id, body.description, parent, manifest.id, manifest.encode(), diff
-    )
+    with faults.scope("submit"):
+        return await transitions.submit(
+            store, loop.id, body.description, parent, manifest.id, manifest.encode(), diff
+        )

@@ -85,4 +85,10 @@ MIGRATIONS: list[str] = [
         last_used_at REAL
     );
     """,
+    # 5: how many times an experiment was started, and when a retried one may start again
+    """
+    ALTER TABLE experiments ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE experiments ADD COLUMN not_before REAL;
+    UPDATE experiments SET attempts = 1 WHERE started_at IS NOT NULL;
+    """,
 ]

@@ -219,6 +219,7 @@ class ExperimentView(msgspec.Struct, kw_only=True):
     repeat_of: str | None = None  # the candidate this run repeats (confirmation, noise or re-measure)
     runs: int | None = None  # a candidate's successful runs so far (its own and its repeats')
     mean: float | None = None  # the mean metric over those runs: what its verdict and the ledger use
+    attempts: int = 0  # times it was started: >1 after a restart or a container engine failure
 
 
 class RerunCreate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

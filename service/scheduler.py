@@ -32,8 +32,8 @@ from sandbox import (
 )
 from sandbox.options import WORKSPACE_DIR
 
+from . import faults, transitions
 from . import metrics as m
-from . import transitions
 from .decisions import Outcome
 from .evaluate import EVAL_SEPARATOR, TRAIN_OUTPUT, eval_tree, prefixed
 from .extract import Extracted, extract_metrics
@@ -90,6 +90,8 @@ class Scheduler:
         self._slots_changed = asyncio.Event()  # replaced on every set: each waiter sees one change
         self.streams_ending = False
         self.dispatched = 0
+        self._engine_up = True
+        self._leftovers: list[dict[str, str]] = []  # labels of containers to remove once the engine answers
         m.SLOTS_TOTAL.set(self.slots)
         m.SLOTS_BUSY.set(0)
 
@@ -130,6 +132,7 @@ class Scheduler:
             )
         except SandboxError as exc:
             log.warning("recover: could not clean up the previous run's containers: %s", exc)
+            self._leftovers.append({LABEL_SANDBOX: self.sandbox.instance})  # before anything runs
             removed = 0
         for exp_id in running:
             await transitions.requeue(self.store, exp_id)
@@ -168,8 +171,13 @@ class Scheduler:
         for name, depth in depths.items():
             m.track_loop(name)
             m.QUEUE_DEPTH.labels(loop=name).set(depth)
+        engine_checked = False
         while len(self._running) < self.slots and not self._stopping:
             heads = await self.store.queue_heads()
+            if heads and not engine_checked:
+                if not await self._engine_ready():
+                    return
+                engine_checked = True
             heads.sort(key=lambda h: self._rotation.get(h[0], 0.0))
             started = False
             for loop_id, exp_id in heads:
@@ -188,6 +196,8 @@ class Scheduler:
     async def _remeasure_when_idle(self) -> None:
         """A slot with nothing to run re-measures a loop's best (noise-aware loops), so the best
         so far is the mean of many runs rather than one lucky draw."""
+        if not self._engine_up:
+            return
         for loop_id in await self.store.loops_with_best():
             while len(self._running) < self.slots:
                 exp_id = await transitions.queue_remeasure(self.store, loop_id)
@@ -208,6 +218,32 @@ class Scheduler:
         if victim is not None and await self.store.queue_heads():
             log.info("re-measure %s gives its slot to queued work", victim.exp_id)
             await self.cancel(victim.exp_id, "preempted: queued work needed the slot")
+
+    async def _engine_ready(self) -> bool:
+        """Nothing is dispatched while the engine does not answer a ping: a run started now could
+        only fail, and the queue would drain into `error`. Containers that an outage left behind
+        are removed before anything new starts."""
+        up = await asyncio.to_thread(self.sandbox.ping)
+        if up != self._engine_up:
+            self._engine_up = up
+            if up:
+                log.info("the container engine answers again: dispatch resumes")
+            else:
+                log.warning("the container engine does not answer: dispatch paused")
+        return up and await self._remove_leftovers()
+
+    async def _remove_leftovers(self) -> bool:
+        pending, self._leftovers = self._leftovers, []
+        for labels in pending:
+            try:
+                removed = await asyncio.to_thread(self.sandbox.remove_labelled, labels)
+            except SandboxError as exc:
+                log.warning("could not remove containers left by an engine failure: %s", exc)
+                self._leftovers.append(labels)
+            else:
+                if removed:
+                    log.info("removed %d container(s)/volume(s) left by an engine failure", removed)
+        return not self._leftovers
 
     async def _dispatch(self, loop_id: str, exp_id: str) -> bool:
         loop = await self.store.get_loop(loop_id, counts=False)
@@ -237,6 +273,7 @@ class Scheduler:
     async def _run(self, slot: _Slot, exp: ExperimentView, loop: LoopView) -> None:
         result: RunResult | None = None
         try:
+            faults.point("run.preparing")
             spec, tree = await self._spec(exp, loop, slot.gpus)
             result = await self._sandbox_run(slot, spec)
             evaluation: RunResult | None = None
@@ -249,9 +286,11 @@ class Scheduler:
             kind = "container engine" if isinstance(exc, SandboxError) else "sandbox setup"
             m.ENGINE_ERRORS.labels(reason=m.engine_error_reason(exc)).inc()
             log.warning("experiment %s: %s failed: %s", exp.id, kind, exc)
-            await transitions.fail(self.store, exp.id, f"{kind}: {exc}")
-            m.EXPERIMENTS.labels(loop=loop.name, status=Status.error.value).inc()
-            m.FAILURES.labels(loop=loop.name, reason="engine").inc()
+            reason = await self._retry(exp.id, exc, f"{kind}: {exc}")
+            if reason is not None:
+                await transitions.fail(self.store, exp.id, reason)
+                m.EXPERIMENTS.labels(loop=loop.name, status=Status.error.value).inc()
+                m.FAILURES.labels(loop=loop.name, reason="engine").inc()
         except Exception as exc:
             log.exception("experiment %s: unexpected failure", exp.id)
             await transitions.fail(self.store, exp.id, f"internal error: {type(exc).__name__}: {exc}")
@@ -271,6 +310,23 @@ class Scheduler:
                 m.OVERHEAD.labels(loop=slot.loop_name).observe(max(0.0, before) + max(0.0, after))
             self.wake()
 
+    async def _retry(self, exp_id: str, exc: Exception, reason: str) -> str | None:
+        """An engine that stopped answering broke this run, not the candidate: queue it again after a
+        back-off (doubling each time), up to `engine_retries` times. Returns None when it was queued
+        again, else the reason to end it with as `error`. Its container may outlive the outage, so
+        it is removed as soon as the engine answers."""
+        if not (isinstance(exc, SandboxError) and exc.reason == "unreachable"):
+            return reason
+        self._leftovers.append({LABEL_SANDBOX: self.sandbox.instance, "ratchet.experiment": exp_id})
+        attempts = await self.store.attempts(exp_id)
+        if attempts > self.settings.engine_retries:
+            return f"{reason} (gave up after {attempts} attempts)"
+        delay = self.settings.engine_backoff_s * 2 ** max(0, attempts - 1)
+        tries = self.settings.engine_retries + 1
+        note = f"{reason} (attempt {attempts} of {tries} failed; queued again, not before {delay:g} s)"
+        await transitions.retry(self.store, exp_id, note, time.time() + delay)
+        return None
+
     async def _sandbox_run(self, slot: _Slot, spec: RunSpec) -> RunResult:
         run = partial(
             self.sandbox.run,
@@ -282,6 +338,7 @@ class Scheduler:
 
     def _attach(self, slot: _Slot, run: PreparedRun) -> None:
         slot.run = run
+        faults.point("run.prepared")
         if slot.cancel_requested:
             run.cancel()
 
@@ -327,6 +384,7 @@ class Scheduler:
                 "ratchet.loop": loop.id,
                 "ratchet.experiment": exp.id,
                 "ratchet.instance": self.sandbox.instance,
+                "ratchet.attempt": str(exp.attempts + 1),  # `exp` was read just before its start
             },
         )
         return spec, tree
@@ -415,7 +473,10 @@ class Scheduler:
             workload_seconds=result.workload_seconds,
             log_tail=tail,
         )
-        decision = await transitions.finish(self.store, exp.id, outcome, info)
+        faults.point("decide.before")
+        with faults.scope("decide"):
+            decision = await transitions.finish(self.store, exp.id, outcome, info)
+        faults.point("decide.after")
         status = decision.status if decision else Status.cancelled
         if status != Status.confirming:  # counted once its confirmation runs settle it
             m.EXPERIMENTS.labels(loop=loop.name, status=str(status)).inc()

@@ -45,6 +45,14 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     metrics_auth: bool = False  # True: /metrics needs a token with the read scope
     instance: str | None = None  # labels this service's containers; default: kept in the data dir
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # An experiment whose run the container engine broke is queued again this many times, after
+    # engine_backoff_s, then twice that, and so on; after that it ends as `error`.
+    engine_retries: Annotated[int, Meta(ge=0, le=100)] = 3
+    engine_backoff_s: Annotated[float, Meta(ge=0, le=3600)] = 5.0
+    # Start-up check of the snapshot blobs: "exists" (every referenced blob is there), "best" (and
+    # each loop's best and root snapshot hash right), "all" (every blob hashed), "off".
+    verify_blobs: Literal["off", "exists", "best", "all"] = "best"
+    fault_point: str | None = None  # tests only: see service/faults.py
 
     def with_overrides(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **changes)

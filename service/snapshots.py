@@ -2,7 +2,8 @@
 its manifest (sorted paths -> blob ids). A thousand one-line edits cost a thousand small blobs.
 
 Blobs are written to a temporary name, fsynced, renamed and the directory fsynced, so a row that
-points at a blob is only ever written after the blob is durable.
+points at a blob is only ever written after the blob is durable. `service.integrity` checks at
+start-up that every blob a row points at is there (and, for the snapshots that matter most, intact).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import zlib
 from pathlib import Path
 
 import msgspec
+
+from . import faults
 
 __all__ = ["Manifest", "SnapshotStore", "Tree"]
 
@@ -63,15 +66,21 @@ class SnapshotStore:
         path = self._blob_path(blob)
         if path.exists():
             return blob
-        path.parent.mkdir(exist_ok=True)
+        if not path.parent.exists():
+            path.parent.mkdir(exist_ok=True)
+            _fsync_dir(self.root)  # the new shard directory's entry must be as durable as the blob
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as fh:
             fh.write(zlib.compress(data, 6))
             fh.flush()
             os.fsync(fh.fileno())
+        faults.point("snapshot.blob_tmp")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         return blob
+
+    def blob_path(self, blob: str) -> Path:
+        return self._blob_path(blob)
 
     def get_blob(self, blob: str) -> bytes:
         try:

@@ -13,6 +13,7 @@ from typing import Any
 import aiosqlite
 import msgspec
 
+from . import faults
 from .migrations import MIGRATIONS
 from .models import ExperimentView, LoopConfig, LoopView, SnapshotView, Status
 
@@ -21,7 +22,7 @@ __all__ = ["Store"]
 _EXP_COLUMNS = (
     "id, loop_id, seq, kind, description, status, reason, parent, snapshot, metric, metrics,"
     " memory_gb, exit_code, gpus, created_at, started_at, finished_at, workload_seconds, rerun_of, seed,"
-    " repeat_of, runs, mean"
+    " repeat_of, runs, mean, attempts"
 )
 
 _LOOP_SELECT = (
@@ -56,6 +57,7 @@ def _experiment(row: aiosqlite.Row, log_tail: str | None = None) -> ExperimentVi
         repeat_of=row["repeat_of"],
         runs=row["runs"],
         mean=row["mean"],
+        attempts=row["attempts"],
     )
 
 
@@ -102,6 +104,7 @@ class Store:
             except BaseException:
                 await self._writer.execute("ROLLBACK")
                 raise
+            faults.scoped_point("before_commit")
             await self._writer.execute("COMMIT")
 
     async def _migrate(self) -> None:
@@ -292,16 +295,19 @@ class Store:
 
     async def queue_heads(self) -> list[tuple[str, str]]:
         """(loop_id, experiment_id) of the next dispatchable queued experiment of each active loop:
-        repeat runs (confirmations of a promising candidate, noise) first, then the oldest."""
+        repeat runs (confirmations of a promising candidate, noise) first, then the oldest (one
+        waiting out its retry back-off is not dispatchable yet)."""
         rows = await self._q(
             """
                 SELECT l.id, (
                     SELECT e.id FROM experiments e
                     WHERE e.loop_id = l.id AND e.status = 'queued'
                       AND (e.kind = 'baseline' OR l.baseline = 'ok')
+                      AND (e.not_before IS NULL OR e.not_before <= ?)
                     ORDER BY e.repeat_of IS NULL, e.seq LIMIT 1)
                 FROM loops l WHERE l.state = 'active'
-                """
+                """,
+            (time.time(),),
         )
         return [(r[0], r[1]) for r in rows if r[1] is not None]
 
@@ -323,6 +329,24 @@ class Store:
             "SELECT name, config, best_metric FROM loops WHERE best_metric IS NOT NULL ORDER BY created_at"
         )
         return [(r[0], msgspec.json.decode(r[1], type=LoopConfig).metric.name, r[2]) for r in rows]
+
+    async def attempts(self, exp_id: str) -> int:
+        row = await self._q("SELECT attempts FROM experiments WHERE id = ?", (exp_id,), one=True)
+        return row[0] if row else 0
+
+    async def quick_check(self) -> list[str]:
+        """SQLite's own consistency check of the database file; empty when it is sound."""
+        rows = await self._q("PRAGMA quick_check")
+        found = [r[0] for r in rows]
+        return [] if found == ["ok"] else found
+
+    async def snapshot_refs(self) -> list[aiosqlite.Row]:
+        """Every stored snapshot with its manifest, and the names of the loops whose root or best it
+        is (NULL for the others)."""
+        return await self._q(
+            "SELECT s.id, s.manifest, (SELECT group_concat(l.name, ', ') FROM loops l"
+            " WHERE l.best_snapshot = s.id OR l.root_snapshot = s.id) AS loops FROM snapshots s"
+        )
 
     async def running_ids(self) -> list[str]:
         rows = await self._q("SELECT id FROM experiments WHERE status = 'running'")

@@ -8,7 +8,8 @@ scheduler acts on it.
       │                  │                     └──cancel──> cancelled
       │                  ├──fail────────> error
       │                  ├──cancel──────> cancelled
-      │                  └──requeue─────> queued      (service restarted mid-run)
+      │                  ├──requeue─────> queued      (service restarted mid-run)
+      │                  └──retry───────> queued      (the engine failed; not before a back-off)
       └──cancel──> cancelled
 
 Noise-aware acceptance adds repeat runs (`repeat_of` = the candidate they repeat): the baseline's
@@ -44,6 +45,7 @@ __all__ = [
     "queue_remeasure",
     "requeue",
     "rerun",
+    "retry",
     "rule_of",
     "set_loop_state",
     "start",
@@ -276,14 +278,32 @@ async def rerun(store: Store, exp_id: str, seed: int | None = None) -> str:
 
 async def start(store: Store, exp_id: str, gpus: list[str]) -> bool:
     async with store.tx() as db:
-        return await _move(
+        moved = await _move(
             db, exp_id, Status.queued, Status.running, started_at=time.time(), gpus=",".join(gpus)
         )
+        if moved:
+            await db.execute("UPDATE experiments SET attempts = attempts + 1 WHERE id = ?", (exp_id,))
+        return moved
 
 
 async def requeue(store: Store, exp_id: str) -> bool:
     async with store.tx() as db:
         return await _move(db, exp_id, Status.running, Status.queued, started_at=None, gpus=None)
+
+
+async def retry(store: Store, exp_id: str, reason: str, not_before: float) -> bool:
+    """Back to the queue after an infrastructure failure; `reason` says why until it runs again."""
+    async with store.tx() as db:
+        return await _move(
+            db,
+            exp_id,
+            Status.running,
+            Status.queued,
+            started_at=None,
+            gpus=None,
+            reason=reason[:2000],
+            not_before=not_before,
+        )
 
 
 async def fail(store: Store, exp_id: str, reason: str, log_tail: str | None = None) -> bool:

@@ -133,3 +133,13 @@ def test_with_overrides_returns_a_new_settings():
     s = load_settings({}, {})
     t = s.with_overrides(port=1)
     assert (s.port, t.port) == (8080, 1)
+
+
+def test_fault_handling_settings():
+    env = {"RATCHET_ENGINE_RETRIES": "0", "RATCHET_ENGINE_BACKOFF_S": "0.5", "RATCHET_VERIFY_BLOBS": "all"}
+    s = load_settings({}, env)
+    assert (s.engine_retries, s.engine_backoff_s, s.verify_blobs, s.fault_point) == (0, 0.5, "all", None)
+    with pytest.raises(SettingsError, match="verify_blobs"):
+        load_settings({}, {"RATCHET_VERIFY_BLOBS": "sometimes"})
+    with pytest.raises(SettingsError, match="engine_retries"):
+        load_settings({}, {"RATCHET_ENGINE_RETRIES": "-1"})
