@@ -362,13 +362,15 @@ def spec(code: str) -> RunSpec:
     return RunSpec(image=SANDBOX_IMAGE, argv=["python3", "-c", code], limits=Limits(cpus=0.5), timeout_s=60)
 
 
+# stdout and stderr are separate pipes: their order is only kept when the writes are apart in time
+# (0.05 s was not enough on a machine with a load of 10)
 INTERLEAVED = """\
 import sys, time
 for i in range(6):
     print(f"out {i}", flush=True)
-    time.sleep(0.05)
+    time.sleep(0.15)
     print(f"err {i}", file=sys.stderr, flush=True)
-    time.sleep(0.05)
+    time.sleep(0.15)
 sys.stderr.write("no newline at the end")
 sys.stderr.flush()
 """
