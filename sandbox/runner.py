@@ -149,6 +149,7 @@ class PreparedRun:
         self._sock: Any = None
         self._raw: socket.socket | None = None
         self._cancel = threading.Event()
+        self._reports = _Reports()
         self._released = False
         self._lock = threading.Lock()
 
@@ -214,6 +215,7 @@ class PreparedRun:
             exit_code=None,
             timed_out=outcome == "timeout",
             cancelled=outcome == "cancelled",
+            exit_reported=outcome == "done",
             timings=self.timings,
         )
         if outcome == "done":
@@ -226,6 +228,9 @@ class PreparedRun:
         if tap is not None:
             tap.close()
         self._finish(result)
+        # The gate reports once. Another report means the workload wrote one itself to end its
+        # run early in the runner's eyes (and keep running past the hard deadline meanwhile).
+        result.report_forged = self._reports.count > 1
         text, marker = _strip_marker(logbuf.text())
         result.log = text
         result.log_bytes = max(0, logbuf.total - marker)
@@ -243,7 +248,6 @@ class PreparedRun:
         """Copy the attach stream into the log until the gate reports (if `until_marker`), the
         stream ends, the deadline passes or a cancel arrives."""
         assert self._raw is not None
-        stderr_tail = b""
         while True:
             if self._cancel.is_set():
                 self._kill()
@@ -268,9 +272,8 @@ class PreparedRun:
                 logbuf.write(payload)
                 if tap is not None:
                     tap.feed(stream, payload)
-                if until_marker and stream == 2 and not reported:
-                    stderr_tail = (stderr_tail + payload)[-96:]
-                    reported = _DONE.search(stderr_tail) is not None
+                if stream == 2 and self._reports.feed(payload):
+                    reported = until_marker
             if tap is not None:
                 tap.emit()
             if reported:
@@ -388,6 +391,23 @@ class _OutputTap:
         self.emit()
         if self.failures > 1:
             log.warning("run %s: output callback failed %d times", self._run_id, self.failures)
+
+
+class _Reports:
+    """Counts the gate's exit reports in the stderr stream, across reads and without double counting."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self.count = 0
+
+    def feed(self, payload: bytes) -> bool:
+        """True when `payload` completed at least one report."""
+        buf, end, found = self._buf + payload, 0, False
+        for match in _DONE.finditer(buf):
+            self.count += 1
+            end, found = match.end(), True
+        self._buf = buf[end:][-96:]
+        return found
 
 
 class _FrameReader:

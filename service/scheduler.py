@@ -371,6 +371,8 @@ class Scheduler:
             oom_killed=judged.oom_killed,
             timed_out=judged.timed_out,
             cancelled=judged.cancelled,
+            exit_reported=judged.exit_reported,
+            report_forged=judged.report_forged,
             metric=value,
             metric_problem=problem,
             timeout_s=timeout_s,
