@@ -45,6 +45,7 @@ _DONE = re.compile(rb"\n__RATCHET_DONE__ (-?\d+)\n")
 _DONE_TEXT = re.compile(r"\n__RATCHET_DONE__ -?\d+\n")
 _COLLECT_TIMEOUT_S = 30.0
 _EXIT_GRACE_S = 10.0
+_REPORT_GRACE_S = 1.0  # after the collection, for the gate to exit
 
 
 class SandboxError(RuntimeError):
@@ -222,8 +223,14 @@ class PreparedRun:
             self._collect(result)
             # stdout and stderr travel separately: drain what is still in flight until the
             # container closes the stream (the gate exits once told the output is collected).
-            grace = time.monotonic() + _EXIT_GRACE_S
+            # The report may be the workload's own: the hard deadline still holds, only moved
+            # past the end of the collection (after which the real gate exits at once).
+            now = time.monotonic()
+            late = max(deadline, now) + _REPORT_GRACE_S
+            grace = min(now + _EXIT_GRACE_S, late)
             if self._pump(frames, logbuf, grace, until_marker=False, tap=tap) == "timeout":
+                result.timed_out = time.monotonic() >= late
+                self.timings.finished = time.time()
                 log.warning("run %s: gate did not exit after collection; killed", self.run_id)
         if tap is not None:
             tap.close()
