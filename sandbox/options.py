@@ -6,7 +6,14 @@ from typing import Any
 
 from .spec import RunSpec
 
-__all__ = ["MOUNT_POINT", "OUTPUT_DIR", "WORKSPACE_DIR", "container_options", "volume_options"]
+__all__ = [
+    "MOUNT_POINT",
+    "OUTPUT_DIR",
+    "RUNSC_HOST_PIDS_PER_TASK",
+    "WORKSPACE_DIR",
+    "container_options",
+    "volume_options",
+]
 
 MOUNT_POINT = "/sandbox"
 WORKSPACE_DIR = f"{MOUNT_POINT}/workspace"
@@ -26,6 +33,10 @@ GATE_SCRIPT = (
     'exit "$code"'
 )
 DONE_MARKER = b"__RATCHET_DONE__"
+# Under gVisor the host's pids limit counts the sandbox kernel's own threads: a handful of busy
+# workload processes take over a hundred. The workload's own limit is then RLIMIT_NPROC, which
+# gVisor enforces inside the sandbox (under runc it would count every uid-1000 process of the host).
+RUNSC_HOST_PIDS_PER_TASK = 8
 
 
 def volume_options(spec: RunSpec, name: str, labels: dict[str, str]) -> dict[str, Any]:
@@ -52,6 +63,11 @@ def container_options(
 ) -> dict[str, Any]:
     """Keyword arguments for docker-py's `containers.create`; every limit is set, nothing inherited."""
     lim = spec.limits
+    pids_limit = lim.pids
+    ulimits = [{"Name": "nofile", "Soft": lim.nofile, "Hard": lim.nofile}]
+    if spec.runtime == "runsc":
+        pids_limit = lim.pids * RUNSC_HOST_PIDS_PER_TASK
+        ulimits.append({"Name": "nproc", "Soft": lim.pids, "Hard": lim.pids})
     opts: dict[str, Any] = {
         "image": spec.image,
         "entrypoint": ["/bin/sh", "-c", GATE_SCRIPT, "ratchet-gate"],
@@ -66,11 +82,11 @@ def container_options(
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges"],
         "ipc_mode": "private",
-        "pids_limit": lim.pids,
+        "pids_limit": pids_limit,
         "mem_limit": f"{lim.memory_mb}m",
         "memswap_limit": f"{lim.memory_mb}m",
         "nano_cpus": int(lim.cpus * 1e9),
-        "ulimits": [{"Name": "nofile", "Soft": lim.nofile, "Hard": lim.nofile}],
+        "ulimits": ulimits,
         "tmpfs": {"/tmp": f"size={lim.tmp_mb}m,mode=1777,nosuid,nodev"},
         "shm_size": f"{min(lim.tmp_mb, 64)}m",
         "volumes": {volume: {"bind": MOUNT_POINT, "mode": "rw"}},

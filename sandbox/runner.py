@@ -46,6 +46,7 @@ _DONE_TEXT = re.compile(r"\n__RATCHET_DONE__ -?\d+\n")
 _COLLECT_TIMEOUT_S = 30.0
 _EXIT_GRACE_S = 10.0
 _LOST_GRACE_S = 5.0
+_REPORT_GRACE_S = 1.0  # after the collection, for the gate to exit
 
 
 class SandboxError(RuntimeError):
@@ -150,6 +151,7 @@ class PreparedRun:
         self._sock: Any = None
         self._raw: socket.socket | None = None
         self._cancel = threading.Event()
+        self._reports = _Reports()
         self._released = False
         self._lock = threading.Lock()
 
@@ -215,6 +217,7 @@ class PreparedRun:
             exit_code=None,
             timed_out=outcome == "timeout",
             cancelled=outcome == "cancelled",
+            exit_reported=outcome == "done",
             timings=self.timings,
         )
         if outcome == "exited":
@@ -223,12 +226,21 @@ class PreparedRun:
             self._collect(result)
             # stdout and stderr travel separately: drain what is still in flight until the
             # container closes the stream (the gate exits once told the output is collected).
-            grace = time.monotonic() + _EXIT_GRACE_S
+            # The report may be the workload's own: the hard deadline still holds, only moved
+            # past the end of the collection (after which the real gate exits at once).
+            now = time.monotonic()
+            late = max(deadline, now) + _REPORT_GRACE_S
+            grace = min(now + _EXIT_GRACE_S, late)
             if self._pump(frames, logbuf, grace, until_marker=False, tap=tap) == "timeout":
+                result.timed_out = time.monotonic() >= late
+                self.timings.finished = time.time()
                 log.warning("run %s: gate did not exit after collection; killed", self.run_id)
         if tap is not None:
             tap.close()
         self._finish(result)
+        # The gate reports once. Another report means the workload wrote one itself to end its
+        # run early in the runner's eyes (and keep running past the hard deadline meanwhile).
+        result.report_forged = self._reports.count > 1
         text, marker = _strip_marker(logbuf.text())
         result.log = text
         result.log_bytes = max(0, logbuf.total - marker)
@@ -246,7 +258,6 @@ class PreparedRun:
         """Copy the attach stream into the log until the gate reports (if `until_marker`), the
         stream ends, the deadline passes or a cancel arrives."""
         assert self._raw is not None
-        stderr_tail = b""
         while True:
             if self._cancel.is_set():
                 self._kill()
@@ -271,9 +282,8 @@ class PreparedRun:
                 logbuf.write(payload)
                 if tap is not None:
                     tap.feed(stream, payload)
-                if until_marker and stream == 2 and not reported:
-                    stderr_tail = (stderr_tail + payload)[-96:]
-                    reported = _DONE.search(stderr_tail) is not None
+                if stream == 2 and self._reports.feed(payload):
+                    reported = until_marker
             if tap is not None:
                 tap.emit()
             if reported:
@@ -404,6 +414,23 @@ class _OutputTap:
         self.emit()
         if self.failures > 1:
             log.warning("run %s: output callback failed %d times", self._run_id, self.failures)
+
+
+class _Reports:
+    """Counts the gate's exit reports in the stderr stream, across reads and without double counting."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self.count = 0
+
+    def feed(self, payload: bytes) -> bool:
+        """True when `payload` completed at least one report."""
+        buf, end, found = self._buf + payload, 0, False
+        for match in _DONE.finditer(buf):
+            self.count += 1
+            end, found = match.end(), True
+        self._buf = buf[end:][-96:]
+        return found
 
 
 class _FrameReader:

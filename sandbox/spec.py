@@ -142,6 +142,11 @@ class RunResult(msgspec.Struct, kw_only=True):
     oom_killed: bool = False
     timed_out: bool = False
     cancelled: bool = False
+    # The gate reported the workload's exit status. False with none of the flags above: the
+    # container died around its PID 1 (e.g. gVisor's sandbox reaching the pids limit).
+    exit_reported: bool = False
+    # More than one exit report arrived: the workload wrote one itself (see runner._Reports).
+    report_forged: bool = False
     log: str = ""
     log_bytes: int = 0  # bytes the workload wrote, kept or not
     log_truncated: bool = False

@@ -524,6 +524,13 @@ def _http(request: Request, exc: HTTPException) -> Response[dict[str, object]]:
     return Response(body, status_code=exc.status_code, headers=exc.headers)
 
 
+def _bad_encoding(request: Request, exc: UnicodeDecodeError) -> Response[dict[str, object]]:
+    # msgspec raises this (not a decode error) for invalid UTF-8 inside a JSON string of the body
+    if request.method in ("POST", "PUT", "PATCH") and isinstance(exc.object, bytes):
+        return _error(request, 400, f"request body is not valid UTF-8 (byte {exc.start}): send UTF-8 JSON")
+    return _internal(request, exc)
+
+
 def _internal(request: Request, exc: Exception) -> Response[dict[str, object]]:
     # A bug, not bad input: keep the traceback in the service log, never in the response.
     log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
@@ -537,5 +544,6 @@ exception_handlers = {
     history.GitMissing: _git_missing,
     ValidationException: _validation,
     HTTPException: _http,
+    UnicodeDecodeError: _bad_encoding,
     Exception: _internal,
 }

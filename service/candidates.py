@@ -55,6 +55,9 @@ async def create_loop(
             f"resources.pids={config.resources.pids} is too low for runsc, whose own threads count"
             f" against the limit; use at least {RUNSC_MIN_PIDS}"
         )
+    low, high = config.metric.min_value, config.metric.max_value
+    if low is not None and high is not None and not low < high:
+        raise CandidateError(f"metric.min_value ({low:g}) must be below metric.max_value ({high:g})")
     if config.timeout_s is not None and config.timeout_s < config.time_budget_s:
         raise CandidateError(
             "timeout_s must be at least time_budget_s (it is the hard kill after the budget)"

@@ -32,6 +32,8 @@ class Outcome(msgspec.Struct, kw_only=True, frozen=True):
     timeout_s: float = 0.0
     memory_mb: int = 0
     phase: str | None = None  # "evaluation" when this is the trusted evaluation's outcome
+    exit_reported: bool = True  # False: the container died around the gate (no exit status of its own)
+    report_forged: bool = False  # the workload wrote the gate's end-of-run report itself
 
 
 class Decision(msgspec.Struct, kw_only=True, frozen=True):
@@ -90,6 +92,17 @@ def _decide(
         )
     if outcome.oom_killed:
         return Decision(status=Verdict.crash, reason=f"out of memory (limit {outcome.memory_mb} MB)")
+    if outcome.report_forged:
+        return Decision(
+            status=Verdict.crash,
+            reason="the workload wrote the sandbox's end-of-run report itself (forged); not judged",
+        )
+    if outcome.exit_code != 0 and not outcome.exit_reported:
+        return Decision(
+            status=Verdict.crash,
+            reason=f"the sandbox died before the workload's exit was reported (container exit code"
+            f" {outcome.exit_code}); under runsc that is what reaching the pids limit looks like",
+        )
     if outcome.exit_code != 0:
         return Decision(status=Verdict.crash, reason=f"exited with code {outcome.exit_code}")
     value = outcome.metric

@@ -9,7 +9,7 @@ import re
 
 import msgspec
 
-__all__ = ["Extracted", "extract_metrics"]
+__all__ = ["Extracted", "extract_metrics", "implausible"]
 
 _KV = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_.\-/]*)\s*:\s*(\S+)\s*$")
 MAX_METRICS = 64
@@ -81,3 +81,12 @@ def extract_metrics(log: str, metrics_json: bytes | None) -> Extracted:
 
 def finite(value: float | None) -> bool:
     return value is not None and math.isfinite(value)
+
+
+def implausible(name: str, value: float, low: float | None, high: float | None) -> str | None:
+    """Why a finite `value` cannot be believed: it lies outside the declared range [low, high]."""
+    if not math.isfinite(value) or ((low is None or value >= low) and (high is None or value <= high)):
+        return None
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}"
+    return f"{name} {value:g} is outside the loop's plausible range [{lo}, {hi}] (metric.min_value/max_value)"

@@ -47,6 +47,7 @@ FAILURE_REASONS = (
     "timeout",
     "missing_metric",
     "non_finite_metric",
+    "forged_report",
     "engine",
     "internal",
 )
@@ -131,6 +132,8 @@ def failure_reason(outcome: Outcome, unparsable: bool = False) -> str:
         return "timeout"
     if outcome.oom_killed:
         return "oom"
+    if outcome.report_forged:
+        return "forged_report"
     if outcome.exit_code != 0:
         return "exit_nonzero"
     if outcome.metric is None:

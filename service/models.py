@@ -88,6 +88,9 @@ class MetricSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     )
     direction: Literal["minimize", "maximize"] = "minimize"
     min_delta: Annotated[float, Meta(ge=0)] = 0.0
+    # The plausible range: a value outside it is a forged or broken metric (crash), never a keep.
+    min_value: float | None = None
+    max_value: float | None = None
 
 
 class Resources(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

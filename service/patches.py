@@ -39,7 +39,8 @@ def check_path(path: str) -> str:
     parts = path.split("/")
     if ".." in parts or "." in parts or "" in parts:
         raise CandidateError(f"{path!r}: '.', '..' and empty path segments are refused")
-    if ".git" in parts:
+    # Any case: a ".GIT" directory is ".git" on case-insensitive file systems (a history clone there)
+    if any(p.lower() == ".git" for p in parts):
         raise CandidateError(f"{path!r}: paths inside .git are refused")
     if not _PATH_OK.match(path):
         raise CandidateError(

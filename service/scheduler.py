@@ -36,7 +36,7 @@ from . import faults, transitions
 from . import metrics as m
 from .decisions import Outcome
 from .evaluate import EVAL_SEPARATOR, TRAIN_OUTPUT, eval_tree, prefixed
-from .extract import Extracted, extract_metrics
+from .extract import Extracted, extract_metrics, implausible
 from .gpus import GpuPool
 from .livelog import LiveLog
 from .models import ExperimentView, LoopConfig, LoopView, Status
@@ -448,6 +448,9 @@ class Scheduler:
             timeout_s = cfg.evaluate.timeout_s
         value = source.metrics.get(cfg.metric.name)
         problem = source.problem
+        spec = cfg.metric
+        if value is not None and (why := implausible(spec.name, value, spec.min_value, spec.max_value)):
+            value, problem = None, why
         if value is None and problem is None:
             bad = source.non_numeric.get(cfg.metric.name)
             where = "metrics.json" if source.source == "metrics.json" else "summary block"
@@ -461,6 +464,8 @@ class Scheduler:
             oom_killed=judged.oom_killed,
             timed_out=judged.timed_out,
             cancelled=judged.cancelled,
+            exit_reported=judged.exit_reported,
+            report_forged=judged.report_forged,
             metric=value,
             metric_problem=problem,
             timeout_s=timeout_s,
@@ -485,7 +490,7 @@ class Scheduler:
         if result.workload_seconds is not None:
             m.DURATION.labels(loop=loop.name).observe(result.workload_seconds)
         if decision is not None:
-            unparsable = cfg.metric.name in source.non_numeric
+            unparsable = cfg.metric.name in source.non_numeric or cfg.metric.name in source.metrics
             failure = m.failure_reason(outcome, unparsable) if decision.status in m.FAILED else None
             await self._observe_decided(loop, exp.id, failure)
         log.info(

@@ -107,6 +107,7 @@ def test_loop_refusals(server):
         ({"name": "bad name!"}, 400),
         ({"metric": {"name": "val_bpb", "direction": "sideways"}}, 400),
         ({"metric": {"name": "val_bpb", "min_delta": -1}}, 400),
+        ({"metric": {"name": "val_bpb", "min_value": 1, "max_value": 0}}, 422),
         ({"resources": {"gpus": 1}}, 422),
         ({"time_budget_s": 10, "timeout_s": 5}, 422),
         ({"env": {"RATCHET_SEED": "1"}}, 422),

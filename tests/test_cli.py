@@ -78,7 +78,13 @@ def test_loop_create_from_toml_list_show_and_control(server, tmp_path):
     assert cfg["command"] == ["python3", "train.py"]  # a TOML string, split
     assert cfg["time_budget_s"] == 5 and cfg["timeout_s"] == 20  # flag over file; file kept
     assert cfg["resources"]["cpus"] == 0.25 and cfg["resources"]["memory_mb"] == 256
-    assert cfg["metric"] == {"name": "val_bpb", "direction": "maximize", "min_delta": 0.0}
+    assert cfg["metric"] == {
+        "name": "val_bpb",
+        "direction": "maximize",
+        "min_delta": 0.0,
+        "min_value": None,
+        "max_value": None,
+    }
     archive = server.client.get(f"/v1/snapshots/{loop['root_snapshot']}/archive").content
     assert archive_files(archive) == {"train.py": TRAIN, "prepare.py": HARNESS}
     server.wait_idle(lid)

@@ -53,6 +53,21 @@ def test_oom_is_a_crash_even_with_exit_zero_and_a_metric():
     assert (d.status, d.reason, d.becomes_best) == ("crash", "out of memory (limit 2048 MB)", False)
 
 
+def test_a_forged_end_of_run_report_is_a_crash_even_with_exit_zero_and_a_winning_metric():
+    d = judge(Outcome(exit_code=0, report_forged=True, metric=0.001), baseline=True)
+    assert (d.status, d.becomes_best) == ("crash", False)
+    assert "end-of-run report itself (forged)" in d.reason
+
+
+def test_a_sandbox_that_died_without_the_gate_report_says_so():
+    d = judge(Outcome(exit_code=2, exit_reported=False))
+    assert d.status == "crash"
+    assert d.reason.startswith("the sandbox died before the workload's exit was reported")
+    assert "(container exit code 2)" in d.reason
+    oom = judge(Outcome(exit_code=137, exit_reported=False, oom_killed=True, memory_mb=64))
+    assert oom.reason == "out of memory (limit 64 MB)"  # the engine's verdict, when it has one, wins
+
+
 @pytest.mark.parametrize("code", [1, 2, 137, -9, 255])
 def test_nonzero_exit_is_a_crash_even_with_a_good_metric(code):
     d = judge(Outcome(exit_code=code, metric=0.1))

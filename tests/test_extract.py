@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from service.extract import MAX_METRICS, extract_metrics
+from service.extract import MAX_METRICS, extract_metrics, implausible
 
 SUMMARY = """step 100 loss 3.2
 step 200 loss 2.9
@@ -163,3 +163,15 @@ def test_non_numeric_values_are_reported():
     assert out.metrics == {"steps": 3.0} and out.non_numeric == {"val_bpb": "null"}
     out = extract_metrics("---\nval_bpb: oops\nsteps: 4\n", None)
     assert out.metrics == {"steps": 4.0} and out.non_numeric == {"val_bpb": "oops"}
+
+
+def test_implausible_outside_the_declared_range():
+    assert implausible("val_bpb", -1e300, 0.0, 100.0) == (
+        "val_bpb -1e+300 is outside the loop's plausible range [0, 100] (metric.min_value/max_value)"
+    )
+    assert "[-inf, 8]" in implausible("val_bpb", 9.5, None, 8.0)
+    assert "[0, inf]" in implausible("val_bpb", -0.5, 0.0, None)
+    for value in (0.0, 50.0, 100.0):  # the bounds themselves are plausible
+        assert implausible("val_bpb", value, 0.0, 100.0) is None
+    assert implausible("val_bpb", 1e308, None, None) is None  # no range declared: any finite value
+    assert implausible("val_bpb", math.nan, 0.0, 1.0) is None  # non-finite values are judged elsewhere

@@ -22,6 +22,8 @@ outcomes = st.builds(
     oom_killed=st.booleans(),
     timed_out=st.booleans(),
     cancelled=st.booleans(),
+    exit_reported=st.booleans(),
+    report_forged=st.booleans(),
     metric=st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)),
 )
 
@@ -38,7 +40,9 @@ def test_failure_reason_matches_the_decision(outcome: Outcome, baseline: bool, b
     assert reason in m.FAILURE_REASONS and reason not in ("engine", "internal")
     assert (reason == "timeout") == (decision.status == "timeout")
     assert (reason == "oom") == ("out of memory" in decision.reason)
-    assert (reason == "exit_nonzero") == ("exited with code" in decision.reason)
+    exited = "exited with code" in decision.reason or "sandbox died" in decision.reason
+    assert (reason == "exit_nonzero") == exited
+    assert (reason == "forged_report") == ("(forged)" in decision.reason)
 
 
 def test_a_metric_that_is_not_a_number_is_not_missing():

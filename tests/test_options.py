@@ -8,6 +8,7 @@ import pytest
 from sandbox.options import (
     GATE_SCRIPT,
     MOUNT_POINT,
+    RUNSC_HOST_PIDS_PER_TASK,
     WORKSPACE_DIR,
     container_options,
     volume_options,
@@ -48,11 +49,12 @@ def test_hardening_set_is_always_present(s):
     assert o["user"] == s.user
     assert o["user"].split(":")[0] not in ("0", "root", "")
     assert o["ipc_mode"] == "private"
-    assert o["pids_limit"] == lim.pids
+    if s.runtime == "runc":
+        assert o["pids_limit"] == lim.pids
     assert o["mem_limit"] == f"{lim.memory_mb}m"
     assert o["memswap_limit"] == o["mem_limit"]  # no swap on top of the memory limit
     assert o["nano_cpus"] == int(lim.cpus * 1e9)
-    assert o["ulimits"] == [{"Name": "nofile", "Soft": lim.nofile, "Hard": lim.nofile}]
+    assert o["ulimits"][0] == {"Name": "nofile", "Soft": lim.nofile, "Hard": lim.nofile}
     assert o["tmpfs"] == {"/tmp": f"size={lim.tmp_mb}m,mode=1777,nosuid,nodev"}
     assert o["runtime"] == s.runtime
     assert o["labels"] == LABELS
@@ -105,6 +107,17 @@ def test_volume_is_a_tmpfs_sized_by_the_disk_limit():
         "driver_opts": {"type": "tmpfs", "device": "tmpfs", "o": "size=321m,mode=0755,uid=0,gid=0"},
         "labels": LABELS,
     }
+
+
+def test_pids_limit_under_each_runtime():
+    """runc: the host's pids limit is the workload's. runsc: gVisor enforces RLIMIT_NPROC inside
+    the sandbox, and the host's limit leaves its kernel room for its own threads."""
+    lim = Limits(pids=200)
+    runc, runsc = opts(spec(limits=lim)), opts(spec(limits=lim, runtime="runsc"))
+    assert runc["pids_limit"] == 200
+    assert [u["Name"] for u in runc["ulimits"]] == ["nofile"]  # RLIMIT_NPROC is host-wide under runc
+    assert runsc["pids_limit"] == 200 * RUNSC_HOST_PIDS_PER_TASK
+    assert {"Name": "nproc", "Soft": 200, "Hard": 200} in runsc["ulimits"]
 
 
 @pytest.mark.parametrize("runtime", ["runc", "runsc"])

@@ -63,6 +63,8 @@ def test_check_path_accepts_plain_relative_paths(path):
         ("src/", "'src/': '.', '..' and empty path segments are refused"),
         (".git/config", "'.git/config': paths inside .git are refused"),
         ("sub/.git/hooks/pre-commit", "paths inside .git are refused"),
+        ("src/.GIT/config", "paths inside .git are refused"),  # .git on case-insensitive file systems
+        (".Git/hooks/post-checkout", "paths inside .git are refused"),
         ("with space.py", "use only letters, digits"),
         ("tab\there.py", "use only letters, digits"),
         ("new\nline.py", "use only letters, digits"),
