@@ -18,7 +18,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPT
 
 from . import candidates, history, transitions
 from .follow import follow_events, live_text
-from .ledger import LEDGER_STATUSES, header, row
+from .ledger import header
 from .models import (
     CandidateCreate,
     ExperimentPage,
@@ -49,8 +49,8 @@ LoopId = Annotated[str, Parameter(pattern=r"^[0-9a-f]{16}$", description="loop i
 ExpId = Annotated[str, Parameter(pattern=r"^[0-9a-f]{16}$", description="experiment id")]
 
 
-async def _loop(services: Services, loop_id: str) -> LoopView:
-    loop = await services.store.get_loop(loop_id)
+async def _loop(services: Services, loop_id: str, counts: bool = True) -> LoopView:
+    loop = await services.store.get_loop(loop_id, counts)
     if loop is None:
         raise NotFoundException(f"no loop {loop_id}; list loops with GET /v1/loops")
     return loop
@@ -84,7 +84,7 @@ class LoopController(Controller):
         return await _loop(services, loop_id)
 
     async def _control(self, services: Services, loop_id: str, action: str) -> LoopView:
-        await _loop(services, loop_id)
+        await _loop(services, loop_id, counts=False)
         _, running = await transitions.set_loop_state(services.store, loop_id, action)
         await services.scheduler.kill(running)
         services.scheduler.wake()
@@ -114,7 +114,7 @@ class LoopController(Controller):
         summary="Queue the unmodified baseline again",
     )
     async def rerun_baseline(self, loop_id: LoopId, services: Services) -> ExperimentView:
-        await _loop(services, loop_id)
+        await _loop(services, loop_id, counts=False)
         exp_id = await transitions.queue_baseline(services.store, loop_id)
         services.scheduler.wake()
         return await _experiment(services, exp_id)
@@ -125,7 +125,7 @@ class LoopController(Controller):
         summary="Submit a candidate (unified diff or whole files); 422 when refused",
     )
     async def submit(self, loop_id: LoopId, data: CandidateCreate, services: Services) -> ExperimentView:
-        loop = await _loop(services, loop_id)
+        loop = await _loop(services, loop_id, counts=False)
         exp_id = await candidates.submit_candidate(
             loop, data, services.settings, services.store, services.snapshots
         )
@@ -141,7 +141,7 @@ class LoopController(Controller):
         after: Annotated[int, Parameter(ge=0, description="experiment number to start after")] = 0,
         limit: Annotated[int, Parameter(ge=1, le=1000)] = 100,
     ) -> ExperimentPage:
-        await _loop(services, loop_id)
+        await _loop(services, loop_id, counts=False)
         items = await services.store.list_experiments(loop_id, status, after, limit + 1)
         more = len(items) > limit
         items = items[:limit]
@@ -149,18 +149,12 @@ class LoopController(Controller):
 
     @get("/{loop_id:str}/results.tsv", media_type="text/tab-separated-values", summary="The ledger")
     async def results(self, loop_id: LoopId, services: Services) -> Stream:
-        loop = await _loop(services, loop_id)
+        loop = await _loop(services, loop_id, counts=False)
 
         async def lines() -> AsyncIterator[bytes]:
             yield header(loop.config.metric.name).encode()
-            batch: list[str] = []
-            async for r in services.store.ledger_rows(loop_id, LEDGER_STATUSES):
-                batch.append(row(r["snapshot"], r["status"], r["metric"], r["memory_gb"], r["description"]))
-                if len(batch) >= 500:
-                    yield "".join(batch).encode()
-                    batch = []
-            if batch:
-                yield "".join(batch).encode()
+            async for part in services.ledger.rows(loop_id):
+                yield part
 
         return Stream(
             lines(),
@@ -179,7 +173,7 @@ class LoopController(Controller):
         ),
     )
     async def history_bundle(self, loop_id: LoopId, services: Services) -> Response[bytes]:
-        loop = await _loop(services, loop_id)
+        loop = await _loop(services, loop_id, counts=False)
         rows = await services.store.kept_for_history(loop_id)
         if not rows:
             raise transitions.Conflict(
@@ -211,7 +205,7 @@ class LoopController(Controller):
 
     @get("/{loop_id:str}/snapshots", summary="Accepted snapshots, newest first")
     async def snapshots(self, loop_id: LoopId, services: Services) -> list[SnapshotView]:
-        await _loop(services, loop_id)
+        await _loop(services, loop_id, counts=False)
         return await services.store.accepted_snapshots(loop_id)
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,19 @@ def _experiment(row: aiosqlite.Row, log_tail: str | None = None) -> ExperimentVi
         rerun_of=row["rerun_of"],
         seed=row["seed"],
     )
+
+
+def _statements(script: str) -> Iterator[str]:
+    """The statements of a migration; a `;` inside a trigger body does not end one."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""
+    if pending.strip(" \n;"):
+        raise ValueError(f"incomplete statement in a migration: {pending!r}")
 
 
 class Store:
@@ -106,9 +120,8 @@ class Store:
                     f"database schema version {current} is newer than this Ratchet ({len(MIGRATIONS)})"
                 )
             for version in range(current + 1, len(MIGRATIONS) + 1):
-                for statement in MIGRATIONS[version - 1].split(";"):
-                    if statement.strip():
-                        await db.execute(statement)
+                for statement in _statements(MIGRATIONS[version - 1]):
+                    await db.execute(statement)
                 await db.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
 
     async def _q(self, sql: str, args: Any = (), *, one: bool = False) -> Any:
@@ -191,16 +204,28 @@ class Store:
         return view
 
     async def counts(self, loop_id: str) -> dict[str, int]:
-        rows = await self._q(
-            "SELECT status, COUNT(*) FROM experiments WHERE loop_id = ? GROUP BY status", (loop_id,)
-        )
+        """Experiments per status, from the counters the database's triggers keep."""
+        rows = await self._q("SELECT status, n FROM loop_counts WHERE loop_id = ?", (loop_id,))
         counts = {s.value: 0 for s in Status}
         counts.update({r[0]: r[1] for r in rows})
         return counts
 
     async def list_loops(self) -> list[LoopView]:
         rows = await self._q("SELECT * FROM loops ORDER BY created_at")
-        return [await self._loop_view(r, True) for r in rows]
+        views = [await self._loop_view(r, False) for r in rows]
+        by_loop: dict[str, dict[str, int]] = {v.id: {s.value: 0 for s in Status} for v in views}
+        for loop_id, status, n in await self._q("SELECT loop_id, status, n FROM loop_counts"):
+            if loop_id in by_loop:
+                by_loop[loop_id][status] = n
+        for view in views:
+            view.counts = by_loop[view.id]
+        return views
+
+    async def ledger_state(self, loop_id: str) -> tuple[int, int] | None:
+        """(ledger revision, rows finished so far) of a loop: a cached ledger stays valid while the
+        revision does, and only rows after the ones it holds need reading."""
+        row = await self._q("SELECT ledger_rev, finished FROM loops WHERE id = ?", (loop_id,), one=True)
+        return (row[0], row[1]) if row else None
 
     async def active_loop_named(self, name: str) -> str | None:
         row = await self._q("SELECT id FROM loops WHERE name = ? AND state != 'stopped'", (name,), one=True)
@@ -255,17 +280,19 @@ class Store:
                 for row in rows:
                     yield row
 
-    async def ledger_rows(self, loop_id: str, statuses: tuple[str, ...]) -> AsyncIterator[aiosqlite.Row]:
-        """Finished experiments in finishing order, streamed (no full materialisation)."""
+    async def ledger_rows(
+        self, loop_id: str, statuses: tuple[str, ...], after: int = 0, batch: int = 2000
+    ) -> AsyncIterator[list[tuple[Any, ...]]]:
+        """Batches of (finish_seq, snapshot, status, metric, memory_gb, description) of experiments
+        finished after `after`, in finishing order, streamed (no full materialisation)."""
         marks = ",".join("?" * len(statuses))
         async with self.r.execute(
-            "SELECT snapshot, status, metric, memory_gb, description FROM experiments"
-            f" WHERE loop_id = ? AND finish_seq IS NOT NULL AND status IN ({marks}) ORDER BY finish_seq",
-            (loop_id, *statuses),
+            "SELECT finish_seq, snapshot, status, metric, memory_gb, description FROM experiments"
+            f" WHERE loop_id = ? AND finish_seq > ? AND status IN ({marks}) ORDER BY finish_seq",
+            (loop_id, after, *statuses),
         ) as cursor:
-            while rows := await cursor.fetchmany(500):
-                for row in rows:
-                    yield row
+            while rows := await cursor.fetchmany(batch):
+                yield rows
 
     async def kept_for_history(self, loop_id: str) -> list[aiosqlite.Row]:
         """Kept experiments with their manifests, in finishing order (the loop's git history)."""
