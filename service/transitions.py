@@ -12,6 +12,7 @@ scheduler acts on it.
 from __future__ import annotations
 
 import secrets
+import sqlite3
 import time
 from typing import Any
 
@@ -82,6 +83,14 @@ async def _move(db: aiosqlite.Connection, exp_id: str, expected: Status, new: St
     return cur.rowcount == 1
 
 
+_INSERT_EXPERIMENT = (
+    "INSERT INTO experiments (id, loop_id, seq, kind, description, parent, snapshot, diff, status,"
+    " created_at, rerun_of, seed) SELECT ?1, id, next_seq, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9"
+    " FROM loops WHERE id = ?10"
+)
+_NEXT_SEQ = "UPDATE loops SET next_seq = next_seq + 1 WHERE id = ?"
+
+
 async def _insert_experiment(
     db: aiosqlite.Connection,
     loop_id: str,
@@ -94,15 +103,10 @@ async def _insert_experiment(
     rerun_of: str | None = None,
     seed: int | None = None,
 ) -> str:
-    row = await _rows(db, "SELECT next_seq FROM loops WHERE id = ?", (loop_id,), first=True)
-    seq = row[0]
     exp_id = new_id()
-    await db.execute(
-        "INSERT INTO experiments (id, loop_id, seq, kind, description, parent, snapshot, diff, status,"
-        " created_at, rerun_of, seed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
-        (exp_id, loop_id, seq, kind, description, parent, snapshot, diff, time.time(), rerun_of, seed),
-    )
-    await db.execute("UPDATE loops SET next_seq = next_seq + 1 WHERE id = ?", (loop_id,))
+    values = (exp_id, kind, description, parent, snapshot, diff, time.time(), rerun_of, seed, loop_id)
+    await db.execute(_INSERT_EXPERIMENT, values)
+    await db.execute(_NEXT_SEQ, (loop_id,))
     return exp_id
 
 
@@ -127,8 +131,10 @@ async def create_loop(store: Store, config: LoopConfig, root: str, manifest: byt
     return loop_id, exp_id
 
 
-async def _check_capacity(db: aiosqlite.Connection, loop_id: str) -> None:
-    row = await _rows(db, "SELECT state, config, next_seq FROM loops WHERE id = ?", (loop_id,), first=True)
+_CAPACITY = "SELECT state, config, next_seq FROM loops WHERE id = ?"
+
+
+def _capacity_problem(row: Any) -> None:
     if row["state"] == LoopState.stopped:
         raise Conflict("the loop is stopped; create a new loop to run more experiments")
     config = msgspec.json.decode(row["config"], type=LoopConfig)
@@ -136,13 +142,26 @@ async def _check_capacity(db: aiosqlite.Connection, loop_id: str) -> None:
         raise Conflict(f"the loop has reached max_experiments={config.max_experiments}")
 
 
+async def _check_capacity(db: aiosqlite.Connection, loop_id: str) -> None:
+    _capacity_problem(await _rows(db, _CAPACITY, (loop_id,), first=True))
+
+
 async def submit(
     store: Store, loop_id: str, description: str, parent: str, snapshot: str, manifest: bytes, diff: str
 ) -> str:
-    async with store.tx() as db:
-        await _check_capacity(db, loop_id)
-        await store.put_snapshot(db, snapshot, manifest)
-        return await _insert_experiment(db, loop_id, "candidate", description, parent, snapshot, diff)
+    """Queues a candidate. The hot write: it goes through the store's group commit, so the whole
+    transaction runs on the writer's thread (see `Store.write`)."""
+    exp_id, now = new_id(), time.time()
+
+    def write(db: sqlite3.Connection) -> str:
+        _capacity_problem(db.execute(_CAPACITY, (loop_id,)).fetchone())
+        db.execute(Store.PUT_SNAPSHOT, (snapshot, manifest.decode(), now))
+        values = (exp_id, "candidate", description, parent, snapshot, diff, now, None, None, loop_id)
+        db.execute(_INSERT_EXPERIMENT, values)
+        db.execute(_NEXT_SEQ, (loop_id,))
+        return exp_id
+
+    return await store.write(write)
 
 
 async def _check_no_pending_baseline(db: aiosqlite.Connection, loop_id: str) -> None:
