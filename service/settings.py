@@ -36,6 +36,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     max_workspace_files: Annotated[int, Meta(ge=1)] = 2000
     instance: str | None = None  # labels this service's containers; default: kept in the data dir
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # One log line per HTTP request costs more than many a request itself; /metrics counts them.
+    access_log: bool = False
 
     def with_overrides(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **changes)
