@@ -134,7 +134,7 @@ async def create_loop(store: Store, config: LoopConfig, root: str, manifest: byt
 _CAPACITY = "SELECT state, config, next_seq FROM loops WHERE id = ?"
 
 
-def _capacity_problem(row: Any) -> None:
+def _refuse_if_full(row: Any) -> None:
     if row["state"] == LoopState.stopped:
         raise Conflict("the loop is stopped; create a new loop to run more experiments")
     config = msgspec.json.decode(row["config"], type=LoopConfig)
@@ -143,7 +143,7 @@ def _capacity_problem(row: Any) -> None:
 
 
 async def _check_capacity(db: aiosqlite.Connection, loop_id: str) -> None:
-    _capacity_problem(await _rows(db, _CAPACITY, (loop_id,), first=True))
+    _refuse_if_full(await _rows(db, _CAPACITY, (loop_id,), first=True))
 
 
 async def submit(
@@ -154,7 +154,7 @@ async def submit(
     exp_id, now = new_id(), time.time()
 
     def write(db: sqlite3.Connection) -> str:
-        _capacity_problem(db.execute(_CAPACITY, (loop_id,)).fetchone())
+        _refuse_if_full(db.execute(_CAPACITY, (loop_id,)).fetchone())
         db.execute(Store.PUT_SNAPSHOT, (snapshot, manifest.decode(), now))
         values = (exp_id, "candidate", description, parent, snapshot, diff, now, None, None, loop_id)
         db.execute(_INSERT_EXPERIMENT, values)
