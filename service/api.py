@@ -19,7 +19,7 @@ from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPT
 
 from . import candidates, history, tokens, transitions
 from .follow import follow_events, live_text
-from .ledger import LEDGER_STATUSES, header, row
+from .ledger import header
 from .models import (
     CandidateCreate,
     ErrorBody,
@@ -96,8 +96,8 @@ class _LogsOperation(Operation):
         return schema
 
 
-async def _loop(services: Services, loop_id: str) -> LoopView:
-    loop = await services.store.get_loop(loop_id)
+async def _loop(services: Services, loop_id: str, counts: bool = True) -> LoopView:
+    loop = await services.store.get_loop(loop_id, counts)
     if loop is None:
         raise NotFoundException(f"no loop {loop_id}; list loops with GET /v1/loops")
     return loop
@@ -140,7 +140,7 @@ class LoopController(Controller):
         return await _loop(services, loop_id)
 
     async def _control(self, services: Services, loop_id: str, action: str) -> LoopView:
-        await _loop(services, loop_id)
+        await _loop(services, loop_id, counts=False)
         _, running = await transitions.set_loop_state(services.store, loop_id, action)
         await services.scheduler.kill(running)
         services.scheduler.wake()
@@ -181,7 +181,7 @@ class LoopController(Controller):
         opt=SUBMIT_TO_LOOP,
     )
     async def rerun_baseline(self, loop_id: LoopId, services: Services) -> ExperimentView:
-        await _loop(services, loop_id)
+        await _loop(services, loop_id, counts=False)
         exp_id = await transitions.queue_baseline(services.store, loop_id)
         services.scheduler.wake()
         return await _experiment(services, exp_id)
@@ -194,7 +194,7 @@ class LoopController(Controller):
         opt=SUBMIT_TO_LOOP,
     )
     async def submit(self, loop_id: LoopId, data: CandidateCreate, services: Services) -> ExperimentView:
-        loop = await _loop(services, loop_id)
+        loop = await _loop(services, loop_id, counts=False)
         exp_id = await candidates.submit_candidate(
             loop, data, services.settings, services.store, services.snapshots
         )
@@ -225,6 +225,8 @@ class LoopController(Controller):
                 " next_after (or raise RATCHET_MAX_PAGE_SIZE)"
             )
         items = await services.store.list_experiments(loop_id, status, after, limit + 1)
+        if not items:  # a page with rows needs no proof that the loop exists
+            await _loop(services, loop_id, counts=False)
         more = len(items) > limit
         items = items[:limit]
         return ExperimentPage(items=items, next_after=items[-1].number if more else None)
@@ -236,18 +238,12 @@ class LoopController(Controller):
         responses=errors(404),
     )
     async def results(self, loop_id: LoopId, services: Services) -> Stream:
-        loop = await _loop(services, loop_id)
+        loop = await _loop(services, loop_id, counts=False)
 
         async def lines() -> AsyncIterator[bytes]:
             yield header(loop.config.metric.name).encode()
-            batch: list[str] = []
-            async for r in services.store.ledger_rows(loop_id, LEDGER_STATUSES):
-                batch.append(row(r["snapshot"], r["status"], r["metric"], r["memory_gb"], r["description"]))
-                if len(batch) >= 500:
-                    yield "".join(batch).encode()
-                    batch = []
-            if batch:
-                yield "".join(batch).encode()
+            async for part in services.ledger.rows(loop_id):
+                yield part
 
         return Stream(
             lines(),
@@ -267,7 +263,7 @@ class LoopController(Controller):
         ),
     )
     async def history_bundle(self, loop_id: LoopId, services: Services) -> Response[bytes]:
-        loop = await _loop(services, loop_id)
+        loop = await _loop(services, loop_id, counts=False)
         rows = await services.store.kept_for_history(loop_id)
         if not rows:
             raise transitions.Conflict(
@@ -299,7 +295,7 @@ class LoopController(Controller):
 
     @get("/{loop_id:str}/snapshots", summary="Accepted snapshots, newest first", responses=errors(404))
     async def snapshots(self, loop_id: LoopId, services: Services) -> list[SnapshotView]:
-        await _loop(services, loop_id)
+        await _loop(services, loop_id, counts=False)
         return await services.store.accepted_snapshots(loop_id)
 
 

@@ -11,11 +11,12 @@ import platform
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
-from litestar import Litestar
+from litestar import Litestar, Request
 from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
-from litestar.plugins.prometheus import PrometheusConfig, PrometheusController
+from litestar.plugins.prometheus import PrometheusConfig, PrometheusController, PrometheusMiddleware
 
 from sandbox import Sandbox
 
@@ -53,6 +54,20 @@ class MetricsController(PrometheusController):
     path = "/metrics"
     include_in_schema = False
     opt = {"auth": "metrics"}
+
+
+class _RouteMetrics(PrometheusMiddleware):
+    """Labels from the route template alone: the stock labels also parse the full URL on every
+    request, only to throw it away when paths are grouped."""
+
+    def _get_default_labels(self, request: Request[Any, Any, Any]) -> dict[str, str | int | float]:
+        scope = request.scope
+        return {
+            "method": scope.get("method", scope["type"]),
+            "path": scope.get("path_template", "other"),
+            "status_code": 200,
+            "app_name": self._config.app_name,
+        }
 
 
 def _instance_id(data_dir: Path) -> str:
@@ -131,7 +146,11 @@ def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
     guard = Authenticator(settings, provide_services)
 
     prometheus = PrometheusConfig(
-        app_name="ratchet", prefix="ratchet_http", group_path=True, exclude=["/metrics"]
+        app_name="ratchet",
+        prefix="ratchet_http",
+        group_path=True,
+        exclude=["/metrics"],
+        middleware_class=_RouteMetrics,
     )
     return Litestar(
         route_handlers=[

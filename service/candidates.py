@@ -136,7 +136,7 @@ async def submit_candidate(
         )
     execs = frozenset(e.path for e in parent_manifest.files if e.executable)
     diff = _unified(tree, child)
-    manifest = await asyncio.to_thread(snapshots.put_tree, child, execs)
+    manifest = await asyncio.to_thread(snapshots.put_tree, child, execs, parent_manifest)
     with faults.scope("submit"):
         return await transitions.submit(
             store, loop.id, body.description, parent, manifest.id, manifest.encode(), diff

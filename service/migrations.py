@@ -91,4 +91,39 @@ MIGRATIONS: list[str] = [
     ALTER TABLE experiments ADD COLUMN not_before REAL;
     UPDATE experiments SET attempts = 1 WHERE started_at IS NOT NULL;
     """,
+    # 6: counts per status kept by triggers, so a loop's summary does not scan its experiments; and a
+    # revision that moves whenever a row already in the ledger changes, which lets the service
+    # cache the ledger of a loop and only append what finished since
+    """
+    CREATE TABLE loop_counts (
+        loop_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        n INTEGER NOT NULL,
+        PRIMARY KEY (loop_id, status)
+    ) WITHOUT ROWID;
+    INSERT INTO loop_counts (loop_id, status, n)
+        SELECT loop_id, status, COUNT(*) FROM experiments GROUP BY loop_id, status;
+    CREATE TRIGGER loop_counts_insert AFTER INSERT ON experiments BEGIN
+        INSERT INTO loop_counts (loop_id, status, n) VALUES (NEW.loop_id, NEW.status, 1)
+            ON CONFLICT (loop_id, status) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER loop_counts_update AFTER UPDATE OF status, loop_id ON experiments
+    WHEN OLD.status IS NOT NEW.status OR OLD.loop_id IS NOT NEW.loop_id BEGIN
+        UPDATE loop_counts SET n = n - 1 WHERE loop_id = OLD.loop_id AND status = OLD.status;
+        INSERT INTO loop_counts (loop_id, status, n) VALUES (NEW.loop_id, NEW.status, 1)
+            ON CONFLICT (loop_id, status) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER loop_counts_delete AFTER DELETE ON experiments BEGIN
+        UPDATE loop_counts SET n = n - 1 WHERE loop_id = OLD.loop_id AND status = OLD.status;
+    END;
+    ALTER TABLE loops ADD COLUMN ledger_rev INTEGER NOT NULL DEFAULT 0;
+    CREATE TRIGGER ledger_rows_changed
+    AFTER UPDATE OF loop_id, snapshot, description, status, metric, mean, memory_gb, finish_seq ON experiments
+    WHEN OLD.finish_seq IS NOT NULL BEGIN
+        UPDATE loops SET ledger_rev = ledger_rev + 1 WHERE id IN (OLD.loop_id, NEW.loop_id);
+    END;
+    CREATE TRIGGER ledger_rows_deleted AFTER DELETE ON experiments WHEN OLD.finish_seq IS NOT NULL BEGIN
+        UPDATE loops SET ledger_rev = ledger_rev + 1 WHERE id = OLD.loop_id;
+    END;
+    """,
 ]

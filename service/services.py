@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sandbox import Sandbox
 
+from .ledger_cache import LedgerCache
 from .scheduler import Scheduler
 from .settings import Settings
 from .snapshots import SnapshotStore
@@ -20,3 +21,7 @@ class Services:
     sandbox: Sandbox
     scheduler: Scheduler
     gpus: list[str]
+    ledger: LedgerCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ledger = LedgerCache(self.store)

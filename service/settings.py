@@ -53,6 +53,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     # each loop's best and root snapshot hash right), "all" (every blob hashed), "off".
     verify_blobs: Literal["off", "exists", "best", "all"] = "best"
     fault_point: str | None = None  # tests only: see service/faults.py
+    # One log line per HTTP request costs more than many a request itself; /metrics counts them.
+    access_log: bool = False
 
     def with_overrides(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **changes)

@@ -21,6 +21,7 @@ and the candidate waits in `confirming` until its last confirmation run ends, th
 from __future__ import annotations
 
 import secrets
+import sqlite3
 import time
 from typing import Any
 
@@ -97,6 +98,15 @@ async def _move(db: aiosqlite.Connection, exp_id: str, expected: Status, new: St
     return cur.rowcount == 1
 
 
+_INSERT_EXPERIMENT = (
+    "INSERT INTO experiments (id, loop_id, seq, kind, description, parent, snapshot, diff, status,"
+    " created_at, rerun_of, seed, repeat_of)"
+    " SELECT ?1, id, next_seq, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?8, ?9, ?10 FROM loops WHERE id = ?11"
+)
+# repeat runs do not count against max_experiments: `repeats` says how many of the numbers are theirs
+_NEXT_SEQ = "UPDATE loops SET next_seq = next_seq + 1, repeats = repeats + ?2 WHERE id = ?1"
+
+
 async def _insert_experiment(
     db: aiosqlite.Connection,
     loop_id: str,
@@ -110,31 +120,22 @@ async def _insert_experiment(
     seed: int | None = None,
     repeat_of: str | None = None,
 ) -> str:
-    row = await _rows(db, "SELECT next_seq FROM loops WHERE id = ?", (loop_id,), first=True)
-    seq = row[0]
     exp_id = new_id()
-    await db.execute(
-        "INSERT INTO experiments (id, loop_id, seq, kind, description, parent, snapshot, diff, status,"
-        " created_at, rerun_of, seed, repeat_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?)",
-        (
-            exp_id,
-            loop_id,
-            seq,
-            kind,
-            description,
-            parent,
-            snapshot,
-            diff,
-            time.time(),
-            rerun_of,
-            seed,
-            repeat_of,
-        ),
+    values = (
+        exp_id,
+        kind,
+        description,
+        parent,
+        snapshot,
+        diff,
+        time.time(),
+        rerun_of,
+        seed,
+        repeat_of,
+        loop_id,
     )
-    repeats = 1 if repeat_of is not None else 0
-    await db.execute(
-        "UPDATE loops SET next_seq = next_seq + 1, repeats = repeats + ? WHERE id = ?", (repeats, loop_id)
-    )
+    await db.execute(_INSERT_EXPERIMENT, values)
+    await db.execute(_NEXT_SEQ, (loop_id, 1 if repeat_of is not None else 0))
     return exp_id
 
 
@@ -201,10 +202,10 @@ async def create_loop(store: Store, config: LoopConfig, root: str, manifest: byt
     return loop_id, exp_id
 
 
-async def _check_capacity(db: aiosqlite.Connection, loop_id: str) -> None:
-    row = await _rows(
-        db, "SELECT state, config, next_seq, repeats FROM loops WHERE id = ?", (loop_id,), first=True
-    )
+_CAPACITY = "SELECT state, config, next_seq, repeats FROM loops WHERE id = ?"
+
+
+def _refuse_if_full(row: Any) -> None:
     if row["state"] == LoopState.stopped:
         raise Conflict("the loop is stopped; create a new loop to run more experiments")
     config = msgspec.json.decode(row["config"], type=LoopConfig)
@@ -213,13 +214,26 @@ async def _check_capacity(db: aiosqlite.Connection, loop_id: str) -> None:
         raise Conflict(f"the loop has reached max_experiments={config.max_experiments}")
 
 
+async def _check_capacity(db: aiosqlite.Connection, loop_id: str) -> None:
+    _refuse_if_full(await _rows(db, _CAPACITY, (loop_id,), first=True))
+
+
 async def submit(
     store: Store, loop_id: str, description: str, parent: str, snapshot: str, manifest: bytes, diff: str
 ) -> str:
-    async with store.tx() as db:
-        await _check_capacity(db, loop_id)
-        await store.put_snapshot(db, snapshot, manifest)
-        return await _insert_experiment(db, loop_id, "candidate", description, parent, snapshot, diff)
+    """Queues a candidate. The hot write: it goes through the store's group commit, so the whole
+    transaction runs on the writer's thread (see `Store.write`)."""
+    exp_id, now = new_id(), time.time()
+
+    def write(db: sqlite3.Connection) -> str:
+        _refuse_if_full(db.execute(_CAPACITY, (loop_id,)).fetchone())
+        db.execute(Store.PUT_SNAPSHOT, (snapshot, manifest.decode(), now))
+        values = (exp_id, "candidate", description, parent, snapshot, diff, now, None, None, None, loop_id)
+        db.execute(_INSERT_EXPERIMENT, values)
+        db.execute(_NEXT_SEQ, (loop_id, 0))
+        return exp_id
+
+    return await store.write(write)
 
 
 async def _check_no_pending_baseline(db: aiosqlite.Connection, loop_id: str) -> None:

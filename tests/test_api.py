@@ -256,8 +256,25 @@ def test_metrics_exposition(server):
         "ratchet_slots_busy 0.0",
         'ratchet_loop_best_metric{loop="tiny",metric="val_bpb"} 0.5',
         "ratchet_http_requests_total",
+        # labelled by route template, never by the raw path (which would carry ids)
+        'ratchet_http_requests_total{app_name="ratchet",method="GET",path="/v1/loops/{loop_id}",'
+        'status_code="200"}',
     ):
         assert needle in text, needle
+    assert f'path="/v1/loops/{loop["id"]}"' not in text
+
+
+def test_access_log_is_off_unless_asked_for(server_factory):
+    quiet = server_factory(name="quiet")
+    loud = server_factory(env={"RATCHET_ACCESS_LOG": "1"}, name="loud")
+    for srv in (quiet, loud):
+        assert srv.client.get("/healthz").status_code == 200
+    line = '"GET /healthz HTTP/1.1" 200'
+    deadline = time.monotonic() + 10
+    while line not in loud.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert line in loud.log()
+    assert line not in quiet.log() and "ready" in quiet.log()
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ def test_defaults_with_empty_environment():
     assert s == Settings()
     assert (s.host, s.port, s.data_dir, s.slots, s.gpus) == ("127.0.0.1", 8080, "./data", None, None)
     assert (s.runtime, s.log_level, s.gpus_per_slot) == ("runc", "info", 1)
+    assert s.access_log is False
 
 
 def test_environment_values_are_parsed():
@@ -28,6 +29,7 @@ def test_environment_values_are_parsed():
         "RATCHET_INSTANCE": "blue",
         "RATCHET_LOG_LEVEL": "debug",
         "RATCHET_DEFAULT_IMAGE": "me/img:1",
+        "RATCHET_ACCESS_LOG": "true",
     }
     s = load_settings({}, env)
     assert s.host == "0.0.0.0"
@@ -42,6 +44,7 @@ def test_environment_values_are_parsed():
     assert s.instance == "blue"
     assert s.log_level == "debug"
     assert s.default_image == "me/img:1"
+    assert s.access_log is True
 
 
 def test_unrelated_variables_are_ignored():

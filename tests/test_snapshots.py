@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.snapshots import Manifest, SnapshotStore, decode_manifest
+from service.snapshots import Entry, Manifest, SnapshotStore, apply_delta, decode_manifest, make_delta
 
 TREE = {
     "train.py": b"print('train')\n",
@@ -178,3 +178,107 @@ def test_size_on_disk_counts_blob_files(store):
     assert 0 < size < 1000  # compressed
     store.put_blob(b"x" * 1000)
     assert store.size_on_disk() == size
+
+
+# -- deltas against the parent's version ---------------------------------------------------------
+
+BIG = b"".join(f"line {i}: {'x' * (i % 40)} = {i * 7 % 13}\n".encode() for i in range(1000))
+
+
+def edit(data: bytes, n: int) -> bytes:
+    lines = data.splitlines(keepends=True)
+    lines[(n * 37) % len(lines)] = f"lr = {n}e-4  # edit {n}\n".encode()
+    return b"".join(lines)
+
+
+def chain(store: SnapshotStore, versions: int) -> list[tuple[Manifest, bytes]]:
+    out, data, parent = [], BIG, None
+    for n in range(versions):
+        data = edit(data, n) if n else data
+        parent = store.put_tree({"train.py": data, "prepare.py": b"fixed\n"}, parent=parent)
+        out.append((parent, data))
+    return out
+
+
+def blob_file(store: SnapshotStore, manifest: Manifest, path: str = "train.py") -> Path:
+    blob = next(e.blob for e in manifest.files if e.path == path)
+    return store.root / blob[:2] / blob[2:]
+
+
+def test_make_and_apply_delta_round_trip():
+    cases = [(b"", b""), (b"", b"new\n"), (b"old\n", b""), (b"a\nb\nc", b"a\nB\nc"), (BIG, edit(BIG, 3))]
+    cases += [(b"no newline at all", b"no newline either"), (bytes(range(256)), bytes(range(255, -1, -1)))]
+    for base, data in cases:
+        assert apply_delta(base, make_delta(base, data)) == data
+
+
+def test_edits_are_stored_as_small_deltas_and_read_back(tmp_path):
+    store = SnapshotStore(tmp_path / "blobs")
+    versions = chain(store, 20)
+    first = blob_file(store, versions[0][0]).stat().st_size
+    for n, (manifest, data) in enumerate(versions):
+        assert blob_file(store, manifest).read_bytes().startswith(b"RTD1") == (n > 0)
+        if n:
+            assert blob_file(store, manifest).stat().st_size < min(200, first // 20)
+        assert hashlib.sha256(data).hexdigest() == manifest.files[1].blob  # ids stay content hashes
+    fresh = SnapshotStore(tmp_path / "blobs")  # no cache: every read follows the chain on disk
+    for manifest, data in versions:
+        assert fresh.load_tree(manifest) == {"train.py": data, "prepare.py": b"fixed\n"}
+
+
+def test_chain_is_cut_by_a_full_copy(tmp_path):
+    store = SnapshotStore(tmp_path / "blobs", max_chain=4)
+    versions = chain(store, 12)
+    depths = [store.depth(m.files[1].blob) for m, _ in versions]
+    assert depths == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 0, 1]
+    fresh = SnapshotStore(tmp_path / "blobs", max_chain=4)
+    assert [fresh.load_tree(m)["train.py"] for m, _ in versions] == [d for _, d in versions]
+
+
+def test_whole_copy_when_a_delta_would_not_be_smaller(tmp_path):
+    store = SnapshotStore(tmp_path / "blobs")
+    parent = store.put_tree({"a.bin": bytes(range(256)) * 8})
+    child = store.put_tree({"a.bin": hashlib.sha512(b"unrelated").digest() * 4}, parent=parent)
+    assert not blob_file(store, child, "a.bin").read_bytes().startswith(b"RTD1")
+
+
+def test_corrupt_delta_is_detected(tmp_path):
+    store = SnapshotStore(tmp_path / "blobs")
+    versions = chain(store, 3)
+    path = blob_file(store, versions[2][0])
+    raw = path.read_bytes()
+    for garbled in (raw[:-3], raw[:20], raw[:40] + b"\x00" * (len(raw) - 40)):
+        path.write_bytes(garbled)
+        with pytest.raises(OSError, match="is corrupt"):
+            SnapshotStore(tmp_path / "blobs").load_tree(versions[2][0])
+
+
+def test_delta_with_a_tampered_base_is_detected(tmp_path):
+    store = SnapshotStore(tmp_path / "blobs")
+    versions = chain(store, 3)
+    blob_file(store, versions[0][0]).write_bytes(zlib.compress(BIG.replace(b"line 5", b"line 6")))
+    fresh = SnapshotStore(tmp_path / "blobs")
+    with pytest.raises(OSError, match=f"blob {versions[2][0].files[1].blob} is corrupt"):
+        fresh.load_tree(versions[2][0])
+
+
+def test_delta_with_a_missing_base_is_detected(tmp_path):
+    store = SnapshotStore(tmp_path / "blobs")
+    versions = chain(store, 2)
+    blob_file(store, versions[0][0]).unlink()
+    with pytest.raises(OSError, match=r"delta base \w+ is missing"):
+        SnapshotStore(tmp_path / "blobs").load_tree(versions[1][0])
+
+
+def test_blobs_written_whole_by_older_versions_stay_readable(tmp_path):
+    """Data dirs from before deltas hold plain zlib files; they read, and serve as delta bases."""
+    root = tmp_path / "blobs"
+    blob = hashlib.sha256(BIG).hexdigest()
+    (root / blob[:2]).mkdir(parents=True)
+    (root / blob[:2] / blob[2:]).write_bytes(zlib.compress(BIG, 6))
+    store = SnapshotStore(root)
+    old = Manifest([Entry("train.py", blob, len(BIG))])
+    assert store.load_tree(old) == {"train.py": BIG}
+    new = store.put_tree({"train.py": edit(BIG, 1)}, parent=old)
+    assert blob_file(store, new).read_bytes().startswith(b"RTD1")
+    assert SnapshotStore(root).load_tree(new) == {"train.py": edit(BIG, 1)}
