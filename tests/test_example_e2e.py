@@ -86,6 +86,8 @@ def test_example_loop_end_to_end(server, docker_client):
         "timeout": 1,
         "cancelled": 0,
         "error": 0,
+        "confirming": 0,
+        "measured": 0,
     }
 
     # the ledger, byte for byte in its header and field formats
