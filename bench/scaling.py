@@ -77,7 +77,8 @@ def main() -> None:
         ok = "yes" if r["makespan"] <= r["bound"] else "NO"
         print(
             f"{k:>3}{n:>5}{r['ideal']:>9.1f}{r['bound']:>9.2f}{r['makespan']:>12.2f}"
-            f"{r['makespan'] / r['ideal']:>9.3f}{ok:>8}{r['util']:>11.1%}{r['wave']:>14.2f}{r['idle']:>21.2f}",
+            f"{r['makespan'] / r['ideal']:>9.3f}{ok:>8}{r['util']:>11.1%}"
+            f"{r['wave']:>14.2f}{r['idle']:>21.2f}",
             flush=True,
         )
 
