@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 from collections.abc import Callable
 from functools import partial
@@ -68,7 +69,9 @@ class Executor(Protocol):
         """Remove every run of `instance` (a restarted service's leftovers); returns how many."""
         ...
 
-    def close(self) -> None: ...
+    async def close(self) -> None:
+        """Let go of the backend once nothing runs; what is still being removed finishes first."""
+        ...
 
 
 class LocalExecutor:
@@ -91,9 +94,11 @@ class LocalExecutor:
             raise
         return LocalHandle(self, run)
 
-    def _release_orphan(self, future: concurrent.futures.Future[PreparedRun]) -> None:
+    @staticmethod
+    def _release_orphan(future: concurrent.futures.Future[PreparedRun]) -> None:
+        # Runs in the thread that finished the prepare (or here, if it is already done).
         if not future.cancelled() and future.exception() is None:
-            self._cleaners.submit(future.result().release)
+            future.result().release()
 
     async def cleanup(self, instance: str) -> int:
         return await asyncio.to_thread(self.sandbox.remove_labelled, {LABEL_SANDBOX: instance})
@@ -101,9 +106,16 @@ class LocalExecutor:
     async def _call(self, pool: concurrent.futures.ThreadPoolExecutor, fn: Callable[[], object]) -> object:
         return await asyncio.get_running_loop().run_in_executor(pool, fn)
 
-    def close(self) -> None:
-        self._threads.shutdown(wait=False, cancel_futures=True)
-        self._cleaners.shutdown(wait=False)
+    async def close(self) -> None:
+        """Waits (a bounded time) for prepares and removals still under way: a prepare cancelled
+        at shutdown removes its container when it finishes, and must get to."""
+
+        def drain() -> None:
+            self._threads.shutdown(wait=True, cancel_futures=True)
+            self._cleaners.shutdown(wait=True)
+
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.to_thread(drain), timeout=60)
 
 
 class LocalHandle:

@@ -20,7 +20,9 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -186,7 +188,7 @@ class Scheduler:
             await asyncio.wait(tasks, timeout=30)
         if self._cleanups:
             await asyncio.wait(list(self._cleanups), timeout=30)
-        self.executor.close()
+        await self.executor.close()
 
     async def recover(self) -> None:
         """Experiments left `running` by a previous process: remove every container and volume that
@@ -265,18 +267,18 @@ class Scheduler:
     async def _dispatch(self, loop_id: str, exp_id: str, slot: _Slot) -> bool | None:
         """Give `slot` to `exp_id`: True when it started, False when it could not (already cancelled),
         None when its GPUs are not free now."""
-        staged = self._staged.pop(exp_id, None)
         loop = await self.store.get_loop(loop_id, counts=False)
         if loop is None:
-            self._forget(staged)
             return False
+        staged = self._staged.get(exp_id)
         gpus = self.pool.take(staged.gpus) if staged is not None else None
         if gpus is None:
-            self._forget(staged)  # made for GPUs that are not free: start from scratch
-            staged = None
             gpus = self.pool.allocate(loop.config.resources.gpus)
             if gpus is None:
-                return None
+                return None  # it waits, prepared or not, for GPUs to free
+            self._discard(exp_id)  # made for GPUs that are not free: start from scratch
+            staged = None
+        self._staged.pop(exp_id, None)
         if not await transitions.start(self.store, exp_id, gpus):
             self.pool.release(gpus)
             self._forget(staged)
@@ -345,10 +347,15 @@ class Scheduler:
             return
         self._background(staged.task.result().handle.cleanup())
 
-    def _background(self, coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._cleanups.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background step failed", exc_info=task.exception())
 
     async def _prepare(self, exp_id: str, loop: LoopView, gpus: list[str]) -> _Prepared:
         exp = await self.store.get_experiment(exp_id, with_tail=False)
