@@ -71,6 +71,11 @@ def _containers_of(client: docker.DockerClient, exp_id: str) -> list[str]:
     return leftovers(client, f"ratchet.experiment={exp_id}")
 
 
+def _gated(client: docker.DockerClient, exp_id: str) -> bool:
+    """A container of `exp_id` is up (started, behind its gate, or past it)."""
+    return bool(client.api.containers(filters={"label": f"ratchet.experiment={exp_id}", "status": "running"}))
+
+
 def _wait_for(predicate, what: str, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -97,7 +102,7 @@ def _one_running_one_prepared(server, docker_client, first_s: float = 4.0) -> tu
     a = _submit(server, loop["id"], sleeper(first_s, 0.9), "a")
     b = _submit(server, loop["id"], sleeper(0.2, 0.8), "b")
     _wait_for(lambda: server.client.get(f"/v1/experiments/{a}").json()["status"] == "running", "A to run")
-    _wait_for(lambda: bool(_containers_of(docker_client, b)), "B to be prepared")
+    _wait_for(lambda: _gated(docker_client, b), "B to be prepared")
     assert server.client.get(f"/v1/experiments/{b}").json()["status"] == "queued"
     return loop["id"], a, b
 
@@ -150,18 +155,19 @@ def test_restart_removes_prepared_runs_and_runs_them_again(one_slot, docker_clie
 
 
 def test_budget_counts_from_the_gate_not_the_prepare(one_slot, docker_client):
-    """B waits prepared for all of A's 3 s; counted from its prepare it would pass its 4.5 s
-    timeout, counted from the gate it uses 2 s of it."""
-    loop = make_loop(one_slot, time_budget_s=2, timeout_s=4.5)
-    one_slot.wait_idle(loop["id"])
-    a = _submit(one_slot, loop["id"], sleeper(3.0, 0.9), "a")
-    b = _submit(one_slot, loop["id"], sleeper(2.0, 0.8), "b")
-    prepared_while_a_ran = False
-    while not prepared_while_a_ran and _status(one_slot, a) in ("queued", "running"):
-        prepared_while_a_ran = bool(_containers_of(docker_client, b)) and _status(one_slot, a) == "running"
-        time.sleep(0.05)
+    """B (hard timeout 4 s) waits prepared behind its gate for longer than that while A (another
+    loop's, 6 s) holds the only slot; counted from the gate, B's 1.5 s run is well inside it."""
+    long_loop = make_loop(one_slot, name="long", time_budget_s=6, timeout_s=30)
+    short_loop = make_loop(one_slot, name="short", time_budget_s=2, timeout_s=4)
+    one_slot.wait_idle(long_loop["id"])
+    one_slot.wait_idle(short_loop["id"])
+    a = _submit(one_slot, long_loop["id"], sleeper(6.0, 0.9), "a")
+    b = _submit(one_slot, short_loop["id"], sleeper(1.5, 0.8), "b")
+    _wait_for(lambda: _gated(docker_client, b), "B to be prepared")
+    prepared_at = time.time()
     final_a, final_b = one_slot.wait_final(a), one_slot.wait_final(b)
-    assert prepared_while_a_ran, "B was not prepared while A ran"
     assert final_a["status"] in ("keep", "discard"), final_a
+    held = final_b["started_at"] - prepared_at
+    assert held > 4.0, f"B was held only {held:.1f} s behind its gate: the test proves nothing"
     assert final_b["status"] == "keep", final_b
-    assert 2.0 <= final_b["workload_seconds"] < 4.5
+    assert 1.5 <= final_b["workload_seconds"] < 4.0
