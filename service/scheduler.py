@@ -308,8 +308,14 @@ class Scheduler:
         wanted_ids = {exp_id for _, exp_id in wanted}
         for exp_id in [e for e in self._staged if e not in wanted_ids]:
             self._discard(exp_id)
+        # Runs that hold a slot get the engine first: each one whose own prepare is done makes
+        # room for the next ones (its prepare's end starts a new pass).
+        ready = sum(1 for r in self._running.values() if r.handle is not None and r.freed_at is None)
+        budget = min(self.lookahead, ready * self.settings.prepare_ahead)
         promised = {g for st in self._staged.values() for g in st.gpus}
         for loop_id, exp_id in wanted:
+            if len(self._staged) >= budget:
+                break
             if exp_id in self._staged:
                 continue
             loop = await self.store.get_loop(loop_id, counts=False)
@@ -375,6 +381,9 @@ class Scheduler:
         try:
             ready = await (prepared if prepared is not None else self._prepare(run.exp_id, loop, run.gpus))
             run.handle = ready.handle
+            # This run now makes room for the next prepares (the pass runs once the gate is asked
+            # to open: nothing here yields before that).
+            self._background(self._pass())
             m.QUEUE_WAIT.labels(loop=loop.name).observe(max(0.0, run.handed_at - ready.exp.created_at))
             if run.cancel_requested:
                 await ready.handle.cancel()
