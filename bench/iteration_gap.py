@@ -2,7 +2,7 @@
 ending to the next one's workload starting, next to a plain `docker run --rm` of the same image
 and trivial command measured in the same run; and the service's own overhead metric.
 
-    .venv/bin/python bench/iteration_gap.py [--runs 20] [--hold 1.0] [--runtime runc|runsc]
+    .venv/bin/python bench/iteration_gap.py [--runs 20] [--hold 2 0] [--runtime runc runsc] [--ahead 1]
 
 Drives a real `ratchet serve --slots 1`: a loop whose workload (`sh train.sh`) is the trivial
 command after `--hold` seconds that stand in for training, `--runs` candidates submitted at once.
@@ -24,9 +24,9 @@ from harness import TRIVIAL, Service, docker_run, histogram_quantile, pct
 OVERHEAD = "ratchet_experiment_overhead_seconds"
 
 
-def measure(runtime: str, hold: float, runs: int, baseline_runs: int) -> dict[str, float]:
+def measure(runtime: str, hold: float, runs: int, baseline_runs: int, ahead: int) -> dict[str, float]:
     plain = [docker_run(runtime) for _ in range(baseline_runs)]
-    service = Service(slots=1)
+    service = Service(slots=1, env={"RATCHET_PREPARE_AHEAD": str(ahead)})
     try:
         name = f"gap-{runtime}-{hold:g}"
         loop_id = service.create_loop(name, runtime, hold)
@@ -52,25 +52,25 @@ def measure(runtime: str, hold: float, runs: int, baseline_runs: int) -> dict[st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=20, help="candidates queued on the slot")
-    ap.add_argument("--hold", type=float, nargs="+", default=[1.0, 0.0], help="seconds of 'training' per run")
+    ap.add_argument("--hold", type=float, nargs="+", default=[2.0, 0.0], help="seconds of 'training' per run")
+    ap.add_argument("--ahead", type=int, nargs="+", default=[1], help="RATCHET_PREPARE_AHEAD values")
     ap.add_argument("--runtime", nargs="+", choices=["runc", "runsc"], default=["runc", "runsc"])
     ap.add_argument("--baseline-runs", type=int, default=5, help="plain docker runs before and after")
     args = ap.parse_args()
     print(f"{args.runs} candidates on one slot; workload `sh train.sh` = [sleep HOLD;] {TRIVIAL}")
     head = (
-        f"{'runtime':<8}{'hold s':>7}{'docker run':>11}{'gap p50':>9}{'x docker':>9}{'gap p90':>9}"
-        f"{'gap max':>9}{'overhead p50':>13}{'p95':>7}{'p99':>7}"
+        f"{'runtime':<8}{'ahead':>6}{'hold s':>7}{'docker run':>11}{'gap p50':>9}{'x docker':>9}"
+        f"{'gap p90':>9}{'gap max':>9}{'overhead p50':>13}{'p95':>7}{'p99':>7}"
     )
     print(head)
-    for runtime in args.runtime:
-        for hold in args.hold:
-            r = measure(runtime, hold, args.runs, args.baseline_runs)
-            ratio = r["gap50"] / r["docker"]
-            print(
-                f"{runtime:<8}{hold:>7g}{r['docker']:>11.3f}{r['gap50']:>9.3f}{ratio:>9.2f}"
-                f"{r['gap90']:>9.3f}{r['gapmax']:>9.3f}{r['ov50']:>13.3f}{r['ov95']:>7.3f}{r['ov99']:>7.3f}",
-                flush=True,
-            )
+    for runtime, ahead, hold in itertools.product(args.runtime, args.ahead, args.hold):
+        r = measure(runtime, hold, args.runs, args.baseline_runs, ahead)
+        ratio = r["gap50"] / r["docker"]
+        print(
+            f"{runtime:<8}{ahead:>6}{hold:>7g}{r['docker']:>11.3f}{r['gap50']:>9.3f}{ratio:>9.2f}"
+            f"{r['gap90']:>9.3f}{r['gapmax']:>9.3f}{r['ov50']:>13.3f}{r['ov95']:>7.3f}{r['ov99']:>7.3f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
