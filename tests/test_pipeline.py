@@ -4,6 +4,7 @@ restart) — all against the real engine and a real `ratchet serve`."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import docker
@@ -12,7 +13,9 @@ from conftest import SANDBOX_IMAGE, leftovers
 from test_api import TRAIN, make_loop
 
 from sandbox import FileEntry, RunSpec, Sandbox
-from service.scheduler import dispatch_order
+from service.livelog import LiveLog
+from service.scheduler import Scheduler, _Running, _Slot, dispatch_order
+from service.settings import Settings
 
 
 def sleeper(seconds: float, value: float = 0.9) -> str:
@@ -171,3 +174,32 @@ def test_budget_counts_from_the_gate_not_the_prepare(one_slot, docker_client):
     assert held > 4.0, f"B was held only {held:.1f} s behind its gate: the test proves nothing"
     assert final_b["status"] == "keep", final_b
     assert 1.5 <= final_b["workload_seconds"] < 4.0
+
+
+# -- GPU binding of prepared runs (bookkeeping only: no engine, no database) ----------------------
+
+
+def test_prepared_runs_are_made_for_one_slots_gpus_and_never_share_them(tmp_path):
+    loop = asyncio.new_event_loop()
+    try:
+        sched = Scheduler(
+            Settings(data_dir=str(tmp_path), slots=2), None, None, Sandbox(instance="unused"), ["0", "1", "2"]
+        )  # type: ignore[arg-type]
+        held = sched.pool.allocate(2)
+        assert held == ["0", "1"]
+        sched._running["x"] = _Running(
+            exp_id="x", loop_name="l", slot=_Slot(index=0), gpus=held, handed_at=0.0, live=LiveLog(loop, 16)
+        )
+        promised: set[str] = set()
+        first = sched._bindable(2, promised)
+        assert first == ["0", "1"]  # the slot that will hand them over
+        promised |= set(first)
+        assert sched._bindable(2, promised) is None  # only one free id left, and 0/1 are promised
+        second = sched._bindable(1, promised)
+        assert second == ["2"]  # a free id nobody was promised
+        promised |= set(second)
+        assert sched._bindable(1, promised) is None
+        assert sched._bindable(0, promised) == []
+        assert sched.pool.free == 1  # binding takes nothing from the pool
+    finally:
+        loop.close()
