@@ -190,29 +190,46 @@ class PreparedRun:
 
     # -- execute -------------------------------------------------------------------------------
 
-    def execute(self, on_output: Callable[[bytes], None] | None = None) -> RunResult:
-        """Open the gate and see the run through; always releases the container.
+    def execute(
+        self,
+        on_output: Callable[[bytes], None] | None = None,
+        on_exit: Callable[[Timings], None] | None = None,
+        release: bool = True,
+    ) -> RunResult:
+        """Open the gate and see the run through; releases the container unless `release` is False
+        (the caller then owes a `release()`, e.g. once nobody waits for it).
 
         `on_output` is called in this thread with each piece of output (stdout and stderr
         interleaved as received, without the gate's report) as soon as it arrives; its exceptions
-        are logged and ignored. It should return quickly: the run's output waits while it runs."""
+        are logged and ignored. It should return quickly: the run's output waits while it runs.
+        `on_exit` is called once the workload has ended (exited, killed or cancelled), before its
+        outputs are collected: whatever it held besides this container is free from then on."""
         try:
-            return self._execute(_OutputTap(on_output, self.run_id) if on_output is not None else None)
+            return self._execute(
+                _OutputTap(on_output, self.run_id) if on_output is not None else None,
+                _ExitHook(on_exit, self.run_id, self.timings),
+            )
         finally:
-            self.release()
+            if release:
+                self.release()
 
-    def _execute(self, tap: _OutputTap | None) -> RunResult:
+    def _execute(self, tap: _OutputTap | None, exited: _ExitHook) -> RunResult:
         if self._cancel.is_set():
+            exited.fire()
             return RunResult(exit_code=None, cancelled=True, timings=self.timings)
         assert self._raw is not None and self.container_id is not None
         logbuf = CappedLog(self.spec.limits.log_bytes)
-        with _engine("open gate"):
-            self._raw.sendall(b"go\n")
-        self.timings.started = time.time()
-        deadline = time.monotonic() + self.spec.timeout_s
         frames = _FrameReader()  # one per run: a chunk may hold frames on both sides of the report
-        outcome = self._pump(frames, logbuf, deadline, until_marker=True, tap=tap)
-        self.timings.finished = time.time()
+        try:
+            with _engine("open gate"):
+                self._raw.sendall(b"go\n")
+            self.timings.started = time.time()
+            # The hard deadline counts from the gate opening, never from the (earlier) prepare.
+            deadline = time.monotonic() + self.spec.timeout_s
+            outcome = self._pump(frames, logbuf, deadline, until_marker=True, tap=tap)
+        finally:
+            self.timings.finished = time.time()
+            exited.fire()
         result = RunResult(
             exit_code=None,
             timed_out=outcome == "timeout",
@@ -431,6 +448,24 @@ class _Reports:
             end, found = match.end(), True
         self._buf = buf[end:][-96:]
         return found
+
+
+class _ExitHook:
+    """Calls a caller's callback once when the workload has ended; its failure never disturbs the run."""
+
+    def __init__(self, callback: Callable[[Timings], None] | None, run_id: str, timings: Timings) -> None:
+        self._callback = callback
+        self._run_id = run_id
+        self._timings = timings
+
+    def fire(self) -> None:
+        callback, self._callback = self._callback, None
+        if callback is None:
+            return
+        try:
+            callback(self._timings)
+        except Exception:
+            log.exception("run %s: exit callback failed; the run goes on", self._run_id)
 
 
 class _FrameReader:

@@ -47,6 +47,17 @@ class GpuPool:
         taken, self._free = self._free[:n], self._free[n:]
         return taken
 
+    @property
+    def free_ids(self) -> list[str]:
+        return list(self._free)
+
+    def take(self, ids: list[str]) -> list[str] | None:
+        """Exactly `ids` (those a prepared run was made for), or None when any of them is held."""
+        if len(set(ids)) != len(ids) or not set(ids) <= set(self._free):
+            return None
+        self._free = [g for g in self._free if g not in ids]
+        return list(ids)
+
     def release(self, ids: list[str]) -> None:
         for gpu in ids:
             if gpu not in self.ids or gpu in self._free:

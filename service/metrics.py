@@ -58,7 +58,7 @@ ENGINE_ERROR_REASONS = ("image_missing", "refused", "unreachable", "bad_spec", "
 disable_created_metrics()
 
 _DURATION_BUCKETS = (1, 5, 10, 20, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200)
-_OVERHEAD_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 1, 2, 5, 10)
+_OVERHEAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5, 10)
 _WAIT_BUCKETS = (0.1, 0.5, 1, 5, 10, 30, 60, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
 EXPERIMENTS = Counter("ratchet_experiments", "Experiments finished, by final status", ["loop", "status"])

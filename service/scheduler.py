@@ -1,8 +1,16 @@
-"""Dispatches queued experiments onto slots and sees each one through the sandbox.
+"""Dispatches queued experiments onto slots and sees each one through an executor.
 
-A steady loop around one small iteration: fill every free slot (round-robin across loops, FIFO
-within a loop), then sleep until something changes. docker-py blocks, so every run lives in a
-worker thread; the event loop only ever awaits it.
+A steady loop around one small pass: fill every free slot in dispatch order (the store's queue
+order per loop, round-robin across loops), then prepare the experiments that come next behind
+their gates, so each one's workload starts the moment a slot frees. Only the gate opening sits on
+the critical path: when a workload ends its slot goes at once to the next prepared run, while
+outputs are collected, the log written, the verdict recorded and the container removed behind it.
+
+A prepared run is only a head start, never a claim. It stays `queued` in the database and holds
+no slot and no GPU: it is bound to GPU ids (those of the slot expected to run it, whose current
+experiment holds them), and it runs only if it is still first in dispatch order when a slot frees
+and those ids are free then. Otherwise (cancelled, loop paused or stopped, overtaken, ids taken)
+it is removed, like everything no longer among the next in line.
 """
 
 from __future__ import annotations
@@ -12,23 +20,22 @@ import contextlib
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from sandbox import (
-    LABEL_SANDBOX,
     FileEntry,
     Limits,
     Mount,
-    PreparedRun,
     RunResult,
     RunSpec,
     Sandbox,
     SandboxError,
     SpecError,
+    Timings,
 )
 from sandbox.options import WORKSPACE_DIR
 
@@ -36,6 +43,7 @@ from . import faults, transitions
 from . import metrics as m
 from .decisions import Outcome
 from .evaluate import EVAL_SEPARATOR, TRAIN_OUTPUT, eval_tree, prefixed
+from .executor import Executor, Handle, LocalExecutor
 from .extract import Extracted, extract_metrics, implausible
 from .gpus import GpuPool
 from .livelog import LiveLog
@@ -45,58 +53,117 @@ from .settings import Settings
 from .snapshots import SnapshotStore, decode_manifest
 from .store import Store
 
-__all__ = ["Scheduler"]
+__all__ = ["Scheduler", "dispatch_order"]
 
 log = logging.getLogger("ratchet.scheduler")
 
 LIVE_LOG_BYTES = 1024 * 1024  # newest output of each running experiment kept for followers
 
 
+def dispatch_order(queued: list[tuple[str, str]], rotation: dict[str, float]) -> list[tuple[str, str]]:
+    """The order experiments will get slots in: each loop's own order (as `queued` lists them,
+    loop by loop), interleaved round-robin, the loop served least recently first."""
+    per_loop: dict[str, list[str]] = {}
+    for loop_id, exp_id in queued:
+        per_loop.setdefault(loop_id, []).append(exp_id)
+    loops = sorted(per_loop, key=lambda lid: rotation.get(lid, 0.0))
+    order: list[tuple[str, str]] = []
+    for place in range(max((len(v) for v in per_loop.values()), default=0)):
+        order += [(lid, per_loop[lid][place]) for lid in loops if place < len(per_loop[lid])]
+    return order
+
+
+class _Prepared(msgspec.Struct, kw_only=True):
+    handle: Handle
+    spec: RunSpec
+    tree: dict[str, bytes]
+    exp: ExperimentView
+    loop: LoopView
+
+
+class _Staged(msgspec.Struct, kw_only=True):
+    """A queued experiment being prepared (or prepared) ahead of its turn."""
+
+    exp_id: str
+    loop_id: str
+    gpus: list[str]  # the ids it was made for; it runs only on exactly these
+    task: asyncio.Task[_Prepared]
+
+
 class _Slot(msgspec.Struct, kw_only=True):
+    index: int
+    exp_id: str | None = None  # the experiment whose workload holds it
+    freed_at: float = 0.0
+    recorded: asyncio.Future[None] | None = None  # the last occupant's verdict is written
+
+
+class _Running(msgspec.Struct, kw_only=True):
+    """An experiment from dispatch until its verdict is written (its slot frees earlier)."""
+
     exp_id: str
     loop_name: str
+    slot: _Slot
     gpus: list[str]
-    handed_at: float
-    task: asyncio.Task[None] | None = None
-    run: PreparedRun | None = None
-    cancel_requested: bool = False
+    handed_at: float  # when the slot became this experiment's: freed by the previous one, or later
     live: LiveLog  # its output as it arrives, for followers
+    task: asyncio.Task[None] | None = None
+    handle: Handle | None = None
+    cancel_requested: bool = False
+    freed_at: float | None = None
+    workload_s: float = 0.0
 
 
 class Scheduler:
     def __init__(
-        self, settings: Settings, store: Store, snapshots: SnapshotStore, sandbox: Sandbox, gpus: list[str]
+        self,
+        settings: Settings,
+        store: Store,
+        snapshots: SnapshotStore,
+        sandbox: Sandbox,
+        gpus: list[str],
+        executor: Executor | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.snapshots = snapshots
-        self.sandbox = sandbox
+        self.instance = sandbox.instance
         self.pool = GpuPool(gpus)
         if settings.slots is not None:
             self.slots = settings.slots
         else:
             self.slots = max(1, len(gpus) // settings.gpus_per_slot) if gpus else 1
+        self.lookahead = self.slots * settings.prepare_ahead
+        threads = self.slots + self.lookahead + 4  # one per running workload, prepare, and spare
+        self.executor: Executor = executor or LocalExecutor(sandbox, threads)
         self.logs_dir = Path(settings.data_dir) / "logs"
         self.logs_dir.mkdir(parents=True, exist_ok=True)
-        self._running: dict[str, _Slot] = {}
+        self._slots = [_Slot(index=i) for i in range(self.slots)]
+        self._running: dict[str, _Running] = {}
+        self._staged: dict[str, _Staged] = {}
+        self._seen: dict[str, float] = {}  # exp id -> when it first showed up in dispatch order
+        self._cleanups: set[asyncio.Task[None]] = set()
+        self._pass_lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._rotation: dict[str, float] = {}  # loop id -> last dispatch, for round-robin
         self._remeasures: set[str] = set()  # idle-time runs of a best: first to give a slot back
         self._task: asyncio.Task[None] | None = None
-        # Runs block a thread each for their whole duration: they get threads of their own so
-        # they never starve the default pool that serves the API's short blocking calls.
-        self._threads = ThreadPoolExecutor(max_workers=self.slots + 2, thread_name_prefix="ratchet-run")
         self._stopping = False
         self._slots_changed = asyncio.Event()  # replaced on every set: each waiter sees one change
         self.streams_ending = False
         self.dispatched = 0
         self._engine_up = True
-        self._leftovers: list[dict[str, str]] = []  # labels of containers to remove once the engine answers
+        self._engine_checked = 0.0  # monotonic time of the last ping that answered
+        # runs to remove once the engine answers again: (instance, experiment or None for all)
+        self._leftovers: list[tuple[str, str | None]] = []
+        self.prepared_hits = 0  # dispatches that found their run already prepared
         m.SLOTS_TOTAL.set(self.slots)
         m.SLOTS_BUSY.set(0)
 
     def __repr__(self) -> str:
-        return f"<Scheduler slots={self.slots} busy={len(self._running)} dispatched={self.dispatched}>"
+        return (
+            f"<Scheduler slots={self.slots} busy={self.busy} prepared={len(self._staged)}"
+            f" dispatched={self.dispatched} prepared_hits={self.prepared_hits}>"
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -106,33 +173,38 @@ class Scheduler:
         self._task = asyncio.create_task(self._loop(), name="ratchet-scheduler")
 
     async def stop(self) -> None:
-        """Kills running containers and puts their experiments back in the queue for the next start."""
+        """Removes prepared runs, kills running ones and puts their experiments back in the queue
+        for the next start."""
         self._stopping = True
         self.end_streams()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        for slot in list(self._running.values()):
-            slot.cancel_requested = True
-            if slot.run is not None:
-                await asyncio.to_thread(slot.run.cancel)
-        tasks = [s.task for s in self._running.values() if s.task is not None]
+        async with self._pass_lock:
+            for exp_id in list(self._staged):
+                self._discard(exp_id)
+        for run in list(self._running.values()):
+            run.cancel_requested = True
+            if run.handle is not None:
+                await run.handle.cancel()
+        tasks = [r.task for r in self._running.values() if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=30)
-        self._threads.shutdown(wait=False, cancel_futures=True)
+        if self._cleanups:
+            await asyncio.wait(list(self._cleanups), timeout=30)
+        await self.executor.close()
 
     async def recover(self) -> None:
         """Experiments left `running` by a previous process: remove every container and volume that
-        process made (they carry this data dir's instance label), then queue those experiments again."""
+        process made, prepared ones included (they carry this data dir's instance label), then
+        queue those experiments again."""
         running = await self.store.running_ids()
         try:
-            removed = await asyncio.to_thread(
-                self.sandbox.remove_labelled, {LABEL_SANDBOX: self.sandbox.instance}
-            )
+            removed = await self.executor.cleanup(self.instance)
         except SandboxError as exc:
             log.warning("recover: could not clean up the previous run's containers: %s", exc)
-            self._leftovers.append({LABEL_SANDBOX: self.sandbox.instance})  # before anything runs
+            self._leftovers.append((self.instance, None))  # before anything runs
             removed = 0
         for exp_id in running:
             await transitions.requeue(self.store, exp_id)
@@ -154,13 +226,13 @@ class Scheduler:
 
     async def _loop(self) -> None:
         while True:
+            self._wake.clear()  # before the pass: a wake-up during it is never lost
             try:
                 await self._iteration()
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("scheduler iteration failed; retrying")
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=1.0)
 
@@ -171,27 +243,7 @@ class Scheduler:
         for name, depth in depths.items():
             m.track_loop(name)
             m.QUEUE_DEPTH.labels(loop=name).set(depth)
-        engine_checked = False
-        while len(self._running) < self.slots and not self._stopping:
-            heads = await self.store.queue_heads()
-            if heads and not engine_checked:
-                if not await self._engine_ready():
-                    return
-                engine_checked = True
-            heads.sort(key=lambda h: self._rotation.get(h[0], 0.0))
-            started = False
-            for loop_id, exp_id in heads:
-                if len(self._running) >= self.slots:
-                    break
-                started |= await self._dispatch(loop_id, exp_id)
-            if not started:
-                break
-        if self._stopping:
-            return
-        if len(self._running) < self.slots:
-            await self._remeasure_when_idle()
-        else:
-            await self._preempt_remeasure()
+        await self._pass()
 
     async def _remeasure_when_idle(self) -> None:
         """A slot with nothing to run re-measures a loop's best (noise-aware loops), so the best
@@ -199,12 +251,12 @@ class Scheduler:
         if not self._engine_up:
             return
         for loop_id in await self.store.loops_with_best():
-            while len(self._running) < self.slots:
+            while free := [s for s in self._slots if s.exp_id is None]:
                 exp_id = await transitions.queue_remeasure(self.store, loop_id)
                 if exp_id is None:
                     break
                 self._remeasures.add(exp_id)
-                if not await self._dispatch(loop_id, exp_id):
+                if not await self._dispatch(loop_id, exp_id, free[0]):
                     self._remeasures.discard(exp_id)
                     await transitions.cancel(self.store, exp_id, "no slot was free for re-measuring")
                     break
@@ -212,18 +264,23 @@ class Scheduler:
     async def _preempt_remeasure(self) -> None:
         """Re-measuring only uses idle time: queued work takes the slot back from it."""
         victim = next(
-            (s for s in self._running.values() if s.exp_id in self._remeasures and not s.cancel_requested),
+            (r for r in self._running.values() if r.exp_id in self._remeasures and not r.cancel_requested),
             None,
         )
-        if victim is not None and await self.store.queue_heads():
+        if victim is not None:
             log.info("re-measure %s gives its slot to queued work", victim.exp_id)
-            await self.cancel(victim.exp_id, "preempted: queued work needed the slot")
+            self._background(self.cancel(victim.exp_id, "preempted: queued work needed the slot"))
 
     async def _engine_ready(self) -> bool:
         """Nothing is dispatched while the engine does not answer a ping: a run started now could
         only fail, and the queue would drain into `error`. Containers that an outage left behind
-        are removed before anything new starts."""
-        up = await asyncio.to_thread(self.sandbox.ping)
+        are removed before anything new starts. A ping that answered counts for a second, so the
+        path from a freed slot to the next start does not wait for one."""
+        if self._engine_up and not self._leftovers and time.monotonic() - self._engine_checked < 1.0:
+            return True
+        up = await self.executor.ping()
+        if up:
+            self._engine_checked = time.monotonic()
         if up != self._engine_up:
             self._engine_up = up
             if up:
@@ -234,81 +291,207 @@ class Scheduler:
 
     async def _remove_leftovers(self) -> bool:
         pending, self._leftovers = self._leftovers, []
-        for labels in pending:
+        for instance, experiment in pending:
             try:
-                removed = await asyncio.to_thread(self.sandbox.remove_labelled, labels)
+                removed = await self.executor.cleanup(instance, experiment)
             except SandboxError as exc:
                 log.warning("could not remove containers left by an engine failure: %s", exc)
-                self._leftovers.append(labels)
+                self._leftovers.append((instance, experiment))
             else:
                 if removed:
                     log.info("removed %d container(s)/volume(s) left by an engine failure", removed)
         return not self._leftovers
 
-    async def _dispatch(self, loop_id: str, exp_id: str) -> bool:
+    async def _pass(self) -> None:
+        """Fill the free slots in dispatch order, then prepare what comes next."""
+        async with self._pass_lock:
+            if self._stopping:
+                return
+            order = await self._order()
+            if order and not await self._engine_ready():
+                return
+            blocked: set[str] = set()  # loops whose next experiment cannot get its GPUs now
+            for loop_id, exp_id in order:
+                free = [s for s in self._slots if s.exp_id is None]
+                if not free:
+                    break
+                if loop_id in blocked:
+                    continue  # FIFO within a loop: nothing of it overtakes its own head
+                started = await self._dispatch(loop_id, exp_id, free[0])
+                if started is None:
+                    blocked.add(loop_id)
+            if any(s.exp_id is None for s in self._slots):
+                await self._remeasure_when_idle()
+            elif any(exp_id not in self._running for _, exp_id in order):
+                await self._preempt_remeasure()
+            await self._prepare_ahead()
+
+    async def _order(self) -> list[tuple[str, str]]:
+        queued = await self.store.queue_heads(depth=max(1, self.slots + self.lookahead))
+        order = [item for item in dispatch_order(queued, self._rotation) if item[1] not in self._running]
+        now = time.time()
+        self._seen = {exp_id: self._seen.get(exp_id, now) for _, exp_id in order}
+        return order
+
+    async def _dispatch(self, loop_id: str, exp_id: str, slot: _Slot) -> bool | None:
+        """Give `slot` to `exp_id`: True when it started, False when it could not (already cancelled),
+        None when its GPUs are not free now."""
         loop = await self.store.get_loop(loop_id, counts=False)
-        exp = await self.store.get_experiment(exp_id, with_tail=False)
-        if loop is None or exp is None:
+        if loop is None:
             return False
-        gpus = self.pool.allocate(loop.config.resources.gpus)
+        staged = self._staged.get(exp_id)
+        gpus = self.pool.take(staged.gpus) if staged is not None else None
         if gpus is None:
-            return False  # not enough free GPUs for this loop now; others may still fit
+            gpus = self.pool.allocate(loop.config.resources.gpus)
+            if gpus is None:
+                return None  # it waits, prepared or not, for GPUs to free
+            self._discard(exp_id)  # made for GPUs that are not free: start from scratch
+            staged = None
+        self._staged.pop(exp_id, None)
         if not await transitions.start(self.store, exp_id, gpus):
             self.pool.release(gpus)
+            self._forget(staged)
             return False
+        now = time.time()
         self._rotation[loop_id] = time.monotonic()
         live = LiveLog(asyncio.get_running_loop(), LIVE_LOG_BYTES)
-        slot = _Slot(exp_id=exp_id, loop_name=loop.name, gpus=gpus, handed_at=time.time(), live=live)
-        self._running[exp_id] = slot
+        handed = max(slot.freed_at, self._seen.pop(exp_id, now))
+        run = _Running(exp_id=exp_id, loop_name=loop.name, slot=slot, gpus=gpus, handed_at=handed, live=live)
+        slot.exp_id = exp_id
+        self._running[exp_id] = run
         self._announce()
         self.dispatched += 1
-        m.SLOTS_BUSY.set(len(self._running))
-        m.RUNNING.set(len(self._running))
-        m.QUEUE_WAIT.labels(loop=loop.name).observe(max(0.0, slot.handed_at - exp.created_at))
-        slot.task = asyncio.create_task(self._run(slot, exp, loop), name=f"experiment-{exp_id}")
+        self.prepared_hits += staged is not None
+        self._busy_changed()
+        prepared = staged.task if staged is not None else None
+        run.task = asyncio.create_task(self._run(run, loop, prepared), name=f"experiment-{exp_id}")
         return True
+
+    async def _prepare_ahead(self) -> None:
+        """Prepare the next `lookahead` experiments in dispatch order; remove any prepared run that
+        is no longer among them (cancelled, paused, stopped, overtaken)."""
+        if self._stopping:
+            return
+        order = await self._order() if self.lookahead else []
+        wanted = order[: self.lookahead]
+        wanted_ids = {exp_id for _, exp_id in wanted}
+        for exp_id in [e for e in self._staged if e not in wanted_ids]:
+            self._discard(exp_id)
+        # Runs that hold a slot get the engine first: each one whose own prepare is done makes
+        # room for the next ones (its prepare's end starts a new pass).
+        ready = sum(1 for r in self._running.values() if r.handle is not None and r.freed_at is None)
+        budget = min(self.lookahead, ready * self.settings.prepare_ahead)
+        promised = {g for st in self._staged.values() for g in st.gpus}
+        for loop_id, exp_id in wanted:
+            if len(self._staged) >= budget:
+                break
+            if exp_id in self._staged:
+                continue
+            loop = await self.store.get_loop(loop_id, counts=False)
+            if loop is None:
+                continue
+            gpus = self._bindable(loop.config.resources.gpus, promised)
+            if gpus is None:
+                continue
+            promised |= set(gpus)
+            task = asyncio.create_task(self._prepare(exp_id, loop, gpus), name=f"prepare-{exp_id}")
+            self._staged[exp_id] = _Staged(exp_id=exp_id, loop_id=loop_id, gpus=gpus, task=task)
+
+    def _bindable(self, n: int, promised: set[str]) -> list[str] | None:
+        """GPU ids a run prepared now should be made for: those of one slot whose current
+        experiment will hand them over (nobody else's promise), else free ones; None if none fit."""
+        if n == 0:
+            return []
+        for run in self._running.values():
+            if run.freed_at is None and len(run.gpus) >= n and not promised & set(run.gpus):
+                return run.gpus[:n]
+        free = [g for g in self.pool.free_ids if g not in promised]
+        return free[:n] if len(free) >= n else None
+
+    def _discard(self, exp_id: str) -> None:
+        self._forget(self._staged.pop(exp_id, None))
+
+    def _forget(self, staged: _Staged | None) -> None:
+        """A prepared run that will not run: stop preparing it and remove what it made."""
+        if staged is None:
+            return
+        if not staged.task.done():
+            staged.task.cancel()  # the executor removes whatever the prepare still makes
+            return
+        if staged.task.cancelled() or staged.task.exception() is not None:
+            return
+        self._background(staged.task.result().handle.cleanup())
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._cleanups.add(task)
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._cleanups.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background step failed", exc_info=task.exception())
+
+    async def _prepare(self, exp_id: str, loop: LoopView, gpus: list[str]) -> _Prepared:
+        exp = await self.store.get_experiment(exp_id, with_tail=False)
+        if exp is None:
+            raise OSError(f"experiment {exp_id} vanished from the database")
+        spec, tree = await self._spec(exp, loop, gpus)
+        handle = await self.executor.prepare(spec)
+        return _Prepared(handle=handle, spec=spec, tree=tree, exp=exp, loop=loop)
 
     # -- one experiment --------------------------------------------------------------------------
 
-    async def _run(self, slot: _Slot, exp: ExperimentView, loop: LoopView) -> None:
+    async def _run(self, run: _Running, loop: LoopView, prepared: asyncio.Task[_Prepared] | None) -> None:
+        slot = run.slot
+        mine: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        before, slot.recorded = slot.recorded, mine
         result: RunResult | None = None
         try:
             faults.point("run.preparing")
-            spec, tree = await self._spec(exp, loop, slot.gpus)
-            result = await self._sandbox_run(slot, spec)
+            ready = await (prepared if prepared is not None else self._prepare(run.exp_id, loop, run.gpus))
+            run.handle = ready.handle
+            faults.point("run.prepared")
+            # This run now makes room for the next prepares (the pass runs once the gate is asked
+            # to open: nothing here yields before that).
+            self._background(self._pass())
+            m.QUEUE_WAIT.labels(loop=loop.name).observe(max(0.0, run.handed_at - ready.exp.created_at))
+            if run.cancel_requested:
+                await ready.handle.cancel()
+            has_eval = loop.config.evaluate is not None
+            result = await self._phase(run, ready.handle, free_after=not has_eval)
             evaluation: RunResult | None = None
-            if loop.config.evaluate is not None and _succeeded(result) and not slot.cancel_requested:
-                slot.live.write(f"\n{EVAL_SEPARATOR}\n".encode())
-                eval_spec = self._eval_spec(spec, loop.config, tree, result)
-                evaluation = await self._sandbox_run(slot, eval_spec)
-            await self._record(slot, exp, loop, result, evaluation)
+            if has_eval and _succeeded(result) and not run.cancel_requested:
+                run.live.write(f"\n{EVAL_SEPARATOR}\n".encode())
+                eval_spec = self._eval_spec(ready.spec, loop.config, ready.tree, result)
+                run.handle = await self.executor.prepare(eval_spec)
+                if run.cancel_requested:
+                    await run.handle.cancel()
+                evaluation = await self._phase(run, run.handle, free_after=True)
+            self._free(run)
+            await _after(before)  # verdicts of one slot are written in the order their runs started
+            await self._record(run, ready.exp, loop, result, evaluation)
         except (SandboxError, SpecError, OSError) as exc:
             kind = "container engine" if isinstance(exc, SandboxError) else "sandbox setup"
             m.ENGINE_ERRORS.labels(reason=m.engine_error_reason(exc)).inc()
-            log.warning("experiment %s: %s failed: %s", exp.id, kind, exc)
-            reason = await self._retry(exp.id, exc, f"{kind}: {exc}")
+            log.warning("experiment %s: %s failed: %s", run.exp_id, kind, exc)
+            self._free(run)
+            reason = await self._retry(run.exp_id, exc, f"{kind}: {exc}")
             if reason is not None:
-                await transitions.fail(self.store, exp.id, reason)
-                m.EXPERIMENTS.labels(loop=loop.name, status=Status.error.value).inc()
-                m.FAILURES.labels(loop=loop.name, reason="engine").inc()
+                await self._fail(run, reason, "engine")
         except Exception as exc:
-            log.exception("experiment %s: unexpected failure", exp.id)
-            await transitions.fail(self.store, exp.id, f"internal error: {type(exc).__name__}: {exc}")
-            m.EXPERIMENTS.labels(loop=loop.name, status=Status.error.value).inc()
-            m.FAILURES.labels(loop=loop.name, reason="internal").inc()
+            log.exception("experiment %s: unexpected failure", run.exp_id)
+            await self._fail(run, f"internal error: {type(exc).__name__}: {exc}", "internal")
         finally:
-            self.pool.release(slot.gpus)
-            del self._running[slot.exp_id]
-            self._remeasures.discard(slot.exp_id)
-            slot.live.close()  # after the final status is written: followers read it next
+            self._free(run)
+            del self._running[run.exp_id]
+            self._remeasures.discard(run.exp_id)
+            run.live.close()  # after the final status is written: followers read it next
             self._announce()
-            m.SLOTS_BUSY.set(len(self._running))
-            m.RUNNING.set(len(self._running))
-            if result is not None and result.timings.started and result.timings.finished:
-                before = result.timings.started - slot.handed_at
-                after = time.time() - result.timings.finished
-                m.OVERHEAD.labels(loop=slot.loop_name).observe(max(0.0, before) + max(0.0, after))
-            self.wake()
+            mine.set_result(None)
+            if result is not None and run.freed_at is not None and result.timings.started is not None:
+                overhead = run.freed_at - run.handed_at - run.workload_s
+                m.OVERHEAD.labels(loop=run.loop_name).observe(max(0.0, overhead))
 
     async def _retry(self, exp_id: str, exc: Exception, reason: str) -> str | None:
         """An engine that stopped answering broke this run, not the candidate: queue it again after a
@@ -317,7 +500,7 @@ class Scheduler:
         it is removed as soon as the engine answers."""
         if not (isinstance(exc, SandboxError) and exc.reason == "unreachable"):
             return reason
-        self._leftovers.append({LABEL_SANDBOX: self.sandbox.instance, "ratchet.experiment": exp_id})
+        self._leftovers.append((self.instance, exp_id))
         attempts = await self.store.attempts(exp_id)
         if attempts > self.settings.engine_retries:
             return f"{reason} (gave up after {attempts} attempts)"
@@ -327,20 +510,41 @@ class Scheduler:
         await transitions.retry(self.store, exp_id, note, time.time() + delay)
         return None
 
-    async def _sandbox_run(self, slot: _Slot, spec: RunSpec) -> RunResult:
-        run = partial(
-            self.sandbox.run,
-            spec,
-            on_start=lambda run: self._attach(slot, run),
-            on_output=slot.live.write,
-        )
-        return await asyncio.get_running_loop().run_in_executor(self._threads, run)
+    async def _fail(self, run: _Running, reason: str, failure: str) -> None:
+        self._free(run)
+        await transitions.fail(self.store, run.exp_id, reason)
+        m.EXPERIMENTS.labels(loop=run.loop_name, status=Status.error.value).inc()
+        m.FAILURES.labels(loop=run.loop_name, reason=failure).inc()
 
-    def _attach(self, slot: _Slot, run: PreparedRun) -> None:
-        slot.run = run
-        faults.point("run.prepared")
-        if slot.cancel_requested:
-            run.cancel()
+    async def _phase(self, run: _Running, handle: Handle, free_after: bool) -> RunResult:
+        """One container's run; its removal happens in the background, after the slot is free."""
+
+        def exited(timings: Timings) -> None:
+            if timings.started is not None and timings.finished is not None:
+                run.workload_s += max(0.0, timings.finished - timings.started)
+            if free_after:
+                self._free(run)
+
+        try:
+            return await handle.start(on_output=run.live.write, on_exit=exited)
+        finally:
+            self._background(handle.cleanup())
+
+    def _free(self, run: _Running) -> None:
+        """The workload is over: the slot and its GPUs go to the next experiment now."""
+        if run.freed_at is not None:
+            return
+        run.freed_at = time.time()
+        run.slot.exp_id = None
+        run.slot.freed_at = run.freed_at
+        self.pool.release(run.gpus)
+        self._busy_changed()
+        if not self._stopping:
+            self._background(self._pass())
+
+    def _busy_changed(self) -> None:
+        m.SLOTS_BUSY.set(self.busy)
+        m.RUNNING.set(self.busy)
 
     async def _spec(
         self, exp: ExperimentView, loop: LoopView, gpus: list[str]
@@ -383,8 +587,8 @@ class Scheduler:
             labels={
                 "ratchet.loop": loop.id,
                 "ratchet.experiment": exp.id,
-                "ratchet.instance": self.sandbox.instance,
-                "ratchet.attempt": str(exp.attempts + 1),  # `exp` was read just before its start
+                "ratchet.instance": self.instance,
+                "ratchet.attempt": str(exp.attempts + 1),  # `exp` was read before its start
             },
         )
         return spec, tree
@@ -414,7 +618,7 @@ class Scheduler:
 
     async def _record(
         self,
-        slot: _Slot,
+        run: _Running,
         exp: ExperimentView,
         loop: LoopView,
         result: RunResult,
@@ -523,17 +727,19 @@ class Scheduler:
     # -- control ---------------------------------------------------------------------------------
 
     async def cancel(self, exp_id: str, reason: str = "cancelled") -> bool:
-        """Writes the cancel first, then kills the container if the experiment holds a slot."""
+        """Writes the cancel first, then removes its prepared run or kills its running one (and
+        those of its repeat runs, when a confirming candidate is cancelled)."""
         running_repeats = await self.store.repeat_ids(exp_id, ["running"])
         changed = await transitions.cancel(self.store, exp_id, reason)
         for repeat in running_repeats if changed else []:
             await transitions.cancel(self.store, repeat, f"its candidate was cancelled: {reason}")
         for victim in [exp_id, *running_repeats]:
-            slot = self._running.get(victim)
-            if slot is not None:
-                slot.cancel_requested = True
-                if slot.run is not None:
-                    await asyncio.to_thread(slot.run.cancel)
+            self._discard(victim)
+            run = self._running.get(victim)
+            if run is not None:
+                run.cancel_requested = True
+                if run.handle is not None:
+                    await run.handle.cancel()
         self.wake()
         return changed
 
@@ -543,7 +749,13 @@ class Scheduler:
 
     @property
     def busy(self) -> int:
-        return len(self._running)
+        """Slots whose experiment's workload has not ended yet."""
+        return sum(1 for s in self._slots if s.exp_id is not None)
+
+    @property
+    def prepared(self) -> list[str]:
+        """Queued experiments prepared (or being prepared) ahead of their turn."""
+        return list(self._staged)
 
     # -- live output -----------------------------------------------------------------------------
 
@@ -568,6 +780,11 @@ class Scheduler:
         for slot in self._running.values():
             slot.live.wake_all()
         self._announce()
+
+
+async def _after(previous: asyncio.Future[None] | None) -> None:
+    if previous is not None:
+        await asyncio.shield(previous)
 
 
 def _succeeded(result: RunResult) -> bool:

@@ -27,6 +27,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     # GPU device ids to use; None detects them with nvidia-smi, [] means none.
     gpus: list[str] | None = None
     gpus_per_slot: Annotated[int, Meta(ge=1, le=64)] = 1
+    # Queued experiments prepared ahead per slot, held behind their gates (0: none).
+    prepare_ahead: Annotated[int, Meta(ge=0, le=16)] = 1
     default_image: str = "ratchet/sandbox:latest"
     runtime: Literal["runc", "runsc"] = "runc"
     log_bytes: Annotated[int, Meta(ge=4096, le=1024**3)] = 4 * 1024 * 1024

@@ -427,23 +427,26 @@ class Store:
             (loop_id,),
         )
 
-    async def queue_heads(self) -> list[tuple[str, str]]:
-        """(loop_id, experiment_id) of the next dispatchable queued experiment of each active loop:
-        repeat runs (confirmations of a promising candidate, noise) first, then the oldest (one
-        waiting out its retry back-off is not dispatchable yet)."""
+    async def queue_heads(self, depth: int = 1) -> list[tuple[str, str]]:
+        """(loop_id, experiment_id) of the `depth` next dispatchable queued experiments of each
+        active loop: loop by loop, each loop's in the order it must run them — repeat runs
+        (confirmations of a promising candidate, noise) first, then the oldest; one waiting out its
+        retry back-off is not dispatchable yet."""
         rows = await self._q(
             """
-                SELECT l.id, (
-                    SELECT e.id FROM experiments e
-                    WHERE e.loop_id = l.id AND e.status = 'queued'
+                SELECT loop_id, id FROM (
+                    SELECT e.loop_id, e.id, l.rowid AS loop_row,
+                        ROW_NUMBER() OVER (
+                            PARTITION BY e.loop_id ORDER BY e.repeat_of IS NULL, e.seq) AS place
+                    FROM experiments e JOIN loops l ON l.id = e.loop_id
+                    WHERE l.state = 'active' AND e.status = 'queued'
                       AND (e.kind = 'baseline' OR l.baseline = 'ok')
-                      AND (e.not_before IS NULL OR e.not_before <= ?)
-                    ORDER BY e.repeat_of IS NULL, e.seq LIMIT 1)
-                FROM loops l WHERE l.state = 'active'
+                      AND (e.not_before IS NULL OR e.not_before <= ?))
+                WHERE place <= ? ORDER BY loop_row, place
                 """,
-            (time.time(),),
+            (time.time(), depth),
         )
-        return [(r[0], r[1]) for r in rows if r[1] is not None]
+        return [(r[0], r[1]) for r in rows]
 
     async def queue_depths(self) -> dict[str, int]:
         rows = await self._q(

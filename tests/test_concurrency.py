@@ -1,24 +1,40 @@
-"""Several loops and candidates share a fixed number of slots: never more containers than slots,
-every experiment judged correctly, round-robin across loops."""
+"""Several loops and candidates share a fixed number of slots: never more workloads running than
+slots (prepared containers wait behind their gates), every experiment judged correctly, round-robin
+across loops."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
+import docker
 from test_api import TRAIN, make_loop
 
 SLOW = TRAIN.replace("SLEEP = 0.0", "SLEEP = 1.5")
 
 
+def _workloads(client: docker.DockerClient, label: str) -> tuple[int, int]:
+    """(containers, containers past their gate): a gated container runs only its PID 1."""
+    containers = client.api.containers(filters={"label": label})
+    past_gate = 0
+    for c in containers:
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            past_gate += len(client.api.top(c["Id"]).get("Processes") or []) > 1
+    return len(containers), past_gate
+
+
 def test_two_loops_share_two_slots(server, docker_client):
     seen: list[int] = []
+    containers: list[int] = []
     stop = threading.Event()
 
     def watch() -> None:
         label = f"ratchet.sandbox={server.instance}"
         while not stop.is_set():
-            seen.append(len(docker_client.api.containers(all=True, filters={"label": label})))
+            total, running = _workloads(docker_client, label)
+            containers.append(total)
+            seen.append(running)
             time.sleep(0.05)
 
     watcher = threading.Thread(target=watch, daemon=True)
@@ -45,8 +61,9 @@ def test_two_loops_share_two_slots(server, docker_client):
     finally:
         stop.set()
         watcher.join()
-    assert max(seen) <= 2, f"more containers than slots: {max(seen)}"
+    assert max(seen) <= 2, f"more workloads than slots: {max(seen)}"
     assert max(seen) == 2, "the two slots were never used together"
+    assert max(containers) > 2, "nothing was prepared ahead of its turn"
     for lid, exps in finals.items():
         loop = server.client.get(f"/v1/loops/{lid}").json()
         assert all(e["status"] in ("keep", "discard") for e in exps)

@@ -70,6 +70,15 @@ def test_released_ids_return_in_inventory_order():
     assert pool.allocate(4) == ["a", "b", "c", "d"]
 
 
+def test_take_gives_exactly_the_ids_or_nothing():
+    pool = GpuPool(["0", "1", "2"])
+    held = pool.allocate(1)
+    assert pool.take(["0"]) is None and pool.free == 2  # held by someone else
+    assert pool.take(["2", "1"]) == ["2", "1"] and pool.free == 0
+    pool.release(held)
+    assert pool.take(["0", "0"]) is None and pool.take(["9"]) is None and pool.free == 1
+
+
 def test_detect_gpus_without_nvidia_smi(monkeypatch):
     monkeypatch.setattr("service.gpus.shutil.which", lambda name: None)
     assert detect_gpus() == []
@@ -81,6 +90,7 @@ steps = st.lists(
         st.tuples(st.just("alloc"), st.integers(min_value=0, max_value=5)),
         st.tuples(st.just("release"), st.integers(min_value=0, max_value=50)),
         st.tuples(st.just("bogus"), st.integers(min_value=0, max_value=10)),
+        st.tuples(st.just("take"), st.integers(min_value=0, max_value=255)),
     ),
     max_size=60,
 )
@@ -107,6 +117,16 @@ def test_no_id_is_ever_held_twice(size, script):
                 holders.append(got)
         elif op == "release" and holders:
             pool.release(holders.pop(arg % len(holders)))
+        elif op == "take":
+            # exactly the ids a prepared run was made for (a subset picked by the bits of arg)
+            wanted = [g for i, g in enumerate(inventory) if arg >> i & 1]
+            got = pool.take(wanted)
+            if set(wanted) & set(held):
+                assert got is None
+            else:
+                assert got == wanted
+                if got:
+                    holders.append(got)
         elif op == "bogus":
             # An id nobody holds: free in the pool, or not in the inventory at all.
             unheld = [g for g in inventory if g not in held] + ["nope"]
