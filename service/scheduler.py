@@ -152,7 +152,6 @@ class Scheduler:
         self.streams_ending = False
         self.dispatched = 0
         self._engine_up = True
-        self._engine_checked = 0.0  # monotonic time of the last ping that answered
         # runs to remove once the engine answers again: (instance, experiment or None for all)
         self._leftovers: list[tuple[str, str | None]] = []
         self.prepared_hits = 0  # dispatches that found their run already prepared
@@ -274,19 +273,19 @@ class Scheduler:
     async def _engine_ready(self) -> bool:
         """Nothing is dispatched while the engine does not answer a ping: a run started now could
         only fail, and the queue would drain into `error`. Containers that an outage left behind
-        are removed before anything new starts. A ping that answered counts for a second, so the
-        path from a freed slot to the next start does not wait for one."""
-        if self._engine_up and not self._leftovers and time.monotonic() - self._engine_checked < 1.0:
-            return True
+        are removed before anything new starts."""
         up = await self.executor.ping()
-        if up:
-            self._engine_checked = time.monotonic()
         if up != self._engine_up:
             self._engine_up = up
             if up:
                 log.info("the container engine answers again: dispatch resumes")
             else:
                 log.warning("the container engine does not answer: dispatch paused")
+        if not up:
+            # Prepared runs hold connections to the engine that went away: make them again later.
+            for exp_id in list(self._staged):
+                self._leftovers.append((self.instance, exp_id))
+                self._discard(exp_id)
         return up and await self._remove_leftovers()
 
     async def _remove_leftovers(self) -> bool:
