@@ -393,7 +393,9 @@ class Scheduler:
             if gpus is None:
                 continue
             promised |= set(gpus)
-            task = asyncio.create_task(self._prepare(exp_id, loop, gpus), name=f"prepare-{exp_id}")
+            task = asyncio.create_task(
+                self._prepare(exp_id, loop, gpus, ahead=True), name=f"prepare-{exp_id}"
+            )
             self._staged[exp_id] = _Staged(exp_id=exp_id, loop_id=loop_id, gpus=gpus, task=task)
 
     def _bindable(self, n: int, promised: set[str]) -> list[str] | None:
@@ -431,11 +433,12 @@ class Scheduler:
         if not task.cancelled() and task.exception() is not None:
             log.error("background step failed", exc_info=task.exception())
 
-    async def _prepare(self, exp_id: str, loop: LoopView, gpus: list[str]) -> _Prepared:
+    async def _prepare(self, exp_id: str, loop: LoopView, gpus: list[str], ahead: bool = False) -> _Prepared:
+        """`ahead`: made before the experiment's start, which will count one more attempt."""
         exp = await self.store.get_experiment(exp_id, with_tail=False)
         if exp is None:
             raise OSError(f"experiment {exp_id} vanished from the database")
-        spec, tree = await self._spec(exp, loop, gpus)
+        spec, tree = await self._spec(exp, loop, gpus, attempt=exp.attempts + ahead)
         handle = await self.executor.prepare(spec)
         return _Prepared(handle=handle, spec=spec, tree=tree, exp=exp, loop=loop)
 
@@ -546,7 +549,7 @@ class Scheduler:
         m.RUNNING.set(self.busy)
 
     async def _spec(
-        self, exp: ExperimentView, loop: LoopView, gpus: list[str]
+        self, exp: ExperimentView, loop: LoopView, gpus: list[str], attempt: int
     ) -> tuple[RunSpec, dict[str, bytes]]:
         raw = await self.store.get_manifest(exp.snapshot)
         if raw is None:
@@ -587,7 +590,7 @@ class Scheduler:
                 "ratchet.loop": loop.id,
                 "ratchet.experiment": exp.id,
                 "ratchet.instance": self.instance,
-                "ratchet.attempt": str(exp.attempts + 1),  # `exp` was read before its start
+                "ratchet.attempt": str(attempt),
             },
         )
         return spec, tree
