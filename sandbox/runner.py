@@ -128,14 +128,29 @@ class Sandbox:
         removed = 0
         with _engine("cleanup"):
             for c in self.client.containers.list(all=True, filters=filters):
-                with contextlib.suppress(docker.errors.NotFound):
-                    c.remove(force=True)
+                if _remove(lambda c=c: c.remove(force=True)):
                     removed += 1
             for v in self.client.volumes.list(filters=filters):
-                with contextlib.suppress(docker.errors.NotFound):
-                    v.remove(force=True)
+                if _remove(lambda v=v: v.remove(force=True)):
                     removed += 1
         return removed
+
+
+def _remove(call: Callable[[], object], tries: int = 20) -> bool:
+    """Runs an engine removal; False when the object was already gone. Another removal of the same
+    container (a cleanup by label racing a run's own release) answers 409 while it is in progress,
+    and its volume stays "in use" until it is done: wait for that rather than leak the volume."""
+    for attempt in range(tries):
+        try:
+            call()
+            return True
+        except docker.errors.NotFound:
+            return False
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409 or attempt == tries - 1:
+                raise
+            time.sleep(0.1)
+    return False
 
 
 class PreparedRun:
@@ -384,17 +399,14 @@ class PreparedRun:
         client = self.sandbox._client
         if client is None:
             return
-        if self.container_id is not None:
+        container_id = self.container_id
+        if container_id is not None:
             try:
-                client.api.remove_container(self.container_id, force=True, v=True)
-            except docker.errors.NotFound:
-                pass
+                _remove(lambda: client.api.remove_container(container_id, force=True, v=True))
             except Exception as exc:
-                log.warning("run %s: could not remove container %s: %s", self.run_id, self.container_id, exc)
+                log.warning("run %s: could not remove container %s: %s", self.run_id, container_id, exc)
         try:
-            client.api.remove_volume(self.volume, force=True)
-        except docker.errors.NotFound:
-            pass
+            _remove(lambda: client.api.remove_volume(self.volume, force=True))
         except Exception as exc:
             log.warning("run %s: could not remove volume %s: %s", self.run_id, self.volume, exc)
         self.timings.released = time.time()

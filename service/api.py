@@ -211,7 +211,9 @@ class LoopController(Controller):
         loop_id: LoopId,
         services: Services,
         status: Annotated[list[Status] | None, Parameter(description="filter; repeat for several")] = None,
-        after: Annotated[int, Parameter(ge=0, description="experiment number to start after")] = 0,
+        after: Annotated[
+            int, Parameter(ge=0, le=2**63 - 1, description="experiment number to start after")
+        ] = 0,
         limit: Annotated[
             int | None, Parameter(ge=1, description="page size (default 100), at most RATCHET_MAX_PAGE_SIZE")
         ] = None,

@@ -51,6 +51,15 @@ def leftovers(client: docker.DockerClient, label: str) -> list[str]:
     return found
 
 
+def settled_leftovers(client: docker.DockerClient, label: str, timeout: float = 30) -> list[str]:
+    """`leftovers` once the service's background removals had time to finish: containers are
+    removed after the slot is free and the verdict written, so right after a verdict some remain."""
+    deadline = time.monotonic() + timeout
+    while (found := leftovers(client, label)) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

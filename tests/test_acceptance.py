@@ -93,10 +93,10 @@ def test_resolve_applies_overrides_and_explains_bad_ones():
 # -- through the service --------------------------------------------------------------------------
 
 
-def make_noisy_loop(srv, name: str, **acceptance) -> dict:
+def make_noisy_loop(srv, name: str, train: str = NOISY, **acceptance) -> dict:
     body = {
         "name": name,
-        "workspace": {"files": {"train.py": NOISY, "prepare.py": HARNESS}},
+        "workspace": {"files": {"train.py": train, "prepare.py": HARNESS}},
         "editable": ["train.py"],
         "time_budget_s": 5,
         "timeout_s": 60,
@@ -174,7 +174,8 @@ def test_confirm_rule_through_real_runs(server):
 
 def test_idle_slot_remeasures_the_best_and_yields_to_queued_work(server_factory):
     srv = server_factory(slots=1)
-    loop = make_noisy_loop(srv, "remeasure", rule="confirm", baseline_runs=2, remeasure_runs=4)
+    slow = variant("1.0", slow_seed=3)
+    loop = make_noisy_loop(srv, "remeasure", slow, rule="confirm", baseline_runs=2, remeasure_runs=4)
     lid = loop["id"]
     # The best (the baseline: 1.0 and 1.1) is re-measured while nothing else is queued: seeds 2
     # and 3 give 0.9 and 1.05. The second re-measure (seed 3) is slow, so a candidate arriving
@@ -188,11 +189,11 @@ def test_idle_slot_remeasures_the_best_and_yields_to_queued_work(server_factory)
         assert time.monotonic() < deadline, loop
         time.sleep(0.2)
     assert loop["best_metric"] == pytest.approx(1.0)  # (1.0 + 1.1 + 0.9) / 3
-    slow = srv.client.post(
+    submitted = srv.client.post(
         f"/v1/loops/{lid}/experiments",
         json={"description": "worse", "files": {"train.py": variant("1.5")}},
     )
-    worse = srv.wait_final(slow.json()["id"])
+    worse = srv.wait_final(submitted.json()["id"])
     assert worse["status"] == "discard"
     preempted = srv.client.get(f"/v1/experiments/{running[0]['id']}").json()
     assert preempted["status"] == "cancelled" and "preempted" in preempted["reason"]

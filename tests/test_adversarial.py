@@ -33,7 +33,7 @@ from typing import Any
 import docker
 import httpx
 import pytest
-from conftest import Server, leftovers
+from conftest import Server, settled_leftovers
 
 pytestmark = pytest.mark.docker
 
@@ -632,7 +632,7 @@ def test_attacks_are_stopped_reported_and_leave_nothing(
         problems.setdefault("network", []).append(
             f"the host's listeners got {tcp_listener_got} {udp_listener_got}"
         )
-    left = leftovers(docker_client, f"ratchet.sandbox={srv.instance}")
+    left = settled_leftovers(docker_client, f"ratchet.sandbox={srv.instance}")
     cmdlines = host_cmdlines()
     ids = {cid for exp_ids in watcher.containers.values() for cid in exp_ids}
     stray = [line for line in cmdlines if token in line or any(cid in line for cid in ids)]

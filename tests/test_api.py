@@ -214,6 +214,8 @@ def test_pagination_and_status_filter(server):
     discards = server.client.get(f"/v1/loops/{lid}/experiments", params={"status": "discard"}).json()["items"]
     assert len(discards) == 7 and all(e["status"] == "discard" for e in discards)
     assert server.client.get(f"/v1/loops/{lid}/experiments", params={"limit": 0}).status_code == 400
+    huge = server.client.get(f"/v1/loops/{lid}/experiments", params={"after": 10**30})
+    assert huge.status_code == 400, huge.text  # not a 500 from an integer SQLite cannot hold
     assert server.client.get(f"/v1/loops/{lid}/experiments", params={"status": "bogus"}).status_code == 400
 
 

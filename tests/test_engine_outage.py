@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import leftovers
+from conftest import settled_leftovers
 from engineproxy import EngineProxy
 from test_api import TRAIN, make_loop
 
@@ -79,7 +79,7 @@ def test_engine_outage_pauses_dispatch_and_retries(server_factory, docker_client
     assert [done[e]["attempts"] for e in (slow, *waiting)] == [2, 1, 1]
     assert done[slow]["metric"] == 0.5
     # The container the outage cut off (still running on the engine) was removed once it came back.
-    assert not leftovers(docker_client, f"ratchet.sandbox={srv.instance}")
+    assert not settled_leftovers(docker_client, f"ratchet.sandbox={srv.instance}")
 
 
 def test_engine_failures_end_as_error_after_the_retries(server_factory, docker_client, proxy):
@@ -97,4 +97,4 @@ def test_engine_failures_end_as_error_after_the_retries(server_factory, docker_c
     proxy.cut_attach_after = None
     again = _submit(srv, lid, 0.25)
     assert srv.wait_final(again)["status"] == "keep"
-    assert not leftovers(docker_client, f"ratchet.sandbox={srv.instance}")
+    assert not settled_leftovers(docker_client, f"ratchet.sandbox={srv.instance}")

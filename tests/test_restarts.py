@@ -14,7 +14,7 @@ import time
 import docker
 import httpx
 import pytest
-from conftest import Server, leftovers
+from conftest import Server, settled_leftovers
 from test_api import TRAIN, make_loop
 
 POINTS = (
@@ -250,4 +250,4 @@ def test_kill_9_at_random_and_chosen_points_loses_nothing(server_factory, docker
     print(f"{len(exps)} experiments, {len(c.crashes)} crashes, {reruns} run(s) redone after a crash")
     assert len(c.crashes) >= 20
     # Containers of every dead instance were removed by the restarts that followed.
-    assert not leftovers(docker_client, f"ratchet.sandbox={srv.instance}")
+    assert not settled_leftovers(docker_client, f"ratchet.sandbox={srv.instance}")
