@@ -238,11 +238,12 @@ class Scheduler:
     # -- dispatch --------------------------------------------------------------------------------
 
     async def _iteration(self) -> None:
-        depths = await self.store.queue_depths()
-        for name, depth in depths.items():
+        await self._pass()
+
+    async def _publish_depths(self) -> None:
+        for name, depth in (await self.store.queue_depths()).items():
             m.track_loop(name)
             m.QUEUE_DEPTH.labels(loop=name).set(depth)
-        await self._pass()
 
     async def _remeasure_when_idle(self) -> None:
         """A slot with nothing to run re-measures a loop's best (noise-aware loops), so the best
@@ -308,6 +309,7 @@ class Scheduler:
                 return
             order = await self._order()
             if order and not await self._engine_ready():
+                await self._publish_depths()
                 return
             blocked: set[str] = set()  # loops whose next experiment cannot get its GPUs now
             for loop_id, exp_id in order:
@@ -323,6 +325,7 @@ class Scheduler:
                 await self._remeasure_when_idle()
             elif any(exp_id not in self._running for _, exp_id in order):
                 await self._preempt_remeasure()
+            await self._publish_depths()  # every pass may have started something
             await self._prepare_ahead()
 
     async def _order(self) -> list[tuple[str, str]]:
