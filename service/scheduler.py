@@ -250,7 +250,9 @@ class Scheduler:
         so far is the mean of many runs rather than one lucky draw."""
         if not self._engine_up:
             return
-        for loop_id in await self.store.loops_with_best():
+        for loop_id, config in await self.store.loops_with_best():
+            if transitions.rule_of(config).remeasure_runs <= 1:
+                continue  # never re-measured: no write transaction on every idle pass for it
             while free := [s for s in self._slots if s.exp_id is None]:
                 exp_id = await transitions.queue_remeasure(self.store, loop_id)
                 if exp_id is None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import aiosqlite
 import msgspec
@@ -492,24 +492,25 @@ class Store:
         return [r[0] for r in rows]
 
     async def experiment_ids(self, loop_id: str, statuses: Iterable[str]) -> list[str]:
-        statuses = list(statuses)
-        rows = await self._q(
-            f"SELECT id FROM experiments WHERE loop_id = ? AND status IN ({','.join('?' * len(statuses))})",
-            (loop_id, *statuses),
-        )
-        return [r[0] for r in rows]
+        return await self._ids("loop_id", loop_id, statuses)
 
     async def repeat_ids(self, primary_id: str, statuses: Iterable[str]) -> list[str]:
+        return await self._ids("repeat_of", primary_id, statuses)
+
+    async def _ids(
+        self, column: Literal["loop_id", "repeat_of"], value: str, statuses: Iterable[str]
+    ) -> list[str]:
         statuses = list(statuses)
         rows = await self._q(
-            f"SELECT id FROM experiments WHERE repeat_of = ? AND status IN ({','.join('?' * len(statuses))})",
-            (primary_id, *statuses),
+            f"SELECT id FROM experiments WHERE {column} = ? AND status IN ({','.join('?' * len(statuses))})",
+            (value, *statuses),
         )
         return [r[0] for r in rows]
 
-    async def loops_with_best(self) -> list[str]:
-        """Active loops that have a best: the ones an idle slot may re-measure."""
+    async def loops_with_best(self) -> list[tuple[str, LoopConfig]]:
+        """(id, config) of the active loops that have a best: the ones an idle slot may re-measure."""
         rows = await self._q(
-            "SELECT id FROM loops WHERE state = 'active' AND best_experiment IS NOT NULL ORDER BY created_at"
+            "SELECT id, config FROM loops WHERE state = 'active' AND best_experiment IS NOT NULL"
+            " ORDER BY created_at"
         )
-        return [r[0] for r in rows]
+        return [(r[0], msgspec.json.decode(r[1], type=LoopConfig)) for r in rows]

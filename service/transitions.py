@@ -28,7 +28,7 @@ from typing import Any
 import aiosqlite
 import msgspec
 
-from .acceptance import Judgement, Rule, judge, pooled, resolve, sum_squares
+from .acceptance import Judgement, Rule, judge, mean, pooled, resolve, sum_squares
 from .decisions import Decision, Outcome, Verdict, decide
 from .models import FINAL, LoopConfig, LoopState, Status
 from .store import Store
@@ -150,33 +150,32 @@ def rule_of(config: LoopConfig) -> Rule:
     )
 
 
+_RUN_AGAIN = "SELECT loop_id, seq, kind, description, parent, snapshot, diff FROM experiments WHERE id = ?"
+
+
+async def _run_again(db: aiosqlite.Connection, exp: aiosqlite.Row, description: str, **links: Any) -> str:
+    """Queues the identical snapshot of `exp` (a `_RUN_AGAIN` row: same kind, parent and diff)."""
+    return await _insert_experiment(
+        db,
+        exp["loop_id"],
+        exp["kind"],
+        description[:2000],
+        exp["parent"],
+        exp["snapshot"],
+        exp["diff"],
+        **links,
+    )
+
+
 async def _queue_repeats(db: aiosqlite.Connection, primary_id: str, count: int, why: str) -> list[str]:
     """`count` more runs of `primary_id`'s snapshot, each with a seed of its own (1, 2, ... over
     all of the candidate's repeats), as the workload's RATCHET_SEED."""
-    exp = await _rows(
-        db,
-        "SELECT loop_id, seq, kind, description, parent, snapshot, diff FROM experiments WHERE id = ?",
-        (primary_id,),
-        first=True,
-    )
+    exp = await _rows(db, _RUN_AGAIN, (primary_id,), first=True)
     done = await _rows(db, "SELECT COUNT(*) FROM experiments WHERE repeat_of = ?", (primary_id,), first=True)
     ids = []
-    for i in range(1, count + 1):
-        seed = done[0] + i
-        description = f"{why} of #{exp['seq']} (seed {seed}): {exp['description']}"[:2000]
-        ids.append(
-            await _insert_experiment(
-                db,
-                exp["loop_id"],
-                exp["kind"],
-                description,
-                exp["parent"],
-                exp["snapshot"],
-                exp["diff"],
-                seed=seed,
-                repeat_of=primary_id,
-            )
-        )
+    for seed in range(done[0] + 1, done[0] + count + 1):
+        description = f"{why} of #{exp['seq']} (seed {seed}): {exp['description']}"
+        ids.append(await _run_again(db, exp, description, seed=seed, repeat_of=primary_id))
     return ids
 
 
@@ -265,29 +264,14 @@ async def rerun(store: Store, exp_id: str, seed: int | None = None) -> str:
     """Queues the identical snapshot (same parent, same diff) of `exp_id` again, linked to it and
     judged like any other experiment of its kind. Returns the new experiment id."""
     async with store.tx() as db:
-        exp = await _rows(
-            db,
-            "SELECT loop_id, seq, kind, description, parent, snapshot, diff FROM experiments WHERE id = ?",
-            (exp_id,),
-            first=True,
-        )
+        exp = await _rows(db, _RUN_AGAIN, (exp_id,), first=True)
         if exp is None:
             raise LookupError(exp_id)
         await _check_capacity(db, exp["loop_id"])
         if exp["kind"] == "baseline":
             await _check_no_pending_baseline(db, exp["loop_id"])
-        description = f"rerun of #{exp['seq']}: {exp['description']}"[:2000]
-        return await _insert_experiment(
-            db,
-            exp["loop_id"],
-            exp["kind"],
-            description,
-            exp["parent"],
-            exp["snapshot"],
-            exp["diff"],
-            rerun_of=exp_id,
-            seed=seed,
-        )
+        description = f"rerun of #{exp['seq']}: {exp['description']}"
+        return await _run_again(db, exp, description, rerun_of=exp_id, seed=seed)
 
 
 async def start(store: Store, exp_id: str, gpus: list[str]) -> bool:
@@ -400,14 +384,7 @@ async def finish(store: Store, exp_id: str, outcome: Outcome, info: Finished) ->
         # re-run (measuring noise) is judged like any candidate and cannot reset the best.
         baseline = exp["kind"] == "baseline" and loop["baseline"] != "ok"
         best = loop["best_metric"] if loop["baseline"] == "ok" else None
-        decision = decide(
-            outcome,
-            metric_name=config.metric.name,
-            direction=config.metric.direction,
-            min_delta=config.metric.min_delta,
-            best=best,
-            baseline=baseline,
-        )
+        decision = _decide(config, outcome, best=best, baseline=baseline)
         rule = rule_of(config)
         if rule.name != "strict" and best is not None and decision.status in (Verdict.keep, Verdict.discard):
             assert outcome.metric is not None
@@ -420,14 +397,8 @@ async def finish(store: Store, exp_id: str, outcome: Outcome, info: Finished) ->
             Status.running,
             Status(decision.status),
             reason=decision.reason,
-            metric=outcome.metric,
-            metrics=msgspec.json.encode(info.metrics).decode(),
-            memory_gb=info.memory_gb,
-            exit_code=outcome.exit_code,
-            finished_at=time.time(),
             finish_seq=finish_seq,
-            workload_seconds=info.workload_seconds,
-            log_tail=info.log_tail,
+            **_run_fields(outcome, info),
         )
         if final:
             await db.execute("UPDATE loops SET finished = ? WHERE id = ?", (finish_seq, exp["loop_id"]))
@@ -453,9 +424,37 @@ async def finish(store: Store, exp_id: str, outcome: Outcome, info: Finished) ->
 async def _first_run(
     db: aiosqlite.Connection, loop: aiosqlite.Row, config: LoopConfig, rule: Rule, value: float
 ) -> Decision:
-    incumbent = await _group_values(db, loop["best_experiment"])
-    verdict = _judge(config, rule, [value], incumbent or [loop["best_metric"]], loop["noise_sd"])
+    verdict = _judge(config, rule, [value], await _incumbent(db, loop), loop["noise_sd"])
     return _as_decision(verdict)
+
+
+def _decide(config: LoopConfig, outcome: Outcome, *, best: float | None, baseline: bool) -> Decision:
+    return decide(
+        outcome,
+        metric_name=config.metric.name,
+        direction=config.metric.direction,
+        min_delta=config.metric.min_delta,
+        best=best,
+        baseline=baseline,
+    )
+
+
+def _run_fields(outcome: Outcome, info: Finished) -> dict[str, Any]:
+    """What a finished run records about itself, whatever the verdict."""
+    return {
+        "metric": outcome.metric,
+        "metrics": msgspec.json.encode(info.metrics).decode(),
+        "memory_gb": info.memory_gb,
+        "exit_code": outcome.exit_code,
+        "finished_at": time.time(),
+        "workload_seconds": info.workload_seconds,
+        "log_tail": info.log_tail,
+    }
+
+
+async def _incumbent(db: aiosqlite.Connection, loop: aiosqlite.Row) -> list[float]:
+    """The metric of every run of the loop's best (its one stored value if its runs are gone)."""
+    return await _group_values(db, loop["best_experiment"]) or [loop["best_metric"]]
 
 
 def _judge(
@@ -496,14 +495,7 @@ async def _finish_repeat(
     info: Finished,
 ) -> Decision:
     """A repeat run is judged only for failure; its value joins its candidate's mean."""
-    decision = decide(
-        outcome,
-        metric_name=config.metric.name,
-        direction=config.metric.direction,
-        min_delta=config.metric.min_delta,
-        best=None,
-        baseline=True,  # any finite metric of a successful run is a measurement
-    )
+    decision = _decide(config, outcome, best=None, baseline=True)  # any finite metric is a measurement
     if decision.status == Verdict.keep:
         decision = Decision(status=Verdict.measured, reason=f"{config.metric.name} {outcome.metric:.6f}")
     await _move(
@@ -512,13 +504,7 @@ async def _finish_repeat(
         Status.running,
         Status(decision.status),
         reason=decision.reason,
-        metric=outcome.metric,
-        metrics=msgspec.json.encode(info.metrics).decode(),
-        memory_gb=info.memory_gb,
-        exit_code=outcome.exit_code,
-        finished_at=time.time(),
-        workload_seconds=info.workload_seconds,
-        log_tail=info.log_tail,
+        **_run_fields(outcome, info),
     )
     await _refresh_group(db, primary_id)
     settled = await _settle(db, primary_id)
@@ -556,10 +542,11 @@ async def _refresh_group(db: aiosqlite.Connection, primary_id: str) -> None:
     if not values:
         return
     m2 = sum_squares(values)
-    mean = sum(values) / len(values)
+    centre = mean(values)
     old_m2, old_dof = row["m2"] or 0.0, max(0, (row["runs"] or 1) - 1)
     await db.execute(
-        "UPDATE experiments SET runs = ?, mean = ?, m2 = ? WHERE id = ?", (len(values), mean, m2, primary_id)
+        "UPDATE experiments SET runs = ?, mean = ?, m2 = ? WHERE id = ?",
+        (len(values), centre, m2, primary_id),
     )
     loop = await _rows(
         db,
@@ -574,7 +561,7 @@ async def _refresh_group(db: aiosqlite.Connection, primary_id: str) -> None:
         (ss, dof, pooled(ss, dof), row["loop_id"]),
     )
     if loop["best_experiment"] == primary_id:
-        await db.execute("UPDATE loops SET best_metric = ? WHERE id = ?", (mean, row["loop_id"]))
+        await db.execute("UPDATE loops SET best_metric = ? WHERE id = ?", (centre, row["loop_id"]))
 
 
 async def _settle(db: aiosqlite.Connection, primary_id: str) -> Decision | None:
@@ -599,8 +586,7 @@ async def _settle(db: aiosqlite.Connection, primary_id: str) -> Decision | None:
         why = f"run #{failed['seq']} of it ended {failed['status']}: {failed['reason']}"
         decision = Decision(status=Verdict.discard, reason=f"not reproducible: {why}")
     else:
-        incumbent = await _group_values(db, loop["best_experiment"]) or [loop["best_metric"]]
-        decision = _as_decision(_judge(config, rule, values, incumbent, loop["noise_sd"]))
+        decision = _as_decision(_judge(config, rule, values, await _incumbent(db, loop), loop["noise_sd"]))
         if decision.status == Verdict.confirming:
             decision = Decision(
                 status=Verdict.discard,
@@ -618,7 +604,7 @@ async def _settle(db: aiosqlite.Connection, primary_id: str) -> Decision | None:
     )
     await db.execute("UPDATE loops SET finished = ? WHERE id = ?", (finish_seq, exp["loop_id"]))
     if decision.becomes_best:
-        await _make_best(db, exp["loop_id"], primary_id, exp["snapshot"], sum(values) / len(values))
+        await _make_best(db, exp["loop_id"], primary_id, exp["snapshot"], mean(values))
     return decision
 
 
