@@ -7,7 +7,7 @@ import math
 import time
 
 import pytest
-from test_api import HARNESS
+from test_api import HARNESS, make_loop, submit
 
 from service.acceptance import PRESETS, judge, pooled_sd, resolve
 
@@ -94,26 +94,8 @@ def test_resolve_applies_overrides_and_explains_bad_ones():
 
 
 def make_noisy_loop(srv, name: str, train: str = NOISY, **acceptance) -> dict:
-    body = {
-        "name": name,
-        "workspace": {"files": {"train.py": train, "prepare.py": HARNESS}},
-        "editable": ["train.py"],
-        "time_budget_s": 5,
-        "timeout_s": 60,
-        "resources": {"cpus": 0.5, "memory_mb": 256, "pids": 64, "disk_mb": 64},
-        "acceptance": acceptance,
-    }
-    r = srv.client.post("/v1/loops", json=body)
-    assert r.status_code == 201, r.text
-    return r.json()
-
-
-def submit(srv, loop_id: str, description: str, text: str) -> dict:
-    r = srv.client.post(
-        f"/v1/loops/{loop_id}/experiments", json={"description": description, "files": {"train.py": text}}
-    )
-    assert r.status_code == 202, r.text
-    return r.json()
+    workspace = {"files": {"train.py": train, "prepare.py": HARNESS}}
+    return make_loop(srv, name, workspace=workspace, timeout_s=60, acceptance=acceptance)
 
 
 def runs_of(srv, loop_id: str, exp_id: str) -> list[dict]:
@@ -134,22 +116,24 @@ def test_confirm_rule_through_real_runs(server):
     assert {r["status"] for r in noise_runs} == {"measured"}
 
     # lucky: 0.97 on its first run (better), 1.07 on its confirmation run: mean 1.02
-    lucky = server.wait_final(submit(server, lid, "lucky", variant("0.97"))["id"])
+    lucky = server.wait_final(submit(server, lid, "lucky", files={"train.py": variant("0.97")})["id"])
     assert lucky["status"] == "discard", lucky
     assert lucky["runs"] == 2 and lucky["mean"] == pytest.approx(1.02)
     assert "mean of 2 runs" in lucky["reason"]
     (confirmation,) = runs_of(server, lid, lucky["id"])
     assert confirmation["seed"] == 1 and confirmation["metric"] == pytest.approx(1.07)
 
-    flaky = server.wait_final(submit(server, lid, "flaky", variant("0.5", flaky=True))["id"])
+    flaky = server.wait_final(
+        submit(server, lid, "flaky", files={"train.py": variant("0.5", flaky=True)})["id"]
+    )
     assert flaky["status"] == "discard" and "not reproducible" in flaky["reason"], flaky
     assert [r["status"] for r in runs_of(server, lid, flaky["id"])] == ["crash"]
 
-    worse = server.wait_final(submit(server, lid, "worse", variant("1.2"))["id"])
+    worse = server.wait_final(submit(server, lid, "worse", files={"train.py": variant("1.2")})["id"])
     assert worse["status"] == "discard" and worse["runs"] == 1  # not better: no confirmation run
     assert runs_of(server, lid, worse["id"]) == []
 
-    good = server.wait_final(submit(server, lid, "good", variant("0.7"))["id"])
+    good = server.wait_final(submit(server, lid, "good", files={"train.py": variant("0.7")})["id"])
     assert good["status"] == "keep", good
     assert good["mean"] == pytest.approx(0.75) and good["runs"] == 2
     loop = server.client.get(f"/v1/loops/{lid}").json()
@@ -189,11 +173,7 @@ def test_idle_slot_remeasures_the_best_and_yields_to_queued_work(server_factory)
         assert time.monotonic() < deadline, loop
         time.sleep(0.2)
     assert loop["best_metric"] == pytest.approx(1.0)  # (1.0 + 1.1 + 0.9) / 3
-    submitted = srv.client.post(
-        f"/v1/loops/{lid}/experiments",
-        json={"description": "worse", "files": {"train.py": variant("1.5")}},
-    )
-    worse = srv.wait_final(submitted.json()["id"])
+    worse = srv.wait_final(submit(srv, lid, "worse", files={"train.py": variant("1.5")})["id"])
     assert worse["status"] == "discard"
     preempted = srv.client.get(f"/v1/experiments/{running[0]['id']}").json()
     assert preempted["status"] == "cancelled" and "preempted" in preempted["reason"]

@@ -37,6 +37,13 @@ def make_loop(srv, name: str = "tiny", **overrides) -> dict:
     return r.json()
 
 
+def submit(srv, loop_id: str, description: str, **body) -> dict:
+    """Submits a candidate (`patch=...` or `files=...`); the experiment as the 202 returned it."""
+    r = srv.client.post(f"/v1/loops/{loop_id}/experiments", json={"description": description, **body})
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
 def edit(value: str) -> str:
     return f"--- a/train.py\n+++ b/train.py\n@@ -2 +2 @@\n-V = 1.0\n+V = {value}\n"
 

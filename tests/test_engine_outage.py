@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import settled_leftovers
 from engineproxy import EngineProxy
-from test_api import TRAIN, make_loop
+from test_api import TRAIN, make_loop, submit
 
 
 @pytest.fixture
@@ -27,11 +27,7 @@ def proxy() -> Iterator[EngineProxy]:
 def _submit(srv, loop_id: str, v: float, sleep: float = 0.0) -> str:
     text = TRAIN.replace("V = 1.0", f"V = {v}").replace("SLEEP = 0.0", f"SLEEP = {sleep}")
     text = text.replace("time.sleep(", "print('started', flush=True)\ntime.sleep(")
-    r = srv.client.post(
-        f"/v1/loops/{loop_id}/experiments", json={"description": f"V={v}", "files": {"train.py": text}}
-    )
-    assert r.status_code == 202, r.text
-    return r.json()["id"]
+    return submit(srv, loop_id, f"V={v}", files={"train.py": text})["id"]
 
 
 def _until(check, timeout: float, what: str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from test_api import submit
 
 from service.decisions import Outcome, decide
 from service.evaluate import check_evaluate, eval_tree
@@ -135,11 +136,7 @@ def _loop(srv, heldout: str, **overrides) -> dict:
 
 
 def _submit(srv, loop_id: str, description: str, train: str) -> str:
-    r = srv.client.post(
-        f"/v1/loops/{loop_id}/experiments", json={"description": description, "files": {"train.py": train}}
-    )
-    assert r.status_code == 202, r.text
-    return r.json()["id"]
+    return submit(srv, loop_id, description, files={"train.py": train})["id"]
 
 
 def _log(srv, exp_id: str) -> str:

@@ -10,7 +10,7 @@ import sys
 import tarfile
 from pathlib import Path
 
-from test_api import HARNESS, TRAIN, make_loop
+from test_api import HARNESS, TRAIN, make_loop, submit
 
 SEEDED = TRAIN + "print('seed', os.environ.get('RATCHET_SEED'))\n"
 TOOL = "#!/bin/sh\necho tool\n"
@@ -43,9 +43,7 @@ def _git(*args: str, cwd: Path | None = None) -> str:
 
 
 def _submit(srv, lid: str, description: str, **body) -> dict:
-    r = srv.client.post(f"/v1/loops/{lid}/experiments", json={"description": description, **body})
-    assert r.status_code == 202, r.text
-    return srv.wait_final(r.json()["id"])
+    return srv.wait_final(submit(srv, lid, description, **body)["id"])
 
 
 def _archived(srv, snapshot: str, path: str) -> bytes:

@@ -10,7 +10,7 @@ import time
 import docker
 import pytest
 from conftest import SANDBOX_IMAGE, leftovers
-from test_api import TRAIN, make_loop
+from test_api import TRAIN, make_loop, submit
 
 from sandbox import FileEntry, RunSpec, Sandbox
 from service.livelog import LiveLog
@@ -91,11 +91,7 @@ def _status(server, exp_id: str) -> str:
 
 
 def _submit(server, loop_id: str, text: str, description: str) -> str:
-    r = server.client.post(
-        f"/v1/loops/{loop_id}/experiments", json={"description": description, "files": {"train.py": text}}
-    )
-    assert r.status_code == 202, r.text
-    return r.json()["id"]
+    return submit(server, loop_id, description, files={"train.py": text})["id"]
 
 
 def _one_running_one_prepared(server, docker_client, first_s: float = 4.0) -> tuple[str, str, str]:
