@@ -34,6 +34,7 @@ import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,25 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 TIME_BUDGET_S: float = float(os.environ.get("RATCHET_TIME_BUDGET_S", "300"))
 SEED: int = int(os.environ.get("RATCHET_SEED", "42"))
 OUTPUT_DIR: str | None = os.environ.get("RATCHET_OUTPUT_DIR") or None
-DATA_DIR = Path(os.environ.get("GPT_DATA_DIR") or Path.home() / ".cache" / "ratchet-gpt")
+
+
+def _default_data_dir() -> Path:
+    """$GPT_DATA_DIR, else ~/.cache/ratchet-gpt. When HOME points elsewhere (a sandbox may set
+    HOME=/tmp), the account's own home from /etc/passwd is tried as well, where a dataset mounted
+    for the user is found."""
+    if os.environ.get("GPT_DATA_DIR"):
+        return Path(os.environ["GPT_DATA_DIR"])
+    here = Path.home() / ".cache" / "ratchet-gpt"
+    try:
+        import pwd
+
+        account = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "ratchet-gpt"
+    except (ImportError, KeyError):
+        return here
+    return account if not here.exists() and account.exists() else here
+
+
+DATA_DIR = _default_data_dir()
 
 # --- dataset constants (fixed: changing any of them makes a different dataset) ----------
 FORMAT_VERSION = 1
@@ -69,7 +88,7 @@ EVAL_TOKENS = 16 * MAX_SEQ_LEN * 4  # held-out tokens scored by evaluate_bpb (fi
 
 
 def _pairs(word: tuple[int, ...]) -> Iterator[tuple[int, int]]:
-    return zip(word, word[1:], strict=False)
+    return pairwise(word)
 
 
 def train_bpe(text: str, vocab_size: int) -> list[tuple[int, int]]:
@@ -218,8 +237,8 @@ def build_dataset(data_dir: Path, corpus: Path) -> dict[str, Any]:
         "vocab_size": tok.vocab_size,
         "corpus": corpus.name,
         "corpus_sha256": _sha256(corpus),
-        "train_tokens": int(len(train_ids)),
-        "val_tokens": int(len(val_ids)),
+        "train_tokens": len(train_ids),
+        "val_tokens": len(val_ids),
         "bytes_per_token": round(len(text.encode("utf-8")) / (len(train_ids) + len(val_ids)), 3),
         "files": {f: _sha256(tmp / f) for f in ("tokenizer.json", "train.bin", "val.bin")},
     }
@@ -325,7 +344,7 @@ def evaluate_bpb(model: Any, batch: int, device: Any) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Build the gpt example's dataset (tokenizer + shards).")
     ap.add_argument("--data-dir", type=Path, default=DATA_DIR,
-                    help="where to write it (default: $GPT_DATA_DIR or ~/.cache/ratchet-gpt)")
+                    help=f"where to write it (default: $GPT_DATA_DIR or ~/.cache/ratchet-gpt: {DATA_DIR})")
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS,
                     help="UTF-8 text to train on (default: the book of examples/charlm)")
     ap.add_argument("--force", action="store_true", help="rebuild even if the dataset is there")

@@ -10,6 +10,7 @@ below, small enough for a run of seconds. Data, the time budget, the seed and th
 from prepare.py. Run: python3 train.py (after `python3 prepare.py`).
 """
 
+# ruff: noqa: E402 - the clock starts before the imports, which take seconds (torch)
 from __future__ import annotations
 
 import time
