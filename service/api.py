@@ -93,7 +93,17 @@ class _LogsOperation(Operation):
             },
             "required": ["data"],
         }
-        schema["responses"]["200"]["content"]["text/event-stream"] = {"itemSchema": event}
+        # OpenAPI 3.1 has no schema for the items of a stream (3.2 adds `itemSchema`): the body is
+        # described as text, and each event's shape rides along as an extension.
+        schema["responses"]["200"]["content"]["text/event-stream"] = {
+            "schema": {
+                "type": "string",
+                "description": "server-sent events: `data` events carry output as it is printed;"
+                " `event: end` carries the final status and closes the stream",
+            },
+            "example": "data: step 1 loss 3.21\n\nevent: end\ndata: keep\n\n",
+            "x-item-schema": event,
+        }
         return schema
 
 
@@ -117,6 +127,7 @@ class LoopController(Controller):
 
     @post(
         "/",
+        operation_id="createLoop",
         status_code=HTTP_201_CREATED,
         summary="Create a loop and queue its baseline",
         responses=errors(409, 413, 422),
@@ -128,12 +139,13 @@ class LoopController(Controller):
         services.scheduler.wake()
         return await _loop(services, loop_id)
 
-    @get("/", summary="All loops", responses=errors())
+    @get("/", operation_id="listLoops", summary="All loops", responses=errors())
     async def list_loops(self, services: Services) -> list[LoopView]:
         return await services.store.list_loops()
 
     @get(
         "/{loop_id:str}",
+        operation_id="getLoop",
         summary="One loop: state, best metric and snapshot, counts per status",
         responses=errors(404),
     )
@@ -149,6 +161,7 @@ class LoopController(Controller):
 
     @post(
         "/{loop_id:str}/pause",
+        operation_id="pauseLoop",
         status_code=HTTP_200_OK,
         summary="Start nothing new; running experiments finish",
         responses=errors(404, 409),
@@ -158,6 +171,7 @@ class LoopController(Controller):
 
     @post(
         "/{loop_id:str}/resume",
+        operation_id="resumeLoop",
         status_code=HTTP_200_OK,
         summary="Dispatch queued experiments again",
         responses=errors(404, 409),
@@ -167,6 +181,7 @@ class LoopController(Controller):
 
     @post(
         "/{loop_id:str}/stop",
+        operation_id="stopLoop",
         status_code=HTTP_200_OK,
         summary="Cancel queued and running experiments; final",
         responses=errors(404, 409),
@@ -176,6 +191,7 @@ class LoopController(Controller):
 
     @post(
         "/{loop_id:str}/baseline",
+        operation_id="rerunBaseline",
         status_code=HTTP_202_ACCEPTED,
         summary="Queue the unmodified baseline again",
         responses=errors(404, 409),
@@ -189,6 +205,7 @@ class LoopController(Controller):
 
     @post(
         "/{loop_id:str}/experiments",
+        operation_id="submitCandidate",
         status_code=HTTP_202_ACCEPTED,
         summary="Submit a candidate (unified diff or whole files); 422 when refused",
         responses=errors(404, 409, 413, 422),
@@ -204,6 +221,7 @@ class LoopController(Controller):
 
     @get(
         "/{loop_id:str}/experiments",
+        operation_id="listExperiments",
         summary="Experiments of a loop in submission order, paginated",
         responses=errors(404),
     )
@@ -236,6 +254,7 @@ class LoopController(Controller):
 
     @get(
         "/{loop_id:str}/results.tsv",
+        operation_id="getResults",
         media_type="text/tab-separated-values",
         summary="The ledger",
         responses=errors(404),
@@ -256,6 +275,7 @@ class LoopController(Controller):
 
     @get(
         "/{loop_id:str}/history.bundle",
+        operation_id="getHistoryBundle",
         media_type="application/octet-stream",
         summary="The accepted history as a git bundle: baseline, then one commit per keep",
         responses=errors(404, 409, 503),
@@ -296,7 +316,12 @@ class LoopController(Controller):
             headers={"Content-Disposition": f'attachment; filename="{loop.name}.bundle"'},
         )
 
-    @get("/{loop_id:str}/snapshots", summary="Accepted snapshots, newest first", responses=errors(404))
+    @get(
+        "/{loop_id:str}/snapshots",
+        operation_id="listSnapshots",
+        summary="Accepted snapshots, newest first",
+        responses=errors(404),
+    )
     async def snapshots(self, loop_id: LoopId, services: Services) -> list[SnapshotView]:
         await _loop(services, loop_id, counts=False)
         return await services.store.accepted_snapshots(loop_id)
@@ -308,6 +333,7 @@ class ExperimentController(Controller):
 
     @get(
         "/{exp_id:str}",
+        operation_id="getExperiment",
         summary="One experiment with metrics and a log tail (live while it runs)",
         responses=errors(404),
     )
@@ -321,6 +347,7 @@ class ExperimentController(Controller):
 
     @get(  # no media_type here: it would override the event stream's
         "/{exp_id:str}/logs",
+        operation_id="followLogs",
         summary="The full (capped) log; while running, the newest output; ?follow=true streams it",
         description=(
             "With `follow=true`: server-sent events. `data` events carry the output as it is printed"
@@ -359,6 +386,7 @@ class ExperimentController(Controller):
 
     @get(
         "/{exp_id:str}/diff",
+        operation_id="getExperimentDiff",
         media_type="text/x-diff",
         summary="The candidate's diff against its parent",
         responses=errors(404),
@@ -369,6 +397,7 @@ class ExperimentController(Controller):
 
     @post(
         "/{exp_id:str}/rerun",
+        operation_id="rerunExperiment",
         status_code=HTTP_202_ACCEPTED,
         summary="Queue the identical snapshot again (optional seed, passed as RATCHET_SEED)",
         responses=errors(404, 409, 413),
@@ -389,6 +418,7 @@ class ExperimentController(Controller):
 
     @post(
         "/{exp_id:str}/cancel",
+        operation_id="cancelExperiment",
         status_code=HTTP_200_OK,
         summary="Cancel a queued, running or confirming experiment",
         responses=errors(404, 409),
@@ -407,6 +437,7 @@ class SnapshotController(Controller):
 
     @get(
         "/{snapshot_id:str}/archive",
+        operation_id="getSnapshotArchive",
         media_type="application/gzip",
         summary="The whole workspace of a snapshot as .tar.gz",
         responses=errors(404),
@@ -432,6 +463,7 @@ class TokenController(Controller):
 
     @post(
         "/",
+        operation_id="createToken",
         status_code=HTTP_201_CREATED,
         summary="Create an API token; the secret is shown only here",
         responses=errors(413, 422),
@@ -441,12 +473,13 @@ class TokenController(Controller):
             raise CandidateError("an admin token may use every loop: leave out 'loops' or the admin scope")
         return await tokens.create_token(services.store, data)
 
-    @get("/", summary="All API tokens (never their secrets)", responses=errors())
+    @get("/", operation_id="listTokens", summary="All API tokens (never their secrets)", responses=errors())
     async def list_tokens(self, services: Services) -> list[TokenView]:
         return await tokens.list_tokens(services.store)
 
     @delete(
         "/{token_id:str}",
+        operation_id="revokeToken",
         status_code=HTTP_204_NO_CONTENT,
         summary="Revoke a token, at once",
         responses=errors(404),
@@ -463,12 +496,13 @@ class HealthController(Controller):
     tags = ["health"]
     opt = {"auth": "open"}
 
-    @get("/healthz", summary="Liveness")
+    @get("/healthz", operation_id="getHealth", summary="Liveness")
     async def healthz(self) -> Health:
         return Health(status="ok")
 
     @get(
         "/readyz",
+        operation_id="getReadiness",
         summary="Readiness: the database answers and the container engine pings",
         responses={
             503: ResponseSpec(data_container=Health, description="not ready", generate_examples=False)
