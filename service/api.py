@@ -48,6 +48,7 @@ __all__ = [
     "SnapshotController",
     "TokenController",
     "exception_handlers",
+    "reject_bad_utf8",
 ]
 
 log = logging.getLogger("ratchet.api")
@@ -84,15 +85,22 @@ class _LogsOperation(Operation):
 
     def to_schema(self) -> dict[str, object]:
         schema = super().to_schema()
+        # One event's shape as the stream's schema: what SSE-aware tools (schemathesis, among
+        # others) validate each event against under OpenAPI 3.1, which has no `itemSchema` (3.2).
         event = {
             "type": "object",
+            "description": "one server-sent event: `data` events carry output as it is printed;"
+            " `event: end` carries the final status and closes the stream",
             "properties": {
                 "event": {"type": "string", "enum": ["message", "end"]},
                 "data": {"type": "string", "description": "output, or the final status for `end`"},
             },
             "required": ["data"],
         }
-        schema["responses"]["200"]["content"]["text/event-stream"] = {"itemSchema": event}
+        schema["responses"]["200"]["content"]["text/event-stream"] = {
+            "schema": event,
+            "example": "data: step 1 loss 3.21\n\nevent: end\ndata: keep\n\n",
+        }
         return schema
 
 
@@ -116,6 +124,7 @@ class LoopController(Controller):
 
     @post(
         "/",
+        operation_id="createLoop",
         status_code=HTTP_201_CREATED,
         summary="Create a loop and queue its baseline",
         responses=errors(409, 413, 422),
@@ -127,12 +136,13 @@ class LoopController(Controller):
         services.scheduler.wake()
         return await _loop(services, loop_id)
 
-    @get("/", summary="All loops", responses=errors())
+    @get("/", operation_id="listLoops", summary="All loops", responses=errors())
     async def list_loops(self, services: Services) -> list[LoopView]:
         return await services.store.list_loops()
 
     @get(
         "/{loop_id:str}",
+        operation_id="getLoop",
         summary="One loop: state, best metric and snapshot, counts per status",
         responses=errors(404),
     )
@@ -148,6 +158,7 @@ class LoopController(Controller):
 
     @post(
         "/{loop_id:str}/pause",
+        operation_id="pauseLoop",
         status_code=HTTP_200_OK,
         summary="Start nothing new; running experiments finish",
         responses=errors(404, 409),
@@ -157,6 +168,7 @@ class LoopController(Controller):
 
     @post(
         "/{loop_id:str}/resume",
+        operation_id="resumeLoop",
         status_code=HTTP_200_OK,
         summary="Dispatch queued experiments again",
         responses=errors(404, 409),
@@ -166,6 +178,7 @@ class LoopController(Controller):
 
     @post(
         "/{loop_id:str}/stop",
+        operation_id="stopLoop",
         status_code=HTTP_200_OK,
         summary="Cancel queued and running experiments; final",
         responses=errors(404, 409),
@@ -175,6 +188,7 @@ class LoopController(Controller):
 
     @post(
         "/{loop_id:str}/baseline",
+        operation_id="rerunBaseline",
         status_code=HTTP_202_ACCEPTED,
         summary="Queue the unmodified baseline again",
         responses=errors(404, 409),
@@ -188,6 +202,7 @@ class LoopController(Controller):
 
     @post(
         "/{loop_id:str}/experiments",
+        operation_id="submitCandidate",
         status_code=HTTP_202_ACCEPTED,
         summary="Submit a candidate (unified diff or whole files); 422 when refused",
         responses=errors(404, 409, 413, 422),
@@ -203,6 +218,7 @@ class LoopController(Controller):
 
     @get(
         "/{loop_id:str}/experiments",
+        operation_id="listExperiments",
         summary="Experiments of a loop in submission order, paginated",
         responses=errors(404),
     )
@@ -235,6 +251,7 @@ class LoopController(Controller):
 
     @get(
         "/{loop_id:str}/results.tsv",
+        operation_id="getResults",
         media_type="text/tab-separated-values",
         summary="The ledger",
         responses=errors(404),
@@ -255,6 +272,7 @@ class LoopController(Controller):
 
     @get(
         "/{loop_id:str}/history.bundle",
+        operation_id="getHistoryBundle",
         media_type="application/octet-stream",
         summary="The accepted history as a git bundle: baseline, then one commit per keep",
         responses=errors(404, 409, 503),
@@ -295,7 +313,12 @@ class LoopController(Controller):
             headers={"Content-Disposition": f'attachment; filename="{loop.name}.bundle"'},
         )
 
-    @get("/{loop_id:str}/snapshots", summary="Accepted snapshots, newest first", responses=errors(404))
+    @get(
+        "/{loop_id:str}/snapshots",
+        operation_id="listSnapshots",
+        summary="Accepted snapshots, newest first",
+        responses=errors(404),
+    )
     async def snapshots(self, loop_id: LoopId, services: Services) -> list[SnapshotView]:
         await _loop(services, loop_id, counts=False)
         return await services.store.accepted_snapshots(loop_id)
@@ -307,6 +330,7 @@ class ExperimentController(Controller):
 
     @get(
         "/{exp_id:str}",
+        operation_id="getExperiment",
         summary="One experiment with metrics and a log tail (live while it runs)",
         responses=errors(404),
     )
@@ -320,6 +344,7 @@ class ExperimentController(Controller):
 
     @get(  # no media_type here: it would override the event stream's
         "/{exp_id:str}/logs",
+        operation_id="followLogs",
         summary="The full (capped) log; while running, the newest output; ?follow=true streams it",
         description=(
             "With `follow=true`: server-sent events. `data` events carry the output as it is printed"
@@ -358,6 +383,7 @@ class ExperimentController(Controller):
 
     @get(
         "/{exp_id:str}/diff",
+        operation_id="getExperimentDiff",
         media_type="text/x-diff",
         summary="The candidate's diff against its parent",
         responses=errors(404),
@@ -368,6 +394,7 @@ class ExperimentController(Controller):
 
     @post(
         "/{exp_id:str}/rerun",
+        operation_id="rerunExperiment",
         status_code=HTTP_202_ACCEPTED,
         summary="Queue the identical snapshot again (optional seed, passed as RATCHET_SEED)",
         responses=errors(404, 409, 413),
@@ -388,6 +415,7 @@ class ExperimentController(Controller):
 
     @post(
         "/{exp_id:str}/cancel",
+        operation_id="cancelExperiment",
         status_code=HTTP_200_OK,
         summary="Cancel a queued, running or confirming experiment",
         responses=errors(404, 409),
@@ -406,6 +434,7 @@ class SnapshotController(Controller):
 
     @get(
         "/{snapshot_id:str}/archive",
+        operation_id="getSnapshotArchive",
         media_type="application/gzip",
         summary="The whole workspace of a snapshot as .tar.gz",
         responses=errors(404),
@@ -431,6 +460,7 @@ class TokenController(Controller):
 
     @post(
         "/",
+        operation_id="createToken",
         status_code=HTTP_201_CREATED,
         summary="Create an API token; the secret is shown only here",
         responses=errors(413, 422),
@@ -440,12 +470,13 @@ class TokenController(Controller):
             raise CandidateError("an admin token may use every loop: leave out 'loops' or the admin scope")
         return await tokens.create_token(services.store, data)
 
-    @get("/", summary="All API tokens (never their secrets)", responses=errors())
+    @get("/", operation_id="listTokens", summary="All API tokens (never their secrets)", responses=errors())
     async def list_tokens(self, services: Services) -> list[TokenView]:
         return await tokens.list_tokens(services.store)
 
     @delete(
         "/{token_id:str}",
+        operation_id="revokeToken",
         status_code=HTTP_204_NO_CONTENT,
         summary="Revoke a token, at once",
         responses=errors(404),
@@ -462,12 +493,13 @@ class HealthController(Controller):
     tags = ["health"]
     opt = {"auth": "open"}
 
-    @get("/healthz", summary="Liveness")
+    @get("/healthz", operation_id="getHealth", summary="Liveness")
     async def healthz(self) -> Health:
         return Health(status="ok")
 
     @get(
         "/readyz",
+        operation_id="getReadiness",
         summary="Readiness: the database answers and the container engine pings",
         responses={
             503: ResponseSpec(data_container=Health, description="not ready", generate_examples=False)
@@ -522,11 +554,21 @@ def _http(request: Request, exc: HTTPException) -> Response[dict[str, object]]:
     return Response(body, status_code=exc.status_code, headers=exc.headers)
 
 
-def _bad_encoding(request: Request, exc: UnicodeDecodeError) -> Response[dict[str, object]]:
-    # msgspec raises this (not a decode error) for invalid UTF-8 inside a JSON string of the body
-    if request.method in ("POST", "PUT", "PATCH") and isinstance(exc.object, bytes):
+async def reject_bad_utf8(request: Request) -> Response[dict[str, object]] | None:
+    """Answers a JSON body that is not UTF-8 before anything decodes it, naming the first bad byte.
+
+    The JSON decoder's own error for this changed between msgspec releases (an exception with the
+    position, later a decode error without it); checking here gives one answer under any of them."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return None
+    body = await request.body()
+    if body.isascii():  # the common case, checked without building a string
+        return None
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
         return _error(request, 400, f"request body is not valid UTF-8 (byte {exc.start}): send UTF-8 JSON")
-    return _internal(request, exc)
+    return None
 
 
 def _internal(request: Request, exc: Exception) -> Response[dict[str, object]]:
@@ -542,6 +584,5 @@ exception_handlers = {
     history.GitMissing: _git_missing,
     ValidationException: _validation,
     HTTPException: _http,
-    UnicodeDecodeError: _bad_encoding,
     Exception: _internal,
 }

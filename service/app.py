@@ -28,6 +28,7 @@ from .api import (
     SnapshotController,
     TokenController,
     exception_handlers,
+    reject_bad_utf8,
 )
 from .auth import SECURITY, SECURITY_COMPONENTS, Authenticator, is_loopback
 from .gpus import detect_gpus
@@ -166,6 +167,7 @@ def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        before_request=reject_bad_utf8,
         guards=[guard],
         middleware=[prometheus.middleware],
         request_max_body_size=settings.max_body_bytes,
