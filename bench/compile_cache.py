@@ -22,6 +22,8 @@ Scenarios (each run against its own copy of the cache a cold run filled, owned b
     warm, without aotautograd/         copy minus the AOTAutograd cache
     warm, without fxgraph/ + aot...    copy minus the FX graph and AOTAutograd caches
     warm, only fxgraph/ + aot...       copy without the compiled kernels (the xx/ directories)
+    warm, candidate: ...               the copy, with train.py edited as a candidate would: the
+                                       learning rate (same graph), or the model's width (new graph)
     cold / warm, compile threads 1     TORCHINDUCTOR_COMPILE_THREADS=1: no pool of compile workers
 The dataset is built into a temporary directory first (examples/gpt/prepare.py in the image).
 """
@@ -53,8 +55,9 @@ UID = 1000
 WRAPPER = (
     "import atexit, json, runpy, sys\n"
     "def _dump():\n"
-    "    from torch._dynamo.utils import counters\n"
+    "    from torch._dynamo.utils import compile_times, counters\n"
     "    print('COUNTERS ' + json.dumps({k: dict(v) for k, v in counters.items()}))\n"
+    "    print('PHASES ' + json.dumps(compile_times(repr='str', aggregate=True)))\n"
     "atexit.register(_dump)\n"
     "sys.path.insert(0, '.')\n"
     "runpy.run_path('train.py', run_name='__main__')\n"
@@ -93,10 +96,10 @@ class Bench:
         return opts
 
     def run(
-        self, command: str, binds: dict[str, dict[str, str]], env: dict[str, str]
+        self, command: str, binds: dict[str, dict[str, str]], env: dict[str, str], workspace: Path = EXAMPLE
     ) -> tuple[str, float, int]:
         binds = {
-            str(EXAMPLE): {"bind": "/sandbox/workspace", "mode": "ro"},
+            str(workspace): {"bind": "/sandbox/workspace", "mode": "ro"},
             str(self.dataset): {"bind": DATA_TARGET, "mode": "ro"},
             **binds,
         }
@@ -133,6 +136,17 @@ class Bench:
         )
         self.dataset = out / "gpt-data"
 
+    def workspace(self, name: str, edit: tuple[str, str]) -> Path:
+        """examples/gpt with one line of train.py replaced: a candidate the loop's cache was not made for."""
+        ws = self.work / f"ws-{name}"
+        ws.mkdir()
+        for f in ("train.py", "prepare.py"):
+            shutil.copy(EXAMPLE / f, ws / f)
+        source = (ws / "train.py").read_text()
+        assert edit[0] in source, edit
+        (ws / "train.py").write_text(source.replace(edit[0], edit[1], 1))
+        return ws
+
     def empty(self, name: str) -> Path:
         path = self.work / name
         path.mkdir()
@@ -159,6 +173,8 @@ def parse(log: str) -> dict[str, Any]:
             aot = counters.get("aot_autograd", {})
             out["fx"] = f"{inductor.get('fxgraph_cache_hit', 0)}/{inductor.get('fxgraph_cache_miss', 0)}"
             out["aot"] = f"{aot.get('autograd_cache_hit', 0)}/{aot.get('autograd_cache_miss', 0)}"
+        if line.startswith("PHASES "):
+            out["phases"] = json.loads(line[len("PHASES ") :])
         if line.startswith("copy_ms "):
             out["copy_s"] = int(line.split()[1]) / 1000
         key, _, value = line.partition(":")
@@ -175,12 +191,26 @@ def main() -> None:
     ap.add_argument("--cpus", type=float, default=2.0)
     ap.add_argument("--gpu", help="host GPU id: run on that GPU (default: CPU)")
     ap.add_argument("--keep", type=Path, help="copy the cold run's cache here")
+    ap.add_argument("--phases", action="store_true", help="print torch's compile phase times (cold, warm)")
+    ap.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment for every run, e.g. TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS=0",
+    )
+    ap.add_argument(
+        "--only",
+        action="append",
+        help="run only the scenarios whose name contains this (repeatable; eager and cold always run)",
+    )
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="bench-compile-") as tmp:
         b = Bench(args, Path(tmp))
         b.prepare_dataset()
         rows: list[tuple[str, list[dict[str, Any]]]] = []
+        extra_env = dict(kv.split("=", 1) for kv in args.env)
 
         def at(path: str, **extra: str) -> dict[str, str]:
             return {
@@ -190,9 +220,20 @@ def main() -> None:
             }
 
         def scenario(
-            name: str, make: Any, env: dict[str, str], repeat: int = args.repeat, copy: bool = False
+            name: str,
+            make: Any,
+            env: dict[str, str],
+            repeat: int = args.repeat,
+            copy: bool = False,
+            workspace: Path = EXAMPLE,
         ) -> list[dict[str, Any]]:
-            got = []
+            got: list[dict[str, Any]] = []
+            if (
+                args.only
+                and name not in ("eager (no compile)", "cold")
+                and not any(o in name for o in args.only)
+            ):
+                return got
             for _ in range(repeat):
                 binds = make()
                 command = PY
@@ -201,14 +242,17 @@ def main() -> None:
                         "t0=$(date +%s%N); cp -a /cache-ro/. /tmp/cache/ && "
                         "echo copy_ms $(( ($(date +%s%N) - t0) / 1000000 )) && " + PY
                     )
-                log, wall, code = b.run(command, binds, {"WRAPPER": WRAPPER, **env})
+                log, wall, code = b.run(command, binds, {"WRAPPER": WRAPPER, **extra_env, **env}, workspace)
                 r = parse(log) | {"wall": wall}
                 if code != 0:
                     r["failed"] = next(
                         (ln.strip() for ln in reversed(log.splitlines()) if "Error" in ln), f"exit {code}"
                     )[:150]
                 got.append(r)
+                phases = r.pop("phases", "")
                 print(f"  {name}: {r}", flush=True)
+                if name in ("cold", "warm, same path") and len(got) == 1 and args.phases:
+                    print("    " + phases.replace("\n", "\n    "), flush=True)
             rows.append((name, got))
             return got
 
@@ -216,8 +260,8 @@ def main() -> None:
             return {str(src): {"bind": path, "mode": "rw"}}
 
         print(
-            f"{IMAGE}, examples/gpt, cpus {args.cpus}, {'GPU ' + args.gpu if args.gpu else 'CPU'}, "
-            f"{args.repeat} run(s) per scenario",
+            f"{IMAGE}, examples/gpt, env {extra_env or '-'}, cpus {args.cpus}, "
+            f"{'GPU ' + args.gpu if args.gpu else 'CPU'}, {args.repeat} run(s) per scenario",
             flush=True,
         )
         scenario("eager (no compile)", dict, {"GPT_COMPILE": "0"})
@@ -254,6 +298,12 @@ def main() -> None:
             lambda: rw(b.copy_of(seed, keep_only=["fxgraph", "aotautograd"])),
             at("/cache"),
             repeat=1,
+        )
+        lr = b.workspace("lr", ("MATRIX_LR = 1e-3", "MATRIX_LR = 1e-2"))
+        scenario("warm, candidate: MATRIX_LR 1e-2", lambda: rw(b.copy_of(seed)), at("/cache"), workspace=lr)
+        wide = b.workspace("wide", ("CPU_MODEL_DIM = 64", "CPU_MODEL_DIM = 96"))
+        scenario(
+            "warm, candidate: CPU_MODEL_DIM 96", lambda: rw(b.copy_of(seed)), at("/cache"), workspace=wide
         )
         one = {"TORCHINDUCTOR_COMPILE_THREADS": "1"}
         colds1: list[Path] = []
