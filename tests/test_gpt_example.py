@@ -101,8 +101,12 @@ def _patched(name: str | None) -> str:
         return source
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "train.py").write_text(source)
-        subprocess.run(["patch", "-s", "-p1", "-i", str(EXAMPLE / "candidates" / f"{name}.patch")],
-                       cwd=tmp, check=True)
+        out = subprocess.run(
+            ["patch", "-p1", "--fuzz=0", "-i", str(EXAMPLE / "candidates" / f"{name}.patch")],
+            cwd=tmp, check=True, capture_output=True, text=True,
+        ).stdout
+        # exactly where it says: a service applying it strictly must agree
+        assert "offset" not in out and "fuzz" not in out, out
         return (Path(tmp) / "train.py").read_text()
 
 

@@ -81,6 +81,7 @@ class GPTConfig:
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under bf16 autocast q and k stay bf16
     half = x.shape[-1] // 2
     a, b = x[..., :half], x[..., half:]
     return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
@@ -156,7 +157,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 reduction: str = "mean") -> torch.Tensor:
         t = idx.shape[1]
-        cos, sin = self.cos[:, :t].to(self.embed.weight.dtype), self.sin[:, :t].to(self.embed.weight.dtype)
+        cos, sin = self.cos[:, :t], self.sin[:, :t]
         x = norm(self.embed(idx))
         for block in self.blocks:
             x = block(x, cos, sin)
