@@ -40,7 +40,7 @@ fi
 
 has_torch() { [ -x "$(command -v "$1" 2>/dev/null)" ] && "$1" -c 'import numpy, torch' 2>/dev/null; }
 py=
-for candidate in "${PYTHON:-}" .venv-torch/bin/python python3; do
+for candidate in "${PYTHON:-}" "$ROOT/.venv-torch/bin/python" python3; do
   if [ -n "$candidate" ] && has_torch "$candidate"; then py=$candidate; break; fi
 done
 if [ -z "$py" ]; then
@@ -50,8 +50,11 @@ if [ -z "$py" ]; then
   python3 -m venv .venv-torch
   .venv-torch/bin/python -m pip install -q --require-hashes --no-deps --only-binary=:all: \
     -r "images/torch/requirements-$flavour.lock" || die "installing the $flavour lock failed (it targets Python 3.11)"
-  py=.venv-torch/bin/python
+  py="$ROOT/.venv-torch/bin/python"
 fi
+# train.py runs from its own directory: a relative path must keep working there (no symlink is
+# resolved: a venv's python is one).
+case "$py" in */*) py="$(cd "$(dirname "$py")" && pwd)/$(basename "$py")" ;; esac
 log "python: $py ($("$py" -c 'import sys, torch; print(f"Python {sys.version.split()[0]}, torch {torch.__version__}")'))"
 if [ "$cpu" = 0 ] && ! "$py" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then
   die "nvidia-smi sees $(echo "$gpus" | wc -l) GPU(s) but this torch cannot use them" \
