@@ -1,5 +1,5 @@
-"""`ratchet` command line: `ratchet serve` runs the service; the other commands drive a running
-service over its API (see `service.commands`)."""
+"""`ratchet`: the client's commands (see `client.cli`) plus `ratchet serve`, which runs the service,
+and `ratchet version`. The client never imports the server; this module puts the two together."""
 
 from __future__ import annotations
 
@@ -9,28 +9,13 @@ from typing import Any
 
 import click
 
-from .commands import COMMANDS
-from .commands.common import DEFAULT_URL, CliState, RatchetGroup
+from client.cli import cli
+
 from .settings import Settings, SettingsError, load_settings
 
 __all__ = ["cli", "main"]
 
 _DEFAULTS = Settings()
-
-
-@click.group(cls=RatchetGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--url",
-    envvar="RATCHET_URL",
-    default=DEFAULT_URL,
-    show_default=True,
-    help="the Ratchet service (env RATCHET_URL)",
-)
-@click.option("--token", envvar="RATCHET_TOKEN", help="sent as a bearer token (env RATCHET_TOKEN)")
-@click.pass_context
-def cli(ctx: click.Context, url: str, token: str | None) -> None:
-    """Autoresearch loops as a service."""
-    ctx.obj = CliState(url=url, token=token or None)
 
 
 @cli.command()
@@ -83,10 +68,6 @@ def version() -> None:
     from .app import VERSION
 
     click.echo(f"ratchet {VERSION}")
-
-
-for _command in COMMANDS:
-    cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -226,7 +226,7 @@ def test_charlm_eval_example_through_the_service(server, docker_client, tmp_path
     import uuid
     from pathlib import Path
 
-    from service.client import loop_body_from_dir
+    from client import loop_body_from_dir
 
     example = Path(__file__).resolve().parent.parent / "examples" / "charlm-eval"
     volume = f"ratchet-test-heldout-{uuid.uuid4().hex[:8]}"

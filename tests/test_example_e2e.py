@@ -9,7 +9,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from service.client import loop_body_from_dir
+from client import loop_body_from_dir
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "charlm"
 CANDIDATES = EXAMPLE / "candidates"

@@ -14,7 +14,7 @@ import click
 from rich.console import Console, RenderableType
 from rich.text import Text
 
-from ..client import ApiError, RatchetClient, Unreachable
+from ..api import ApiError, RatchetClient, Unreachable
 from ..loopdir import LoopDirError
 
 __all__ = [

@@ -51,7 +51,7 @@ class Unreachable(RuntimeError):
 
 def loop_body_from_dir(path: str | Path, **overrides: Any) -> dict[str, Any]:
     """The loop definition in `DIR/ratchet.toml` or `DIR/ratchet.json` plus every other file of DIR
-    as the workspace (see `service.loopdir`)."""
+    as the workspace (see `client.loopdir`)."""
     return loop_body(path, overrides)
 
 

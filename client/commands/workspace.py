@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ..client import RatchetClient
+from ..api import RatchetClient
 from ..loopdir import extract_archive
 from .common import CliError, CliState, fmt_metric, pass_state, resolve_loop
 

@@ -10,7 +10,7 @@ from rich.console import Group, RenderableType
 from rich.live import Live
 from rich.text import Text
 
-from ..client import RatchetClient, Unreachable
+from ..api import RatchetClient, Unreachable
 from .common import CliState, pass_state, resolve_loop
 from .views import experiments_table, loop_summary, running_table
 
