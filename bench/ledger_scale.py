@@ -27,10 +27,10 @@ from pathlib import Path
 
 import httpx
 
-from service import transitions
 from service.models import LoopConfig
-from service.snapshots import SnapshotStore
-from service.store import Store
+from service.state import transitions
+from service.state.snapshots import SnapshotStore
+from service.state.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 STATUSES = ["discard"] * 85 + ["crash"] * 10 + ["timeout"] * 3 + ["keep"] * 2

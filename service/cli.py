@@ -37,7 +37,7 @@ def serve(**flags: Any) -> None:
     """Run the HTTP service (SQLite + the local container engine)."""
     if flags.get("gpus") is not None:
         flags["gpus"] = [g.strip() for g in flags["gpus"].split(",") if g.strip()]
-    from .auth import auth_mode
+    from .http.auth import auth_mode
 
     try:
         settings = load_settings(flags)
@@ -47,7 +47,7 @@ def serve(**flags: Any) -> None:
         sys.exit(2)
     import uvicorn
 
-    from .app import create_app
+    from .http.app import create_app
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -65,7 +65,7 @@ def serve(**flags: Any) -> None:
 @cli.command()
 def version() -> None:
     """Print the version."""
-    from .app import VERSION
+    from .http.app import VERSION
 
     click.echo(f"ratchet {VERSION}")
 

@@ -10,7 +10,7 @@ from prometheus_client import Counter, Gauge, Histogram, Info, disable_created_m
 
 from sandbox import RunResult, SandboxError, SpecError
 
-from .decisions import Outcome
+from .rules.decisions import Outcome
 
 __all__ = [
     "BEST_METRIC",

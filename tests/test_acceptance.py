@@ -9,7 +9,7 @@ import time
 import pytest
 from test_api import HARNESS, make_loop, submit
 
-from service.acceptance import PRESETS, judge, pooled_sd, resolve
+from service.rules.acceptance import PRESETS, judge, pooled_sd, resolve
 
 # The metric is V plus a noise that depends only on the seed: the expected means are exact.
 NOISY = (

@@ -7,10 +7,10 @@ import os
 import pytest
 from test_api import submit
 
-from service.decisions import Outcome, decide
-from service.evaluate import check_evaluate, eval_tree
 from service.models import EvalMount, EvaluateSpec
-from service.patches import CandidateError
+from service.rules.decisions import Outcome, decide
+from service.rules.evaluate import check_evaluate, eval_tree
+from service.rules.patches import CandidateError
 
 # -- pure ----------------------------------------------------------------------------------------
 

@@ -7,14 +7,14 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from service import transitions
-from service.decisions import Outcome
-from service.ledger import LEDGER_STATUSES, row
-from service.ledger_cache import LedgerCache
-from service.migrations import MIGRATIONS
 from service.models import LoopConfig, Status
-from service.snapshots import SnapshotStore
-from service.store import Store
+from service.rules.decisions import Outcome
+from service.rules.ledger import LEDGER_STATUSES, row
+from service.state import transitions
+from service.state.ledger_cache import LedgerCache
+from service.state.migrations import MIGRATIONS
+from service.state.snapshots import SnapshotStore
+from service.state.store import Store
 
 CONFIG = LoopConfig(name="l", command=["python3", "train.py"])
 

@@ -13,8 +13,8 @@ from conftest import SANDBOX_IMAGE, leftovers
 from test_api import TRAIN, make_loop, submit
 
 from sandbox import FileEntry, RunSpec, Sandbox
-from service.livelog import LiveLog
-from service.scheduler import Scheduler, _Running, _Slot, dispatch_order
+from service.runs.livelog import LiveLog
+from service.runs.scheduler import Scheduler, _Running, _Slot, dispatch_order
 from service.settings import Settings
 
 

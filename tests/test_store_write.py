@@ -8,10 +8,10 @@ import sqlite3
 
 import pytest
 
-from service import transitions
 from service.models import LoopConfig
-from service.snapshots import SnapshotStore
-from service.store import Store
+from service.state import transitions
+from service.state.snapshots import SnapshotStore
+from service.state.store import Store
 
 
 async def test_concurrent_submissions_commit_together_and_a_refusal_rolls_back_alone(tmp_path):

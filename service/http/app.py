@@ -20,7 +20,14 @@ from litestar.plugins.prometheus import PrometheusConfig, PrometheusController, 
 
 from sandbox import Sandbox
 
-from . import faults, metrics
+from .. import faults, metrics
+from ..runs.gpus import detect_gpus
+from ..runs.livelog import on_exit_signals
+from ..runs.scheduler import Scheduler
+from ..settings import Settings
+from ..state.integrity import DataDamaged, open_verified
+from ..state.snapshots import SnapshotStore
+from ..state.store import Store
 from .api import (
     ExperimentController,
     HealthController,
@@ -30,14 +37,7 @@ from .api import (
     exception_handlers,
 )
 from .auth import SECURITY, SECURITY_COMPONENTS, Authenticator, is_loopback
-from .gpus import detect_gpus
-from .integrity import DataDamaged, open_verified
-from .livelog import on_exit_signals
-from .scheduler import Scheduler
 from .services import Services
-from .settings import Settings
-from .snapshots import SnapshotStore
-from .store import Store
 from .web import PageController, ProgressController
 
 __all__ = ["create_app"]

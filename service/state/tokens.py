@@ -11,7 +11,7 @@ import time
 import aiosqlite
 import msgspec
 
-from .models import Scope, TokenCreate, TokenCreated, TokenView
+from ..models import Scope, TokenCreate, TokenCreated, TokenView
 from .store import Store
 
 __all__ = ["PREFIX", "create_token", "delete_token", "find_token", "hash_secret", "list_tokens"]

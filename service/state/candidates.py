@@ -11,14 +11,15 @@ import msgspec
 
 from sandbox import RUNSC_MIN_PIDS, Sandbox
 
-from . import faults, transitions
-from .evaluate import check_evaluate
-from .models import CandidateCreate, LoopConfig, LoopCreate, LoopView
-from .patches import CandidateError, apply_files, apply_patch
-from .settings import Settings
+from .. import faults
+from ..models import CandidateCreate, LoopConfig, LoopCreate, LoopView
+from ..rules.evaluate import check_evaluate
+from ..rules.patches import CandidateError, apply_files, apply_patch
+from ..rules.workspaces import decode_workspace
+from ..settings import Settings
+from . import transitions
 from .snapshots import SnapshotStore, decode_manifest
 from .store import Store
-from .workspaces import decode_workspace
 
 __all__ = ["NotFound", "create_loop", "submit_candidate"]
 

@@ -28,9 +28,9 @@ from typing import Any
 import aiosqlite
 import msgspec
 
-from .acceptance import Judgement, Rule, judge, mean, pooled, resolve, sum_squares
-from .decisions import Decision, Outcome, Verdict, decide
-from .models import FINAL, LoopConfig, LoopState, Status
+from ..models import FINAL, LoopConfig, LoopState, Status
+from ..rules.acceptance import Judgement, Rule, judge, mean, pooled, resolve, sum_squares
+from ..rules.decisions import Decision, Outcome, Verdict, decide
 from .store import Store
 
 __all__ = [

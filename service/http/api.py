@@ -17,10 +17,7 @@ from litestar.params import Parameter
 from litestar.response import ServerSentEvent, Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED, HTTP_204_NO_CONTENT
 
-from . import candidates, history, tokens, transitions
-from .follow import follow_events, live_text
-from .ledger import header
-from .models import (
+from ..models import (
     CandidateCreate,
     ErrorBody,
     ExperimentPage,
@@ -36,10 +33,13 @@ from .models import (
     TokenCreated,
     TokenView,
 )
-from .patches import CandidateError
-from .scheduler import LIVE_LOG_BYTES
+from ..rules.ledger import header
+from ..rules.patches import CandidateError
+from ..runs.scheduler import LIVE_LOG_BYTES
+from ..state import candidates, history, tokens, transitions
+from ..state.snapshots import decode_manifest
+from .follow import follow_events, live_text
 from .services import Services
-from .snapshots import decode_manifest
 
 __all__ = [
     "ExperimentController",
@@ -54,7 +54,7 @@ log = logging.getLogger("ratchet.api")
 
 LoopId = Annotated[str, Parameter(pattern=r"^[0-9a-f]{16}$", description="loop id")]
 ExpId = Annotated[str, Parameter(pattern=r"^[0-9a-f]{16}$", description="experiment id")]
-# Route options read by service.auth: submitting needs the submit scope, on a loop the token may use.
+# Route options read by service.http.auth: submitting needs the submit scope, on a loop the token may use.
 SUBMIT_TO_LOOP = {"scope": "submit", "loop": "path"}
 SUBMIT_TO_EXPERIMENTS_LOOP = {"scope": "submit", "loop": "experiment"}
 

@@ -21,9 +21,9 @@ from typing import Any, Literal, TypeVar
 import aiosqlite
 import msgspec
 
-from . import faults
+from .. import faults
+from ..models import ExperimentView, LoopConfig, LoopView, SnapshotView, Status
 from .migrations import MIGRATIONS
-from .models import ExperimentView, LoopConfig, LoopView, SnapshotView, Status
 
 __all__ = ["Store"]
 

@@ -39,19 +39,20 @@ from sandbox import (
 )
 from sandbox.options import WORKSPACE_DIR
 
-from . import faults, transitions
-from . import metrics as m
-from .decisions import Outcome
-from .evaluate import EVAL_SEPARATOR, TRAIN_OUTPUT, eval_tree, prefixed
+from .. import faults
+from .. import metrics as m
+from ..models import ExperimentView, LoopConfig, LoopView, Status
+from ..rules.decisions import Outcome
+from ..rules.evaluate import EVAL_SEPARATOR, TRAIN_OUTPUT, eval_tree, prefixed
+from ..rules.extract import Extracted, extract_metrics, implausible
+from ..rules.patches import is_editable
+from ..settings import Settings
+from ..state import transitions
+from ..state.snapshots import SnapshotStore, decode_manifest
+from ..state.store import Store
 from .executor import Executor, Handle, LocalExecutor
-from .extract import Extracted, extract_metrics, implausible
 from .gpus import GpuPool
 from .livelog import LiveLog
-from .models import ExperimentView, LoopConfig, LoopView, Status
-from .patches import is_editable
-from .settings import Settings
-from .snapshots import SnapshotStore, decode_manifest
-from .store import Store
 
 __all__ = ["Scheduler", "dispatch_order"]
 

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 
 import msgspec
 
-from .ledger import LEDGER_STATUSES, row
+from ..rules.ledger import LEDGER_STATUSES, row
 from .store import Store
 
 __all__ = ["LedgerCache"]

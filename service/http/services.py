@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 from sandbox import Sandbox
 
-from .ledger_cache import LedgerCache
-from .scheduler import Scheduler
-from .settings import Settings
-from .snapshots import SnapshotStore
-from .store import Store
+from ..runs.scheduler import Scheduler
+from ..settings import Settings
+from ..state.ledger_cache import LedgerCache
+from ..state.snapshots import SnapshotStore
+from ..state.store import Store
 
 
 @dataclass(slots=True)

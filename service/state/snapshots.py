@@ -10,7 +10,7 @@ content hashes to the blob's id.
 
 Blobs are written to a temporary name, fsynced, renamed and the directory fsynced, so a row that
 points at a blob is only ever written after the blob is durable (and a delta's base is a blob that
-is already durable). `service.integrity` checks at start-up that every blob a row points at is there
+is already durable). `service.state.integrity` checks at start-up that every blob a row points at is there
 (and, for the snapshots that matter most, intact).
 """
 
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import msgspec
 
-from . import faults
+from .. import faults
 
 __all__ = ["MAX_CHAIN", "Manifest", "SnapshotStore", "Tree"]
 

@@ -17,10 +17,10 @@ from collections.abc import AsyncIterator
 
 from litestar.response import ServerSentEventMessage
 
-from .livelog import SKIPPED, LiveLog, TextDecoder
-from .models import RUN_OVER
-from .scheduler import Scheduler
-from .store import Store
+from ..models import RUN_OVER
+from ..runs.livelog import SKIPPED, LiveLog, TextDecoder
+from ..runs.scheduler import Scheduler
+from ..state.store import Store
 
 __all__ = ["follow_events", "live_text", "read_stored_log", "split_text"]
 

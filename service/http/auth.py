@@ -21,10 +21,10 @@ from litestar.exceptions import NotAuthorizedException, PermissionDeniedExceptio
 from litestar.handlers.base import BaseRouteHandler
 from litestar.openapi.spec import Components, SecurityScheme
 
-from .models import LoopView, Scope, TokenView
+from ..models import LoopView, Scope, TokenView
+from ..settings import Settings, SettingsError
+from ..state.tokens import find_token, hash_secret
 from .services import Services
-from .settings import Settings, SettingsError
-from .tokens import find_token, hash_secret
 
 __all__ = ["SECURITY", "SECURITY_COMPONENTS", "Authenticator", "auth_mode", "is_loopback"]
 

@@ -17,11 +17,11 @@ from litestar import Controller, Response, get
 from litestar.exceptions import NotFoundException
 from litestar.response import Redirect
 
+from ..models import ExperimentView, LoopView, Status
+from ..rules.chart import Point, progress_svg
+from ..state.store import Store
 from .api import LoopId, errors
-from .chart import Point, progress_svg
-from .models import ExperimentView, LoopView, Status
 from .services import Services
-from .store import Store
 
 __all__ = ["LEDGER_ROWS", "MAX_DISCARD_DOTS", "PageController", "ProgressController", "progress_chart"]
 

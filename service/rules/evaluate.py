@@ -7,7 +7,7 @@ import posixpath
 import re
 from collections.abc import Iterable, Mapping
 
-from .models import EvaluateSpec
+from ..models import EvaluateSpec
 from .patches import CandidateError, is_editable
 
 __all__ = [

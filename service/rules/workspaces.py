@@ -8,7 +8,7 @@ import binascii
 import io
 import tarfile
 
-from .models import Workspace
+from ..models import Workspace
 from .patches import CandidateError, check_path
 
 __all__ = ["WorkspaceError", "decode_workspace"]
