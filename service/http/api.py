@@ -36,7 +36,7 @@ from ..models import (
 from ..rules.ledger import header
 from ..rules.patches import CandidateError
 from ..runs.scheduler import LIVE_LOG_BYTES
-from ..state import candidates, history, tokens, transitions
+from ..state import candidates, enqueue, history, tokens, transitions
 from ..state.snapshots import decode_manifest
 from .follow import follow_events, live_text
 from .services import Services
@@ -182,7 +182,7 @@ class LoopController(Controller):
     )
     async def rerun_baseline(self, loop_id: LoopId, services: Services) -> ExperimentView:
         await _loop(services, loop_id, counts=False)
-        exp_id = await transitions.queue_baseline(services.store, loop_id)
+        exp_id = await enqueue.queue_baseline(services.store, loop_id)
         services.scheduler.wake()
         return await _experiment(services, exp_id)
 
@@ -266,22 +266,11 @@ class LoopController(Controller):
     )
     async def history_bundle(self, loop_id: LoopId, services: Services) -> Response[bytes]:
         loop = await _loop(services, loop_id, counts=False)
-        rows = await services.store.kept_for_history(loop_id)
-        if not rows:
-            raise transitions.Conflict(
+        commits = await services.store.kept_for_history(loop_id)
+        if not commits:
+            raise enqueue.Conflict(
                 f"loop {loop.name} has no successful baseline yet, so there is no history to bundle"
             )
-        commits = [
-            history.HistoryCommit(
-                experiment=r["id"],
-                description=r["description"],
-                snapshot=r["snapshot"],
-                manifest=r["manifest"],
-                metrics=msgspec.json.decode(r["metrics"]) if r["metrics"] else {},
-                finished_at=r["finished_at"],
-            )
-            for r in rows
-        ]
         data = await asyncio.to_thread(
             history.build_bundle,
             commits,
@@ -382,7 +371,7 @@ class ExperimentController(Controller):
         self, exp_id: ExpId, services: Services, data: RerunCreate | None = None
     ) -> ExperimentView:
         await _experiment(services, exp_id)
-        new_id = await transitions.rerun(services.store, exp_id, data.seed if data else None)
+        new_id = await enqueue.rerun(services.store, exp_id, data.seed if data else None)
         services.scheduler.wake()
         return await _experiment(services, new_id)
 
@@ -395,7 +384,7 @@ class ExperimentController(Controller):
     async def cancel(self, exp_id: ExpId, services: Services) -> ExperimentView:
         exp = await _experiment(services, exp_id)
         if exp.status not in (Status.queued, Status.running, Status.confirming):
-            raise transitions.Conflict(f"experiment {exp_id} already finished with status {exp.status.value}")
+            raise enqueue.Conflict(f"experiment {exp_id} already finished with status {exp.status.value}")
         await services.scheduler.cancel(exp_id)
         return await _experiment(services, exp_id)
 
@@ -489,7 +478,7 @@ def _refused(request: Request, exc: CandidateError) -> Response[dict[str, object
     return _error(request, 422, str(exc))
 
 
-def _conflict(request: Request, exc: transitions.Conflict) -> Response[dict[str, object]]:
+def _conflict(request: Request, exc: enqueue.Conflict) -> Response[dict[str, object]]:
     return _error(request, 409, str(exc))
 
 
@@ -537,7 +526,7 @@ def _internal(request: Request, exc: Exception) -> Response[dict[str, object]]:
 
 exception_handlers = {
     CandidateError: _refused,
-    transitions.Conflict: _conflict,
+    enqueue.Conflict: _conflict,
     candidates.NotFound: _not_found,
     history.GitMissing: _git_missing,
     ValidationException: _validation,

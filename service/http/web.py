@@ -44,12 +44,12 @@ async def progress_chart(store: Store, loop: LoopView, max_discards: int = MAX_D
     stride = max(1, math.ceil(loop.counts.get(Status.discard, 0) / max_discards))
     points: list[Point] = []
     discards = 0
-    async for number, status, metric, description in store.progress_rows(loop.id):
-        if status == Status.keep:
-            points.append(Point(number, metric, True, description or ""))
+    async for r in store.progress_rows(loop.id):
+        if r.status == Status.keep:
+            points.append(Point(r.number, r.metric, True, r.description or ""))
         else:
             if discards % stride == 0:
-                points.append(Point(number, metric, False))
+                points.append(Point(r.number, r.metric, False))
             discards += 1
     drawn = sum(1 for p in points if not p.kept)
     metric = loop.config.metric

@@ -15,7 +15,7 @@ import logging
 import sqlite3
 
 from .snapshots import SnapshotStore, decode_manifest
-from .store import Store
+from .store import SnapshotRef, Store
 
 __all__ = ["DataDamaged", "open_verified", "verify"]
 
@@ -67,12 +67,13 @@ async def verify(store: Store, snapshots: SnapshotStore, mode: str) -> None:
     log.info("start-up check: database ok, blobs of %d snapshot(s) ok (%s)", len(refs), mode)
 
 
-def _check_blobs(snapshots: SnapshotStore, refs: list, mode: str) -> list[str]:
+def _check_blobs(snapshots: SnapshotStore, refs: list[SnapshotRef], mode: str) -> list[str]:
     damaged: list[str] = []
     seen: set[str] = set()
-    for snapshot_id, manifest, loops in refs:
+    for ref in refs:
+        snapshot_id, loops = ref.id, ref.loops
         deep = mode == "all" or (mode == "best" and loops is not None)
-        for entry in decode_manifest(manifest).files:
+        for entry in decode_manifest(ref.manifest).files:
             key = f"{entry.blob}:{deep}"
             if key in seen:
                 continue

@@ -46,10 +46,11 @@ class LedgerCache:
         if entry is None or entry.rev != rev:
             entry = _Entry(rev=rev)
         async for batch in self.store.ledger_rows(loop_id, LEDGER_STATUSES, after=entry.upto):
-            part = "".join(row(r[1], r[2], r[3], r[4], r[5]) for r in batch).encode()
+            text = "".join(row(r.snapshot, r.status, r.metric, r.memory_gb, r.description) for r in batch)
+            part = text.encode()
             entry.parts.append(part)
             entry.size += len(part)
-            entry.upto = batch[-1][0]
+            entry.upto = batch[-1].finish_seq
         if len(entry.parts) > 64:  # many small appends: one part again
             entry.parts = [b"".join(entry.parts)]
         self._entries[loop_id] = entry
