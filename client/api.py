@@ -17,12 +17,13 @@ from typing import Any
 
 import httpx
 
+from service.models import FINAL, RUN_OVER
+
 from .loopdir import loop_body
 
 __all__ = ["FINAL_STATUSES", "ApiError", "RatchetClient", "Unreachable", "loop_body_from_dir", "parse_sse"]
 
-FINAL_STATUSES = frozenset({"keep", "discard", "crash", "timeout", "cancelled", "error", "measured"})
-RUN_OVER = FINAL_STATUSES | {"confirming"}  # the run's own log is complete
+FINAL_STATUSES = frozenset(s.value for s in FINAL)
 
 
 class ApiError(RuntimeError):
@@ -247,7 +248,7 @@ class RatchetClient:
                 yield text[shown:]
                 shown = len(text)
             # Status first: a log read after a final status is the complete log.
-            final = self.experiment(exp_id)["status"] in RUN_OVER
+            final = self.experiment(exp_id)["status"] in RUN_OVER  # the run's own log is complete
             if not final:
                 time.sleep(poll)
             text = self.logs(exp_id)

@@ -9,7 +9,7 @@ import sqlite3
 import pytest
 
 from service.models import LoopConfig
-from service.state import transitions
+from service.state import enqueue
 from service.state.snapshots import SnapshotStore
 from service.state.store import Store
 
@@ -28,18 +28,18 @@ async def test_concurrent_submissions_commit_together_and_a_refusal_rolls_back_a
     try:
         snaps = SnapshotStore(tmp_path / "blobs")
         root = snaps.put_tree({"train.py": b"V = 1\n"})
-        open_loop, _ = await transitions.create_loop(store, LoopConfig(name="open"), root.id, root.encode())
+        open_loop, _ = await enqueue.create_loop(store, LoopConfig(name="open"), root.id, root.encode())
         full = LoopConfig(name="full", max_experiments=1)
-        full_loop, _ = await transitions.create_loop(store, full, root.id, root.encode())
+        full_loop, _ = await enqueue.create_loop(store, full, root.id, root.encode())
         children = [snaps.put_tree({"train.py": f"V = {i}\n".encode()}) for i in range(40)]
 
         async def submit(loop_id: str, i: int) -> str:
             child = children[i]
-            return await transitions.submit(store, loop_id, f"c{i}", root.id, child.id, child.encode(), "")
+            return await enqueue.submit(store, loop_id, f"c{i}", root.id, child.id, child.encode(), "")
 
         calls = [submit(open_loop, i) for i in range(39)] + [submit(full_loop, 39)]
         results = await asyncio.gather(*calls, return_exceptions=True)
-        assert isinstance(results[-1], transitions.Conflict) and "max_experiments" in str(results[-1])
+        assert isinstance(results[-1], enqueue.Conflict) and "max_experiments" in str(results[-1])
         assert all(isinstance(r, str) for r in results[:-1])
         assert max(groups) > 1  # writes that arrived together were committed together
         assert sum(groups) == 40

@@ -20,8 +20,8 @@ from test_api import HARNESS, TRAIN
 
 from service.http import web
 from service.models import LoopConfig
+from service.state.enqueue import create_loop
 from service.state.store import Store
-from service.state.transitions import create_loop
 
 CHROMIUM = os.environ.get("RATCHET_CHROMIUM", "/usr/bin/chromium")
 # No network beyond 127.0.0.1, no background services, a fresh profile (the user-data-dir is given

@@ -14,10 +14,13 @@ import click
 from rich.console import Console, RenderableType
 from rich.text import Text
 
+from service.models import FAILED, Status
+
 from ..api import ApiError, RatchetClient, Unreachable
 from ..loopdir import LoopDirError
 
 __all__ = [
+    "FAILED_OR_ERROR",
     "STATUS_STYLE",
     "CliError",
     "CliState",
@@ -31,6 +34,7 @@ __all__ = [
 ]
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+FAILED_OR_ERROR = FAILED | {Status.error}  # the candidate failed, or the machine did
 LOOP_ID = re.compile(r"^[0-9a-f]{16}$")
 STATUS_STYLE = {
     "queued": "blue",

@@ -12,12 +12,20 @@ from typing import IO, Any
 
 import click
 
-from .common import CliError, CliState, fmt_metric, pass_state, resolve_loop
+from service.models import FAILED, Status
+
+from .common import FAILED_OR_ERROR, CliError, CliState, fmt_metric, pass_state, resolve_loop
 
 __all__ = ["EXIT_CODES", "diff", "logs", "submit"]
 
 # What `submit --wait` exits with, so a script can branch on the verdict.
-EXIT_CODES = {"keep": 0, "discard": 0, "crash": 3, "timeout": 3, "cancelled": 4, "error": 4}
+EXIT_CODES = {
+    Status.keep: 0,
+    Status.discard: 0,
+    **dict.fromkeys(FAILED, 3),  # the candidate failed
+    Status.cancelled: 4,  # the machine (or a person) stopped it: submit again
+    Status.error: 4,
+}
 TAIL_LINES = 20
 
 
@@ -52,7 +60,7 @@ def _report(exp: dict[str, Any], metric_name: str) -> None:
     click.echo(f"experiment {exp['id']} (#{exp['number']}): {exp['status']}{metric}")
     if exp.get("reason"):
         click.echo(f"reason: {exp['reason']}")
-    if exp["status"] in ("crash", "timeout", "error") and exp.get("log_tail"):
+    if exp["status"] in FAILED_OR_ERROR and exp.get("log_tail"):
         tail = exp["log_tail"].rstrip("\n").splitlines()[-TAIL_LINES:]
         click.echo(f"log tail (full log: ratchet logs {exp['id']}):")
         for line in tail:

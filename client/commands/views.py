@@ -11,12 +11,13 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from .common import elapsed, fmt_metric, fmt_seconds, status_text
+from service.models import hard_timeout_s
+
+from .common import FAILED_OR_ERROR, elapsed, fmt_metric, fmt_seconds, status_text
 
 __all__ = ["experiments_table", "loop_summary", "loops_table", "running_table"]
 
 ARROW = {"minimize": "↓", "maximize": "↑"}
-FAILED = ("crash", "timeout", "error")
 
 
 def _metric_label(loop: dict[str, Any]) -> str:
@@ -42,7 +43,7 @@ def loops_table(loops: list[dict[str, Any]]) -> Table:
             str(sum(c.values())),
             str(c.get("keep", 0)),
             str(c.get("discard", 0)),
-            str(sum(c.get(s, 0) for s in FAILED)),
+            str(sum(c.get(s, 0) for s in FAILED_OR_ERROR)),
             str(c.get("running", 0)),
             str(c.get("queued", 0)),
         )
@@ -82,7 +83,7 @@ def loop_summary(loop: dict[str, Any], best: dict[str, Any] | None = None) -> Ta
 
 
 def _timeout(cfg: dict[str, Any]) -> float:
-    return cfg.get("timeout_s") or 2 * cfg["time_budget_s"] + 30
+    return hard_timeout_s(cfg["time_budget_s"], cfg.get("timeout_s"))
 
 
 def experiments_table(

@@ -16,6 +16,7 @@ from typing import Literal
 
 import msgspec
 
+from ..models import Status
 from .decisions import improves
 
 __all__ = [
@@ -82,7 +83,7 @@ def resolve(
 
 
 class Judgement(msgspec.Struct, kw_only=True, frozen=True):
-    verdict: Literal["keep", "discard", "confirm"]
+    verdict: Literal[Status.keep, Status.discard, Status.confirming]  # confirming: run it again
     reason: str
     mean: float  # the candidate's mean over its runs so far
 
@@ -130,26 +131,26 @@ def judge(
     best = _shown("the best's", i, len(incumbent))
     if not improves(c, i, direction, min_delta):
         delta = f" by more than {min_delta:g}" if min_delta else ""
-        return Judgement(verdict="discard", reason=f"{shown} is not better than {best}{delta}", mean=c)
+        return Judgement(verdict=Status.discard, reason=f"{shown} is not better than {best}{delta}", mean=c)
     if runs < 1 + rule.confirm_runs:
         return Judgement(
-            verdict="confirm",
+            verdict=Status.confirming,
             reason=f"{shown} beats {best}; confirming ({runs} of {1 + rule.confirm_runs} runs)",
             mean=c,
         )
     if rule.k <= 0:
-        return Judgement(verdict="keep", reason=f"{shown} beats {best}", mean=c)
+        return Judgement(verdict=Status.keep, reason=f"{shown} beats {best}", mean=c)
     if noise_sd is None:
         return Judgement(
-            verdict="discard", reason=f"{shown} beats {best}, but the noise is not measured yet", mean=c
+            verdict=Status.discard, reason=f"{shown} beats {best}, but the noise is not measured yet", mean=c
         )
     se = noise_sd * math.sqrt(1 / runs + 1 / len(incumbent))
     margin = min_delta + rule.k * se
     gap = f"{rule.k:g} standard errors ({rule.k * se:.6f}, noise sd {noise_sd:.6f})"
     if improves(c, i, direction, margin):
-        return Judgement(verdict="keep", reason=f"{shown} beats {best} by more than {gap}", mean=c)
+        return Judgement(verdict=Status.keep, reason=f"{shown} beats {best} by more than {gap}", mean=c)
     return Judgement(
-        verdict="discard", reason=f"{shown} beats {best}, but not by {gap}: within the noise", mean=c
+        verdict=Status.discard, reason=f"{shown} beats {best}, but not by {gap}: within the noise", mean=c
     )
 
 

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import math
-from enum import StrEnum
 
 import msgspec
 
+from ..models import Status
+
 __all__ = ["Decision", "Outcome", "decide", "improves"]
-
-
-class Verdict(StrEnum):
-    keep = "keep"
-    discard = "discard"
-    crash = "crash"
-    timeout = "timeout"
-    cancelled = "cancelled"
-    confirming = "confirming"  # noise-aware rules: looks better, its confirmation runs decide
-    measured = "measured"  # a repeat run that succeeded: its value joins its candidate's mean
 
 
 class Outcome(msgspec.Struct, kw_only=True, frozen=True):
@@ -37,10 +28,13 @@ class Outcome(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class Decision(msgspec.Struct, kw_only=True, frozen=True):
-    status: Verdict
+    """A verdict: keep, discard, crash or timeout (or cancelled); the noise-aware rules add
+    confirming (looks better, its confirmation runs decide) and measured (a repeat run's value)."""
+
+    status: Status
     reason: str
     becomes_best: bool = False
-    settled: Verdict | None = None  # a repeat run's: the verdict it completed for its candidate
+    settled: Status | None = None  # a repeat run's: the verdict it completed for its candidate
 
 
 def improves(value: float, best: float, direction: str, min_delta: float) -> bool:
@@ -66,9 +60,9 @@ def decide(
         best=best,
         baseline=baseline,
     )
-    if outcome.phase is None or decision.status in (Verdict.keep, Verdict.discard, Verdict.cancelled):
+    if outcome.phase is None or decision.status in (Status.keep, Status.discard, Status.cancelled):
         return decision
-    if decision.status == Verdict.timeout:
+    if decision.status == Status.timeout:
         reason = f"{outcome.phase} killed at its hard timeout of {outcome.timeout_s:g} s"
     else:
         reason = f"{outcome.phase}: {decision.reason}"
@@ -85,44 +79,44 @@ def _decide(
     baseline: bool,
 ) -> Decision:
     if outcome.cancelled:
-        return Decision(status=Verdict.cancelled, reason="cancelled")
+        return Decision(status=Status.cancelled, reason="cancelled")
     if outcome.timed_out:
         return Decision(
-            status=Verdict.timeout, reason=f"killed at the hard timeout of {outcome.timeout_s:g} s"
+            status=Status.timeout, reason=f"killed at the hard timeout of {outcome.timeout_s:g} s"
         )
     if outcome.oom_killed:
-        return Decision(status=Verdict.crash, reason=f"out of memory (limit {outcome.memory_mb} MB)")
+        return Decision(status=Status.crash, reason=f"out of memory (limit {outcome.memory_mb} MB)")
     if outcome.report_forged:
         return Decision(
-            status=Verdict.crash,
+            status=Status.crash,
             reason="the workload wrote the sandbox's end-of-run report itself (forged); not judged",
         )
     if outcome.exit_code != 0 and not outcome.exit_reported:
         return Decision(
-            status=Verdict.crash,
+            status=Status.crash,
             reason=f"the sandbox died before the workload's exit was reported (container exit code"
             f" {outcome.exit_code}); under runsc that is what reaching the pids limit looks like",
         )
     if outcome.exit_code != 0:
-        return Decision(status=Verdict.crash, reason=f"exited with code {outcome.exit_code}")
+        return Decision(status=Status.crash, reason=f"exited with code {outcome.exit_code}")
     value = outcome.metric
     if value is None:
         why = outcome.metric_problem or f"metric {metric_name!r} not reported"
-        return Decision(status=Verdict.crash, reason=why)
+        return Decision(status=Status.crash, reason=why)
     if not math.isfinite(value):
-        return Decision(status=Verdict.crash, reason=f"{metric_name} is {value}, not a finite number")
+        return Decision(status=Status.crash, reason=f"{metric_name} is {value}, not a finite number")
     if baseline:
-        return Decision(status=Verdict.keep, reason=f"baseline {metric_name} {value:.6f}", becomes_best=True)
+        return Decision(status=Status.keep, reason=f"baseline {metric_name} {value:.6f}", becomes_best=True)
     if best is None:
-        return Decision(status=Verdict.discard, reason="no successful baseline to compare against")
+        return Decision(status=Status.discard, reason="no successful baseline to compare against")
     if improves(value, best, direction, min_delta):
         return Decision(
-            status=Verdict.keep,
+            status=Status.keep,
             reason=f"{metric_name} {value:.6f} beats best {best:.6f}",
             becomes_best=True,
         )
     delta = f" by more than {min_delta:g}" if min_delta else ""
     return Decision(
-        status=Verdict.discard,
+        status=Status.discard,
         reason=f"{metric_name} {value:.6f} is not better than best {best:.6f}{delta}",
     )

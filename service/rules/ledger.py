@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from ..models import FAILED, Status
+
 __all__ = ["LEDGER_STATUSES", "header", "row"]
 
 # Statuses that appear in the ledger; a timeout counts as a crash there. Cancelled and
 # infrastructure errors are not results of the candidate and are left out.
-LEDGER_STATUSES = ("keep", "discard", "crash", "timeout")
+LEDGER_STATUSES = tuple(s.value for s in Status if s in {Status.keep, Status.discard, *FAILED})
 
 
 def header(metric_name: str) -> str:

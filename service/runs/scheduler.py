@@ -47,7 +47,7 @@ from ..rules.evaluate import EVAL_SEPARATOR, TRAIN_OUTPUT, eval_tree, prefixed
 from ..rules.extract import Extracted, extract_metrics, implausible
 from ..rules.patches import is_editable
 from ..settings import Settings
-from ..state import transitions
+from ..state import enqueue, transitions
 from ..state.snapshots import SnapshotStore, decode_manifest
 from ..state.store import Store
 from .executor import Executor, Handle, LocalExecutor
@@ -252,10 +252,10 @@ class Scheduler:
         if not self._engine_up:
             return
         for loop_id, config in await self.store.loops_with_best():
-            if transitions.rule_of(config).remeasure_runs <= 1:
+            if enqueue.rule_of(config).remeasure_runs <= 1:
                 continue  # never re-measured: no write transaction on every idle pass for it
             while free := [s for s in self._slots if s.exp_id is None]:
-                exp_id = await transitions.queue_remeasure(self.store, loop_id)
+                exp_id = await enqueue.queue_remeasure(self.store, loop_id)
                 if exp_id is None:
                     break
                 self._remeasures.add(exp_id)

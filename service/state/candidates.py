@@ -17,7 +17,7 @@ from ..rules.evaluate import check_evaluate
 from ..rules.patches import CandidateError, apply_files, apply_patch
 from ..rules.workspaces import decode_workspace
 from ..settings import Settings
-from . import transitions
+from . import enqueue
 from .snapshots import SnapshotStore, decode_manifest
 from .store import Store
 
@@ -64,14 +64,14 @@ async def create_loop(
             "timeout_s must be at least time_budget_s (it is the hard kill after the budget)"
         )
     try:
-        transitions.rule_of(config)
+        enqueue.rule_of(config)
     except ValueError as exc:
         raise CandidateError(f"acceptance: {exc}") from None
     for key in config.env:
         if key.startswith("RATCHET_"):
             raise CandidateError(f"env {key!r}: RATCHET_* variables are set by the service; rename it")
     if await store.active_loop_named(config.name):
-        raise transitions.Conflict(f"a loop named {config.name!r} is active; stop it or pick another name")
+        raise enqueue.Conflict(f"a loop named {config.name!r} is active; stop it or pick another name")
     tree, execs = decode_workspace(body.workspace, settings.max_workspace_bytes, settings.max_workspace_files)
     if config.evaluate is not None:
         check_evaluate(config.evaluate, config.editable, tree)
@@ -81,7 +81,7 @@ async def create_loop(
             " build it (images/build.sh) or pull it first"
         )
     manifest = await asyncio.to_thread(snapshots.put_tree, tree, execs)
-    return await transitions.create_loop(store, config, manifest.id, manifest.encode())
+    return await enqueue.create_loop(store, config, manifest.id, manifest.encode())
 
 
 def _unified(parent: dict[str, bytes], child: dict[str, bytes]) -> str:
@@ -115,7 +115,7 @@ async def submit_candidate(
     else:
         parent = loop.best_snapshot or loop.root_snapshot
     if loop.state == "stopped":
-        raise transitions.Conflict("the loop is stopped; create a new loop to run more experiments")
+        raise enqueue.Conflict("the loop is stopped; create a new loop to run more experiments")
     raw = await store.get_manifest(parent)
     if raw is None:
         raise NotFound(f"snapshot {parent} not found")
@@ -139,6 +139,6 @@ async def submit_candidate(
     diff = _unified(tree, child)
     manifest = await asyncio.to_thread(snapshots.put_tree, child, execs, parent_manifest)
     with faults.scope("submit"):
-        return await transitions.submit(
+        return await enqueue.submit(
             store, loop.id, body.description, parent, manifest.id, manifest.encode(), diff
         )
