@@ -1,15 +1,18 @@
-"""`create_app(settings)` composes the service; one lifespan opens the database, the engine client
+"""`create_app(settings)` composes the service; one lifespan opens the database, the executor
 and the scheduler, and closes them in reverse."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
 import os
 import platform
 import secrets
-from collections.abc import AsyncIterator
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,27 +21,24 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController, PrometheusMiddleware
 
-from sandbox import Sandbox
-
 from .. import faults, metrics
-from ..runs.gpus import detect_gpus
-from ..runs.livelog import on_exit_signals
+from ..runs.executor import Executor
+from ..runs.local import LocalExecutor
+from ..runs.logs import RunLogs
 from ..runs.scheduler import Scheduler
 from ..settings import Settings
 from ..state.integrity import DataDamaged, open_verified
 from ..state.snapshots import SnapshotStore
 from ..state.store import Store
-from .api import (
-    ExperimentController,
-    HealthController,
-    LoopController,
-    SnapshotController,
-    TokenController,
-    exception_handlers,
-)
 from .auth import SECURITY, SECURITY_COMPONENTS, Authenticator, is_loopback
+from .errors import exception_handlers
+from .experiments import ExperimentController
+from .health import HealthController
+from .loops import LoopController
+from .pages import PageController, ProgressController
 from .services import Services
-from .web import PageController, ProgressController
+from .snapshots import SnapshotController
+from .tokens import TokenController
 
 __all__ = ["create_app"]
 
@@ -110,7 +110,38 @@ def _log_auth(settings: Settings, mode: str) -> None:
         log.info("auth: none (loopback %s only); RATCHET_AUTH=tokens turns tokens on", settings.host)
 
 
-def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
+@contextlib.contextmanager
+def on_exit_signals(callback: Callable[[], None]) -> Iterator[None]:
+    """Also runs `callback` on the event loop when SIGINT or SIGTERM arrives.
+
+    uvicorn finishes open responses before it runs the lifespan's shutdown, so a follower would
+    hold a stopping service up for its whole graceful-shutdown timeout; this lets followers end at
+    once. The handlers already installed (uvicorn's) still run. Outside the main thread
+    signals cannot be handled: then this does nothing, as it does for a signal nobody handles."""
+    loop = asyncio.get_running_loop()
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # first: the previous handler may raise
+            loop.call_soon_threadsafe(callback)
+        previous[signum](signum, frame)
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            prev = signal.getsignal(sig)
+            if callable(prev):  # else the signal ends the process: nothing waits for followers
+                previous[sig] = prev
+                signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, prev in previous.items():
+            if signal.getsignal(sig) is handler:
+                signal.signal(sig, prev)
+
+
+def create_app(settings: Settings, executor: Executor | None = None) -> Litestar:
+    """The service. `executor`: where experiments run (default: the local engine, `LocalExecutor`)."""
     data_dir = Path(settings.data_dir)
     metrics.BUILD.info({"version": VERSION, "python": platform.python_version()})
     holder: dict[str, Services] = {}
@@ -129,13 +160,13 @@ def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
             except DataDamaged as exc:
                 log.error("refusing to start: %s", exc)
                 raise
-            engine = sandbox or Sandbox(instance=instance)
-            gpus = settings.gpus if settings.gpus is not None else detect_gpus()
-            scheduler = Scheduler(settings, store, snapshots, engine, gpus)
-            holder["services"] = Services(settings, store, snapshots, engine, scheduler, gpus)
+            runner = executor or LocalExecutor(settings, instance)
+            logs = RunLogs(data_dir / "logs")
+            scheduler = Scheduler(settings, store, snapshots, runner, logs)
+            holder["services"] = Services(settings, store, snapshots, runner, scheduler, logs)
             await scheduler.start()
             stack.push_async_callback(scheduler.stop)
-            stack.enter_context(on_exit_signals(scheduler.end_streams))
+            stack.enter_context(on_exit_signals(logs.end_streams))
             log.info("ratchet %s ready: %r, data in %s", VERSION, scheduler, data_dir)
             _log_auth(settings, guard.mode)
             yield

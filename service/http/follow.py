@@ -12,32 +12,30 @@ service stops. SSE carries text by lines, so CR, LF and CRLF all arrive as LF.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import time
 from collections.abc import AsyncIterator
 
 from litestar.response import ServerSentEventMessage
 
 from ..models import RUN_OVER
-from ..runs.livelog import SKIPPED, LiveLog, TextDecoder
-from ..runs.scheduler import Scheduler
+from ..runs.logs import SKIPPED, LiveLog, RunLogs
 from ..state.store import Store
 
-__all__ = ["follow_events", "live_text", "read_stored_log", "split_text"]
+__all__ = ["TextDecoder", "follow_events", "live_text", "split_text"]
 
 KEEPALIVE_S = 10.0
 STATUS_POLL_S = 1.0  # a queued experiment can be cancelled without ever taking a slot
 READ_BYTES = 64 * 1024
 
 
-async def follow_events(
-    store: Store, scheduler: Scheduler, exp_id: str
-) -> AsyncIterator[ServerSentEventMessage]:
+async def follow_events(store: Store, logs: RunLogs, exp_id: str) -> AsyncIterator[ServerSentEventMessage]:
     followed = False
     quiet_since = time.monotonic()
-    while not scheduler.streams_ending:
-        live = scheduler.live_log(exp_id)
+    while not logs.ending:
+        live = logs.live(exp_id)
         if live is not None:
-            async for event in _follow_live(scheduler, live):
+            async for event in _follow_live(logs, live):
                 yield event
             followed = True
             quiet_since = time.monotonic()
@@ -47,30 +45,24 @@ async def follow_events(
             return
         if exp.status in RUN_OVER:  # a confirming candidate's own run is over
             if not followed:
-                for piece in split_text(await read_stored_log(scheduler, exp_id)):
+                stored = (await logs.read(exp_id)).decode("utf-8", errors="replace")
+                for piece in split_text(stored):
                     yield ServerSentEventMessage(data=piece)
             yield ServerSentEventMessage(event="end", data=exp.status.value)
             return
-        await scheduler.slots_changed(STATUS_POLL_S)
+        await logs.changed(STATUS_POLL_S)
         if time.monotonic() - quiet_since >= KEEPALIVE_S:
             yield ServerSentEventMessage(data=None, comment="keep-alive")
             quiet_since = time.monotonic()
     yield ServerSentEventMessage(data=None, comment="service stopping")
 
 
-async def read_stored_log(scheduler: Scheduler, exp_id: str) -> str:
-    """The log written when the experiment finished ("" when there is none, e.g. never started)."""
-    path = scheduler.logs_dir / f"{exp_id}.log"
-    data = await asyncio.to_thread(path.read_bytes) if path.exists() else b""
-    return data.decode("utf-8", errors="replace")
-
-
-async def _follow_live(scheduler: Scheduler, live: LiveLog) -> AsyncIterator[ServerSentEventMessage]:
+async def _follow_live(logs: RunLogs, live: LiveLog) -> AsyncIterator[ServerSentEventMessage]:
     """From the oldest byte held until the run's output is closed and read to its end."""
     decoder = TextDecoder()
     offset = 0
     quiet_since = time.monotonic()
-    while not scheduler.streams_ending:
+    while not logs.ending:
         closed = live.closed  # before the read: once closed, nothing more is written
         skipped, data, offset = live.read(offset, READ_BYTES)
         if skipped:
@@ -105,3 +97,25 @@ def live_text(live: LiveLog, limit: int, mark_gap: bool = True) -> str:
     before, data = live.tail(limit)
     text = data.decode("utf-8", errors="replace")
     return SKIPPED.format(n=before) + text if before and mark_gap else text
+
+
+class TextDecoder:
+    """Bytes to text for one follower: a character split over two reads stays whole, and a CRLF
+    split over two reads does not become two line breaks (SSE treats CR, LF and CRLF alike)."""
+
+    def __init__(self) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._after_cr = False
+
+    def decode(self, data: bytes, final: bool = False) -> str:
+        text = self._utf8.decode(data, final)
+        if self._after_cr and text.startswith("\n"):
+            text = text[1:]
+        if text:
+            self._after_cr = text.endswith("\r")
+        return text
+
+    def reset(self) -> None:
+        """After a gap: whatever was half-decoded belongs to bytes that were skipped."""
+        self._utf8.reset()
+        self._after_cr = False

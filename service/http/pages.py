@@ -14,13 +14,12 @@ import time
 from collections.abc import Iterable
 
 from litestar import Controller, Response, get
-from litestar.exceptions import NotFoundException
 from litestar.response import Redirect
 
 from ..models import ExperimentView, LoopView, Status
 from ..rules.chart import Point, progress_svg
 from ..state.store import Store
-from .api import LoopId, errors
+from .common import LoopId, errors, loop_or_404
 from .services import Services
 
 __all__ = ["LEDGER_ROWS", "MAX_DISCARD_DOTS", "PageController", "ProgressController", "progress_chart"]
@@ -30,13 +29,6 @@ __all__ = ["LEDGER_ROWS", "MAX_DISCARD_DOTS", "PageController", "ProgressControl
 MAX_DISCARD_DOTS = 4000
 LEDGER_ROWS = 200
 REFRESH_S = 5
-
-
-async def _loop(services: Services, loop_id: str) -> LoopView:
-    loop = await services.store.get_loop(loop_id)
-    if loop is None:
-        raise NotFoundException(f"no loop {loop_id}; list loops with GET /v1/loops or open /loops")
-    return loop
 
 
 async def progress_chart(store: Store, loop: LoopView, max_discards: int = MAX_DISCARD_DOTS) -> str:
@@ -69,7 +61,7 @@ class ProgressController(Controller):
         responses=errors(404),
     )
     async def progress(self, loop_id: LoopId, services: Services) -> Response[str]:
-        loop = await _loop(services, loop_id)
+        loop = await loop_or_404(services, loop_id, where=" or open /loops")
         svg = await progress_chart(services.store, loop)
         return Response(
             svg,
@@ -101,7 +93,7 @@ class PageController(Controller):
 
     @get("/loops/{loop_id:str}")
     async def loop_page(self, loop_id: LoopId, services: Services, live: bool = False) -> Response[str]:
-        loop = await _loop(services, loop_id)
+        loop = await loop_or_404(services, loop_id, where=" or open /loops")
         experiments = await services.store.latest_experiments(loop_id, LEDGER_ROWS)
         best = None
         if loop.best_experiment:
@@ -397,7 +389,7 @@ def _index_row(loop: LoopView) -> str:
         _metric(loop.best_metric),
         e(loop.config.metric.name),
         str(sum(loop.counts.values())),
-        *(str(loop.counts.get(s, 0)) for s in ("keep", "running", "queued")),
+        *(str(loop.counts.get(s, 0)) for s in (Status.keep, Status.running, Status.queued)),
         e(_when(loop.created_at)),
     ]
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from sandbox import Sandbox
-
+from ..runs.executor import Executor
+from ..runs.logs import RunLogs
 from ..runs.scheduler import Scheduler
 from ..settings import Settings
 from ..state.ledger_cache import LedgerCache
@@ -18,9 +18,9 @@ class Services:
     settings: Settings
     store: Store
     snapshots: SnapshotStore
-    sandbox: Sandbox
+    executor: Executor
     scheduler: Scheduler
-    gpus: list[str]
+    logs: RunLogs
     ledger: LedgerCache = field(init=False)
 
     def __post_init__(self) -> None:

@@ -1,29 +1,27 @@
-"""The output of running experiments as it happens, for `GET /v1/experiments/{id}/logs?follow=true`.
+"""Every experiment's output, in one place: the live window while it runs, the stored file after.
 
-A run's output arrives in its worker thread (the sandbox's `on_output`); followers are coroutines.
+A run's output arrives in its worker thread (the executor's `on_output`); followers are coroutines.
 `LiveLog` keeps the newest `capacity` bytes and a running byte offset, so memory stays bounded
 whatever a workload prints: a follower that falls behind the window is told how many bytes it
 missed and goes on from the oldest byte still held. The worker thread never waits for the event
 loop: it appends under a short lock and asks the loop for at most one wake-up at a time.
 
-Followers register nowhere, so one that disconnects leaves nothing behind.
+`RunLogs` holds the live logs of running experiments (the scheduler opens and closes them) and the
+log files written when each one ends (`<data dir>/logs/<experiment id>.log`, fsynced). Followers
+register nowhere, so one that disconnects leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
-import logging
-import signal
+import os
 import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+from pathlib import Path
 
-__all__ = ["SKIPPED", "LiveLog", "TextDecoder", "on_exit_signals"]
+__all__ = ["LIVE_LOG_BYTES", "SKIPPED", "LiveLog", "RunLogs"]
 
-log = logging.getLogger("ratchet.livelog")
-
+LIVE_LOG_BYTES = 1024 * 1024  # newest output of each running experiment kept for followers
 SKIPPED = "\n[ratchet: {n} bytes of output skipped here]\n"
 
 
@@ -108,53 +106,66 @@ class LiveLog:
             await asyncio.wait_for(changed.wait(), timeout)
 
 
-class TextDecoder:
-    """Bytes to text for one follower: a character split over two reads stays whole, and a CRLF
-    split over two reads does not become two line breaks (SSE treats CR, LF and CRLF alike)."""
+class RunLogs:
+    """The live logs of running experiments and the stored logs of finished ones."""
 
-    def __init__(self) -> None:
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._after_cr = False
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self._live: dict[str, LiveLog] = {}
+        self._changed = asyncio.Event()  # replaced on every set: each waiter sees one change
+        self.ending = False  # the service is stopping: followers end rather than hold it up
 
-    def decode(self, data: bytes, final: bool = False) -> str:
-        text = self._utf8.decode(data, final)
-        if self._after_cr and text.startswith("\n"):
-            text = text[1:]
-        if text:
-            self._after_cr = text.endswith("\r")
-        return text
+    def path(self, exp_id: str) -> Path:
+        return self.directory / f"{exp_id}.log"
 
-    def reset(self) -> None:
-        """After a gap: whatever was half-decoded belongs to bytes that were skipped."""
-        self._utf8.reset()
-        self._after_cr = False
+    def open(self, exp_id: str) -> LiveLog:
+        """The experiment starts: its output goes here until `close`."""
+        live = self._live[exp_id] = LiveLog(asyncio.get_running_loop(), LIVE_LOG_BYTES)
+        self._announce()
+        return live
 
+    def close(self, exp_id: str) -> None:
+        """The experiment is over and its final status written: followers read it next."""
+        live = self._live.pop(exp_id, None)
+        if live is not None:
+            live.close()
+        self._announce()
 
-@contextlib.contextmanager
-def on_exit_signals(callback: Callable[[], None]) -> Iterator[None]:
-    """Also runs `callback` on the event loop when SIGINT or SIGTERM arrives.
+    def live(self, exp_id: str) -> LiveLog | None:
+        """The output of `exp_id` while it runs here; None when it does not."""
+        return self._live.get(exp_id)
 
-    uvicorn finishes open responses before it runs the lifespan's shutdown, so a follower would
-    hold a stopping service up for its whole graceful-shutdown timeout; this lets followers end at
-    once. The handlers already installed (uvicorn's) still run. Outside the main thread
-    signals cannot be handled: then this does nothing, as it does for a signal nobody handles."""
-    loop = asyncio.get_running_loop()
-    previous: dict[int, Any] = {}
+    async def save(self, exp_id: str, text: str) -> None:
+        await asyncio.to_thread(self._write, self.path(exp_id), text)
 
-    def handler(signum: int, frame: Any) -> None:
-        with contextlib.suppress(RuntimeError):  # first: the previous handler may raise
-            loop.call_soon_threadsafe(callback)
-        previous[signum](signum, frame)
+    @staticmethod
+    def _write(path: Path, text: str) -> None:
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
 
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            prev = signal.getsignal(sig)
-            if callable(prev):  # else the signal ends the process: nothing waits for followers
-                previous[sig] = prev
-                signal.signal(sig, handler)
-    try:
-        yield
-    finally:
-        for sig, prev in previous.items():
-            if signal.getsignal(sig) is handler:
-                signal.signal(sig, prev)
+    async def read(self, exp_id: str) -> bytes:
+        """The log written when the experiment finished (empty when there is none, e.g. it never ran)."""
+        path = self.path(exp_id)
+        return await asyncio.to_thread(path.read_bytes) if path.exists() else b""
+
+    async def changed(self, timeout: float) -> None:
+        """Returns when an experiment starts or finishes (or `end_streams`), or after `timeout`."""
+        changed = self._changed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), timeout)
+
+    def _announce(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def end_streams(self) -> None:
+        """The service is stopping: followers of live output end now."""
+        self.ending = True
+        for live in self._live.values():
+            live.wake_all()
+        self._announce()

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+from collections.abc import Awaitable, Callable
 
-import docker.errors
 import msgspec
 
-from sandbox import RUNSC_MIN_PIDS, Sandbox
+from sandbox import RUNSC_MIN_PIDS
 
 from .. import faults
 from ..models import CandidateCreate, LoopConfig, LoopCreate, LoopView
@@ -28,19 +28,15 @@ class NotFound(LookupError):
     pass
 
 
-def _image_missing(sandbox: Sandbox, image: str) -> bool:
-    try:
-        sandbox.client.images.get(image)
-        return False
-    except docker.errors.ImageNotFound:
-        return True
-    except Exception:
-        return False  # engine unreachable: the run itself will report it
-
-
 async def create_loop(
-    body: LoopCreate, settings: Settings, store: Store, snapshots: SnapshotStore, sandbox: Sandbox, gpus: int
+    body: LoopCreate,
+    settings: Settings,
+    store: Store,
+    snapshots: SnapshotStore,
+    has_image: Callable[[str], Awaitable[bool | None]],
+    gpus: int,
 ) -> tuple[str, str]:
+    """`has_image`: the executor's; `gpus`: the most one run can get."""
     config: LoopConfig = msgspec.structs.replace(
         body.config(),
         image=body.image or settings.default_image,
@@ -75,7 +71,7 @@ async def create_loop(
     tree, execs = decode_workspace(body.workspace, settings.max_workspace_bytes, settings.max_workspace_files)
     if config.evaluate is not None:
         check_evaluate(config.evaluate, config.editable, tree)
-    if await asyncio.to_thread(_image_missing, sandbox, config.image or ""):
+    if await has_image(config.image or "") is False:  # None: cannot tell; the run will say
         raise CandidateError(
             f"image {config.image!r} is not on the container engine;"
             " build it (images/build.sh) or pull it first"

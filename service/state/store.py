@@ -25,7 +25,7 @@ _STATUSES = tuple(s.value for s in Status)
 # Named after ExperimentView's fields: a row becomes one by name, with three columns decoded.
 _EXP_COLUMNS = (
     "id, loop_id, seq AS number, kind, description, status, reason, parent, snapshot,"
-    " substr(snapshot, 1, 7) AS \"commit\", metric, metrics, memory_gb, exit_code, gpus, created_at,"
+    ' substr(snapshot, 1, 7) AS "commit", metric, metrics, memory_gb, exit_code, gpus, created_at,'
     " started_at, finished_at, workload_seconds, rerun_of, seed, repeat_of, runs, mean, attempts"
 )
 _LOOP_SELECT = (
@@ -108,7 +108,7 @@ class Store(Database):
 
     async def accepted_snapshots(self, loop_id: str) -> list[SnapshotView]:
         rows = await self._q(
-            "SELECT snapshot AS id, substr(snapshot, 1, 7) AS \"commit\", id AS experiment_id, seq AS number,"
+            'SELECT snapshot AS id, substr(snapshot, 1, 7) AS "commit", id AS experiment_id, seq AS number,'
             " COALESCE(mean, metric) AS metric, description, finished_at FROM experiments"
             " WHERE loop_id = ? AND status = 'keep' ORDER BY finish_seq DESC",
             (loop_id,),
