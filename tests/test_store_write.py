@@ -20,17 +20,17 @@ async def test_concurrent_submissions_commit_together_and_a_refusal_rolls_back_a
     groups: list[int] = []
     commit_group = store._commit_group
 
-    def counting(fns):  # observes how many writes each commit carried
+    def counting(fns, *rest):  # observes how many writes each commit carried
         groups.append(len(fns))
-        return commit_group(fns)
+        return commit_group(fns, *rest)
 
-    store._commit_group = counting  # type: ignore[method-assign]
     try:
         snaps = SnapshotStore(tmp_path / "blobs")
         root = snaps.put_tree({"train.py": b"V = 1\n"})
         open_loop, _ = await enqueue.create_loop(store, LoopConfig(name="open"), root.id, root.encode())
         full = LoopConfig(name="full", max_experiments=1)
         full_loop, _ = await enqueue.create_loop(store, full, root.id, root.encode())
+        store._commit_group = counting  # type: ignore[method-assign]
         children = [snaps.put_tree({"train.py": f"V = {i}\n".encode()}) for i in range(40)]
 
         async def submit(loop_id: str, i: int) -> str:

@@ -68,6 +68,7 @@ class Scheduler:
         self._seen: dict[str, float] = {}  # exp id -> when it first showed up in dispatch order
         self._cleanups: set[asyncio.Task[None]] = set()
         self._pass_lock = asyncio.Lock()
+        self._pass_waiting = False  # a pass asked for by `pass_soon` has not started yet
         self._wake = asyncio.Event()
         self._rotation: dict[str, float] = {}  # loop id -> last dispatch, for round-robin
         self._remeasures: set[str] = set()  # idle-time runs of a best: first to give a slot back
@@ -166,6 +167,7 @@ class Scheduler:
     async def _pass(self) -> None:
         """Fill the free slots in dispatch order, then prepare what comes next."""
         async with self._pass_lock:
+            self._pass_waiting = False
             if self.stopping:
                 return
             order = await self._order()
@@ -188,7 +190,20 @@ class Scheduler:
             await self._prepare_ahead()
 
     async def _order(self) -> list[tuple[str, str]]:
-        queued = await self.store.queue_heads(depth=max(1, self.slots.total + self.lookahead))
+        """The experiments next in dispatch order: every active loop's head, and enough behind them
+        for every slot and every prepared run (`wanted`), were the queue to hold that many."""
+        wanted = self.slots.total + self.lookahead
+        loops = await self.store.active_loops()
+        heads: dict[str, list[str]] = {}
+        depth, pending = -(-wanted // max(1, len(loops))), loops
+        while pending:
+            for loop_id, ok in pending:
+                heads[loop_id] = await self.store.queue_head(loop_id, ok, depth)
+            # A loop that filled `depth` may hold more: read deeper while the order is short.
+            short = depth < wanted and sum(map(len, heads.values())) < wanted
+            pending = [(lid, ok) for lid, ok in pending if len(heads[lid]) == depth] if short else []
+            depth = min(wanted, 2 * depth)
+        queued = [(lid, exp_id) for lid, _ in loops for exp_id in heads[lid]]
         order = [item for item in dispatch_order(queued, self._rotation) if item[1] not in self._running]
         now = time.time()
         self._seen = {exp_id: self._seen.get(exp_id, now) for _, exp_id in order}
@@ -319,7 +334,10 @@ class Scheduler:
     # -- what attempts ask for ---------------------------------------------------------------------
 
     def pass_soon(self) -> None:
-        self.background(self._pass())
+        """A pass, unless one is already waiting for its turn (it will see what changed)."""
+        if not self._pass_waiting:
+            self._pass_waiting = True
+            self.background(self._pass())
 
     def slot_freed(self, attempt: Attempt) -> None:
         self.slots.release(attempt.placement)
@@ -360,6 +378,10 @@ class Scheduler:
     def busy(self) -> int:
         """Slots whose experiment's workload has not ended yet."""
         return self.slots.busy
+
+    def attempt(self, exp_id: str) -> Attempt | None:
+        """The experiment's attempt while it holds a slot or awaits its verdict."""
+        return self._running.get(exp_id)
 
     @property
     def prepared(self) -> list[str]:

@@ -1,11 +1,12 @@
-"""SQLite through aiosqlite: WAL, synchronous=FULL, one writer connection behind a lock (every
-write is one transaction) and one reader connection so reads never wait for a write.
+"""SQLite: WAL, synchronous=FULL, writes behind one lock, and reader connections so reads never
+wait for a write.
 
-Hot writes (candidate submissions) take a second path, `write(fn)`: `fn` runs whole on a thread
-of its own with a plain sqlite3 connection, and writes that arrive while one commits are committed
-together, each in a savepoint (group commit: one fsync for the group, and no trip through a busy
-event loop between the statements of a transaction). Both paths hold the same lock, so they never
-contend for SQLite's write lock."""
+Every change of state (a submission, a status transition) is `write(fn)`: `fn` runs whole on a
+thread of its own with a plain sqlite3 connection, and writes that arrive while one commits are
+committed together, each in a savepoint (group commit: one fsync for the group, and no trip
+through a busy event loop between the statements of a transaction). The few other writes
+(migrations, tokens) take `tx()` on an aiosqlite connection. Both paths hold the same lock, so
+they never contend for SQLite's write lock."""
 
 from __future__ import annotations
 
@@ -28,9 +29,9 @@ T = TypeVar("T")
 _PRAGMAS = ("synchronous=FULL", "foreign_keys=ON", "busy_timeout=10000")
 
 
-async def fetch(db: aiosqlite.Connection, sql: str, args: Any = (), *, first: bool = False) -> Any:
-    """Rows of a read inside a write transaction (the first one, or None, with `first`)."""
-    rows = await db.execute_fetchall(sql, args)
+def fetch(db: sqlite3.Connection, sql: str, args: Any = (), *, first: bool = False) -> Any:
+    """Rows of a read inside a write (the first one, or None, with `first`)."""
+    rows = db.execute(sql, args).fetchall()
     return (rows[0] if rows else None) if first else rows
 
 
@@ -58,7 +59,8 @@ class Database:
         self._group: sqlite3.Connection | None = None  # used only on the `_group_thread`
         self._inline: sqlite3.Connection | None = None  # reads by key, on the event loop's thread
         self._group_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ratchet-db-write")
-        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        # (write, its caller's future, its fault scope: see `faults.scope`)
+        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any], str]] = []
         self._flusher: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
@@ -124,7 +126,7 @@ class Database:
         (fsynced). An exception from `fn` rolls back only what `fn` wrote and is raised here. The
         write happens even if the caller is cancelled meanwhile."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append((fn, future))
+        self._pending.append((fn, future, faults.current_scope()))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._flush(), name="ratchet-db-group-commit")
         return await future
@@ -134,11 +136,10 @@ class Database:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
+                fns, scopes = [fn for fn, _, _ in batch], {scope for _, _, scope in batch}
                 async with self._lock:
-                    results = await loop.run_in_executor(
-                        self._group_thread, self._commit_group, [fn for fn, _ in batch]
-                    )
-                for (_, future), (ok, value) in zip(batch, results, strict=True):
+                    results = await loop.run_in_executor(self._group_thread, self._commit_group, fns, scopes)
+                for (_, future, _), (ok, value) in zip(batch, results, strict=True):
                     if future.done():
                         continue
                     if ok:
@@ -148,7 +149,9 @@ class Database:
         finally:
             self._flusher = None
 
-    def _commit_group(self, fns: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+    def _commit_group(
+        self, fns: list[Callable[[sqlite3.Connection], Any]], scopes: set[str]
+    ) -> list[tuple[bool, Any]]:
         """On the group thread: one transaction, a savepoint per write, one commit."""
         db = self._group
         assert db is not None, "store is not open"
@@ -163,7 +166,8 @@ class Database:
                     db.execute("ROLLBACK TO one_write")
                     out.append((False, exc))
                 db.execute("RELEASE one_write")
-            faults.point("submit.before_commit")  # the group commit carries submissions only
+            for scope in sorted(scopes - {""}):
+                faults.point(f"{scope}.before_commit")
             db.execute("COMMIT")
         except Exception as exc:  # the transaction itself failed (disk full, I/O error): none stands
             if db.in_transaction:

@@ -14,7 +14,6 @@ import sqlite3
 import time
 from typing import Any
 
-import aiosqlite
 import msgspec
 
 from ..models import LoopConfig, LoopState
@@ -63,8 +62,8 @@ _INSERT_EXPERIMENT = (
 _NEXT_SEQ = "UPDATE loops SET next_seq = next_seq + 1, repeats = repeats + ?2 WHERE id = ?1"
 
 
-async def _insert_experiment(
-    db: aiosqlite.Connection,
+def _insert_experiment(
+    db: sqlite3.Connection,
     loop_id: str,
     kind: str,
     description: str,
@@ -90,17 +89,17 @@ async def _insert_experiment(
         repeat_of,
         loop_id,
     )
-    await db.execute(_INSERT_EXPERIMENT, values)
-    await db.execute(_NEXT_SEQ, (loop_id, 1 if repeat_of is not None else 0))
+    db.execute(_INSERT_EXPERIMENT, values)
+    db.execute(_NEXT_SEQ, (loop_id, 1 if repeat_of is not None else 0))
     return exp_id
 
 
 _RUN_AGAIN = "SELECT loop_id, seq, kind, description, parent, snapshot, diff FROM experiments WHERE id = ?"
 
 
-async def _run_again(db: aiosqlite.Connection, exp: aiosqlite.Row, description: str, **links: Any) -> str:
+def _run_again(db: sqlite3.Connection, exp: sqlite3.Row, description: str, **links: Any) -> str:
     """Queues the identical snapshot of `exp` (a `_RUN_AGAIN` row: same kind, parent and diff)."""
-    return await _insert_experiment(
+    return _insert_experiment(
         db,
         exp["loop_id"],
         exp["kind"],
@@ -112,24 +111,25 @@ async def _run_again(db: aiosqlite.Connection, exp: aiosqlite.Row, description: 
     )
 
 
-async def queue_repeats(db: aiosqlite.Connection, primary_id: str, count: int, why: str) -> list[str]:
+def queue_repeats(db: sqlite3.Connection, primary_id: str, count: int, why: str) -> list[str]:
     """`count` more runs of `primary_id`'s snapshot, each with a seed of its own (1, 2, ... over
     all of the candidate's repeats), as the workload's RATCHET_SEED."""
-    exp = await fetch(db, _RUN_AGAIN, (primary_id,), first=True)
-    done = await fetch(db, "SELECT COUNT(*) FROM experiments WHERE repeat_of = ?", (primary_id,), first=True)
+    exp = fetch(db, _RUN_AGAIN, (primary_id,), first=True)
+    done = fetch(db, "SELECT COUNT(*) FROM experiments WHERE repeat_of = ?", (primary_id,), first=True)
     ids = []
     for seed in range(done[0] + 1, done[0] + count + 1):
         description = f"{why} of #{exp['seq']} (seed {seed}): {exp['description']}"
-        ids.append(await _run_again(db, exp, description, seed=seed, repeat_of=primary_id))
+        ids.append(_run_again(db, exp, description, seed=seed, repeat_of=primary_id))
     return ids
 
 
 async def create_loop(store: Store, config: LoopConfig, root: str, manifest: bytes) -> tuple[str, str]:
     """Stores the loop with its root snapshot and queues the baseline. Returns (loop id, baseline id)."""
     loop_id = new_id()
-    async with store.tx() as db:
-        await store.put_snapshot(db, root, manifest)
-        await db.execute(
+
+    def write(db: sqlite3.Connection) -> tuple[str, str]:
+        db.execute(Store.PUT_SNAPSHOT, (root, manifest.decode(), time.time()))
+        db.execute(
             "INSERT INTO loops (id, name, config, state, root_snapshot, created_at)"
             " VALUES (?, ?, ?, ?, ?, ?)",
             (
@@ -141,16 +141,16 @@ async def create_loop(store: Store, config: LoopConfig, root: str, manifest: byt
                 time.time(),
             ),
         )
-        exp_id = await _insert_experiment(db, loop_id, "baseline", "baseline", None, root, None)
-        await queue_repeats(db, exp_id, rule_of(config).baseline_runs - 1, "noise run")
-    return loop_id, exp_id
+        exp_id = _insert_experiment(db, loop_id, "baseline", "baseline", None, root, None)
+        queue_repeats(db, exp_id, rule_of(config).baseline_runs - 1, "noise run")
+        return loop_id, exp_id
+
+    return await store.write(write)
 
 
-_CAPACITY = "SELECT state, config, next_seq, repeats FROM loops WHERE id = ?"
-
-
-def _refuse_if_full(row: Any) -> LoopConfig:
+def _check_capacity(db: sqlite3.Connection, loop_id: str) -> LoopConfig:
     """The loop's config, unless it is stopped or full."""
+    row = fetch(db, "SELECT state, config, next_seq, repeats FROM loops WHERE id = ?", (loop_id,), first=True)
     if row["state"] == LoopState.stopped:
         raise Conflict("the loop is stopped; create a new loop to run more experiments")
     config = loop_config(row["config"])
@@ -160,30 +160,21 @@ def _refuse_if_full(row: Any) -> LoopConfig:
     return config
 
 
-async def _check_capacity(db: aiosqlite.Connection, loop_id: str) -> LoopConfig:
-    return _refuse_if_full(await fetch(db, _CAPACITY, (loop_id,), first=True))
-
-
 async def submit(
     store: Store, loop_id: str, description: str, parent: str, snapshot: str, manifest: bytes, diff: str
 ) -> str:
-    """Queues a candidate. The hot write: it goes through the store's group commit, so the whole
-    transaction runs on the writer's thread (see `Database.write`)."""
-    exp_id, now = new_id(), time.time()
+    """Queues a candidate (the hot write: many arrive together, and commit together)."""
 
     def write(db: sqlite3.Connection) -> str:
-        _refuse_if_full(db.execute(_CAPACITY, (loop_id,)).fetchone())
-        db.execute(Store.PUT_SNAPSHOT, (snapshot, manifest.decode(), now))
-        values = (exp_id, "candidate", description, parent, snapshot, diff, now, None, None, None, loop_id)
-        db.execute(_INSERT_EXPERIMENT, values)
-        db.execute(_NEXT_SEQ, (loop_id, 0))
-        return exp_id
+        _check_capacity(db, loop_id)
+        db.execute(Store.PUT_SNAPSHOT, (snapshot, manifest.decode(), time.time()))
+        return _insert_experiment(db, loop_id, "candidate", description, parent, snapshot, diff)
 
     return await store.write(write)
 
 
-async def _check_no_pending_baseline(db: aiosqlite.Connection, loop_id: str) -> None:
-    pending = await fetch(
+def _check_no_pending_baseline(db: sqlite3.Connection, loop_id: str) -> None:
+    pending = fetch(
         db,
         "SELECT 1 FROM experiments WHERE loop_id = ? AND kind = 'baseline'"
         " AND status IN ('queued', 'running')",
@@ -196,41 +187,48 @@ async def _check_no_pending_baseline(db: aiosqlite.Connection, loop_id: str) -> 
 
 async def queue_baseline(store: Store, loop_id: str) -> str:
     """Runs the unmodified root snapshot again (e.g. after a failed baseline)."""
-    async with store.tx() as db:
-        config = await _check_capacity(db, loop_id)
-        row = await fetch(db, "SELECT root_snapshot FROM loops WHERE id = ?", (loop_id,), first=True)
-        await _check_no_pending_baseline(db, loop_id)
-        exp_id = await _insert_experiment(db, loop_id, "baseline", "baseline (re-run)", None, row[0], None)
-        await queue_repeats(db, exp_id, rule_of(config).baseline_runs - 1, "noise run")
+
+    def write(db: sqlite3.Connection) -> str:
+        config = _check_capacity(db, loop_id)
+        row = fetch(db, "SELECT root_snapshot FROM loops WHERE id = ?", (loop_id,), first=True)
+        _check_no_pending_baseline(db, loop_id)
+        exp_id = _insert_experiment(db, loop_id, "baseline", "baseline (re-run)", None, row[0], None)
+        queue_repeats(db, exp_id, rule_of(config).baseline_runs - 1, "noise run")
         return exp_id
+
+    return await store.write(write)
 
 
 async def rerun(store: Store, exp_id: str, seed: int | None = None) -> str:
     """Queues the identical snapshot (same parent, same diff) of `exp_id` again, linked to it and
     judged like any other experiment of its kind. Returns the new experiment id."""
-    async with store.tx() as db:
-        exp = await fetch(db, _RUN_AGAIN, (exp_id,), first=True)
+
+    def write(db: sqlite3.Connection) -> str:
+        exp = fetch(db, _RUN_AGAIN, (exp_id,), first=True)
         if exp is None:
             raise LookupError(exp_id)
-        await _check_capacity(db, exp["loop_id"])
+        _check_capacity(db, exp["loop_id"])
         if exp["kind"] == "baseline":
-            await _check_no_pending_baseline(db, exp["loop_id"])
+            _check_no_pending_baseline(db, exp["loop_id"])
         description = f"rerun of #{exp['seq']}: {exp['description']}"
-        return await _run_again(db, exp, description, rerun_of=exp_id, seed=seed)
+        return _run_again(db, exp, description, rerun_of=exp_id, seed=seed)
+
+    return await store.write(write)
 
 
 async def queue_remeasure(store: Store, loop_id: str) -> str | None:
     """One more run of the loop's best, for a slot that would otherwise sit idle: its mean becomes
     more honest with every run. None when the loop needs none (inactive, no best, enough runs)."""
-    async with store.tx() as db:
-        loop = await fetch(
+
+    def write(db: sqlite3.Connection) -> str | None:
+        loop = fetch(
             db, "SELECT state, best_experiment, config FROM loops WHERE id = ?", (loop_id,), first=True
         )
         if loop is None or loop["state"] != LoopState.active or loop["best_experiment"] is None:
             return None
         rule = rule_of(loop_config(loop["config"]))
         best = loop["best_experiment"]
-        tried = await fetch(
+        tried = fetch(
             db,
             "SELECT COUNT(*) FROM experiments WHERE repeat_of = ? AND status != 'cancelled'",
             (best,),
@@ -238,5 +236,7 @@ async def queue_remeasure(store: Store, loop_id: str) -> str | None:
         )
         if 1 + tried[0] >= rule.remeasure_runs:
             return None
-        (exp_id,) = await queue_repeats(db, best, 1, "re-measure")
+        (exp_id,) = queue_repeats(db, best, 1, "re-measure")
         return exp_id
+
+    return await store.write(write)

@@ -126,4 +126,10 @@ MIGRATIONS: list[str] = [
         UPDATE loops SET ledger_rev = ledger_rev + 1 WHERE id = OLD.loop_id;
     END;
     """,
+    # 7: a loop's queue in the order it runs (repeat runs first, then by number), so the next few
+    # experiments of a loop are read without touching the rest of its queue
+    """
+    CREATE INDEX experiments_queue_order ON experiments(loop_id, repeat_of IS NULL, seq)
+        WHERE status = 'queued';
+    """,
 ]

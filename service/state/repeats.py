@@ -4,9 +4,8 @@ noise, and the best's metric is the mean of all of its runs. Called inside `tran
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
-
-import aiosqlite
 
 from ..models import LoopConfig, Status
 from ..rules.acceptance import Judgement, Rule, judge, mean, pooled, sum_squares
@@ -28,11 +27,11 @@ __all__ = [
 GOOD_RUN = (Status.keep.value, Status.discard.value, Status.confirming.value)
 
 
-async def group_values(db: aiosqlite.Connection, primary_id: str | None) -> list[float]:
+def group_values(db: sqlite3.Connection, primary_id: str | None) -> list[float]:
     """The metric of every successful run of a candidate: its own and its repeats', in run order."""
     if primary_id is None:
         return []
-    rows = await fetch(
+    rows = fetch(
         db,
         "SELECT metric FROM experiments WHERE metric IS NOT NULL AND ("
         f" (id = ? AND status IN ({','.join('?' * len(GOOD_RUN))}))"
@@ -42,9 +41,9 @@ async def group_values(db: aiosqlite.Connection, primary_id: str | None) -> list
     return [r[0] for r in rows]
 
 
-async def incumbent(db: aiosqlite.Connection, loop: Any) -> list[float]:
+def incumbent(db: sqlite3.Connection, loop: Any) -> list[float]:
     """The metric of every run of the loop's best (its one stored value if its runs are gone)."""
-    return await group_values(db, loop["best_experiment"]) or [loop["best_metric"]]
+    return group_values(db, loop["best_experiment"]) or [loop["best_metric"]]
 
 
 def judged(
@@ -65,38 +64,34 @@ def as_decision(j: Judgement) -> Decision:
     return Decision(status=j.verdict, reason=j.reason, becomes_best=j.verdict == Status.keep)
 
 
-async def first_run(
-    db: aiosqlite.Connection, loop: Any, config: LoopConfig, rule: Rule, value: float
-) -> Decision:
+def first_run(db: sqlite3.Connection, loop: Any, config: LoopConfig, rule: Rule, value: float) -> Decision:
     """The verdict on a candidate's own run: keep, discard, or confirming (its repeats decide)."""
-    return as_decision(judged(config, rule, [value], await incumbent(db, loop), loop["noise_sd"]))
+    return as_decision(judged(config, rule, [value], incumbent(db, loop), loop["noise_sd"]))
 
 
-async def make_best(
-    db: aiosqlite.Connection, loop_id: str, exp_id: str, snapshot: str, metric: float | None
-) -> None:
-    await db.execute(
+def make_best(db: sqlite3.Connection, loop_id: str, exp_id: str, snapshot: str, metric: float | None) -> None:
+    db.execute(
         "UPDATE loops SET best_snapshot = ?, best_metric = ?, best_experiment = ?,"
         " baseline = 'ok', baseline_reason = NULL WHERE id = ?",
         (snapshot, metric, exp_id, loop_id),
     )
 
 
-async def refresh(db: aiosqlite.Connection, primary_id: str) -> None:
+def refresh(db: sqlite3.Connection, primary_id: str) -> None:
     """Recomputes the candidate's runs/mean/m2, its share of the loop's pooled noise, and the
     loop's best metric when this candidate is the best (the best is the mean of all its runs)."""
-    values = await group_values(db, primary_id)
-    row = await fetch(db, "SELECT loop_id, m2, runs FROM experiments WHERE id = ?", (primary_id,), first=True)
+    values = group_values(db, primary_id)
+    row = fetch(db, "SELECT loop_id, m2, runs FROM experiments WHERE id = ?", (primary_id,), first=True)
     if not values:
         return
     m2 = sum_squares(values)
     centre = mean(values)
     old_m2, old_dof = row["m2"] or 0.0, max(0, (row["runs"] or 1) - 1)
-    await db.execute(
+    db.execute(
         "UPDATE experiments SET runs = ?, mean = ?, m2 = ? WHERE id = ?",
         (len(values), centre, m2, primary_id),
     )
-    loop = await fetch(
+    loop = fetch(
         db,
         "SELECT noise_ss, noise_dof, best_experiment FROM loops WHERE id = ?",
         (row["loop_id"],),
@@ -104,9 +99,9 @@ async def refresh(db: aiosqlite.Connection, primary_id: str) -> None:
     )
     ss = max(0.0, loop["noise_ss"] - old_m2 + m2)
     dof = loop["noise_dof"] - old_dof + len(values) - 1
-    await db.execute(
+    db.execute(
         "UPDATE loops SET noise_ss = ?, noise_dof = ?, noise_sd = ? WHERE id = ?",
         (ss, dof, pooled(ss, dof), row["loop_id"]),
     )
     if loop["best_experiment"] == primary_id:
-        await db.execute("UPDATE loops SET best_metric = ? WHERE id = ?", (centre, row["loop_id"]))
+        db.execute("UPDATE loops SET best_metric = ? WHERE id = ?", (centre, row["loop_id"]))

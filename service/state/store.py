@@ -87,10 +87,6 @@ class Store(Database):
 
     PUT_SNAPSHOT = "INSERT OR IGNORE INTO snapshots (id, manifest, created_at) VALUES (?, ?, ?)"
 
-    @staticmethod
-    async def put_snapshot(db: aiosqlite.Connection, snapshot_id: str, manifest: bytes) -> None:
-        await db.execute(Store.PUT_SNAPSHOT, (snapshot_id, manifest.decode(), time.time()))
-
     async def get_manifest(self, snapshot_id: str) -> bytes | None:
         row = await self._q(
             "SELECT manifest FROM snapshots WHERE id = ?", (snapshot_id,), one=True, inline=True
@@ -267,31 +263,30 @@ class Store(Database):
             for r in rows
         ]
 
-    async def queue_heads(self, depth: int = 1) -> list[tuple[str, str]]:
-        """(loop_id, experiment_id) of the `depth` next dispatchable queued experiments of each
-        active loop: loop by loop, each loop's in the order it must run them — repeat runs
-        (confirmations of a promising candidate, noise) first, then the oldest; one waiting out its
-        retry back-off is not dispatchable yet."""
+    async def active_loops(self) -> list[tuple[str, bool]]:
+        """(id, whether its baseline succeeded) of every active loop, oldest first."""
+        rows = await self._q("SELECT id, baseline = 'ok' FROM loops WHERE state = 'active' ORDER BY rowid")
+        return [(r[0], bool(r[1])) for r in rows]
+
+    async def queue_head(self, loop_id: str, baseline_ok: bool, depth: int) -> list[str]:
+        """The `depth` next dispatchable queued experiments of a loop, in the order it must run
+        them: repeat runs (confirmations of a promising candidate, noise) first, then the oldest.
+        Before its baseline succeeded only baselines are; one waiting out its retry back-off is
+        not yet. Reads `depth` entries of an index, however long the queue."""
         rows = await self._q(
-            """
-                SELECT loop_id, id FROM (
-                    SELECT e.loop_id, e.id, l.rowid AS loop_row,
-                        ROW_NUMBER() OVER (
-                            PARTITION BY e.loop_id ORDER BY e.repeat_of IS NULL, e.seq) AS place
-                    FROM experiments e JOIN loops l ON l.id = e.loop_id
-                    WHERE l.state = 'active' AND e.status = 'queued'
-                      AND (e.kind = 'baseline' OR l.baseline = 'ok')
-                      AND (e.not_before IS NULL OR e.not_before <= ?))
-                WHERE place <= ? ORDER BY loop_row, place
-                """,
-            (time.time(), depth),
+            "SELECT id FROM experiments INDEXED BY experiments_queue_order"
+            " WHERE loop_id = ? AND status = 'queued' AND (kind = 'baseline' OR ?)"
+            " AND (not_before IS NULL OR not_before <= ?) ORDER BY repeat_of IS NULL, seq LIMIT ?",
+            (loop_id, baseline_ok, time.time(), depth),
+            inline=True,
         )
-        return [(r[0], r[1]) for r in rows]
+        return [r[0] for r in rows]
 
     async def queue_depths(self) -> dict[str, int]:
+        """Queued experiments per loop name, from the counters the database's triggers keep."""
         rows = await self._q(
-            "SELECT l.name, COUNT(e.id) FROM loops l LEFT JOIN experiments e"
-            " ON e.loop_id = l.id AND e.status = 'queued' GROUP BY l.name"
+            "SELECT l.name, COALESCE(SUM(c.n), 0) FROM loops l LEFT JOIN loop_counts c"
+            " ON c.loop_id = l.id AND c.status = 'queued' GROUP BY l.name"
         )
         return {r[0]: r[1] for r in rows}
 

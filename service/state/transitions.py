@@ -20,10 +20,10 @@ in `confirming` until its last confirmation run ends, then `settle`s.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from typing import Any, Literal
 
-import aiosqlite
 import msgspec
 
 from ..models import FINAL, LoopConfig, LoopState, Status
@@ -73,18 +73,18 @@ def _check(expected: Status, new: Status) -> None:
         raise TransitionRefused(f"{expected} -> {new} is not a transition")
 
 
-async def _move(db: aiosqlite.Connection, exp_id: str, expected: Status, new: Status, **fields: Any) -> bool:
+def _move(db: sqlite3.Connection, exp_id: str, expected: Status, new: Status, **fields: Any) -> bool:
     _check(expected, new)
     sets = ", ".join(f"{k} = ?" for k in ("status", *fields))
-    cur = await db.execute(
+    cur = db.execute(
         f"UPDATE experiments SET {sets} WHERE id = ? AND status = ?",
         (new.value, *fields.values(), exp_id, expected.value),
     )
     return cur.rowcount == 1
 
 
-async def _cancel_all(
-    db: aiosqlite.Connection,
+def _cancel_all(
+    db: sqlite3.Connection,
     column: Literal["loop_id", "repeat_of"],
     value: str,
     expected: tuple[Status, ...],
@@ -95,7 +95,7 @@ async def _cancel_all(
     for status in expected:
         _check(status, Status.cancelled)
     marks = ",".join("?" * len(expected))
-    await db.execute(
+    db.execute(
         f"UPDATE experiments SET status = ?, reason = ?, finished_at = ? WHERE {column} = ?"
         f" AND status IN ({marks})",
         (Status.cancelled.value, reason[:2000], time.time(), value, *(s.value for s in expected)),
@@ -103,24 +103,27 @@ async def _cancel_all(
 
 
 async def start(store: Store, exp_id: str, gpus: list[str]) -> bool:
-    async with store.tx() as db:
-        moved = await _move(
-            db, exp_id, Status.queued, Status.running, started_at=time.time(), gpus=",".join(gpus)
-        )
+    def write(db: sqlite3.Connection) -> bool:
+        moved = _move(db, exp_id, Status.queued, Status.running, started_at=time.time(), gpus=",".join(gpus))
         if moved:
-            await db.execute("UPDATE experiments SET attempts = attempts + 1 WHERE id = ?", (exp_id,))
+            db.execute("UPDATE experiments SET attempts = attempts + 1 WHERE id = ?", (exp_id,))
         return moved
+
+    return await store.write(write)
 
 
 async def requeue(store: Store, exp_id: str) -> bool:
-    async with store.tx() as db:
-        return await _move(db, exp_id, Status.running, Status.queued, started_at=None, gpus=None)
+    def write(db: sqlite3.Connection) -> bool:
+        return _move(db, exp_id, Status.running, Status.queued, started_at=None, gpus=None)
+
+    return await store.write(write)
 
 
 async def retry(store: Store, exp_id: str, reason: str, not_before: float) -> bool:
     """Back to the queue after an infrastructure failure; `reason` says why until it runs again."""
-    async with store.tx() as db:
-        return await _move(
+
+    def write(db: sqlite3.Connection) -> bool:
+        return _move(
             db,
             exp_id,
             Status.running,
@@ -131,10 +134,12 @@ async def retry(store: Store, exp_id: str, reason: str, not_before: float) -> bo
             not_before=not_before,
         )
 
+    return await store.write(write)
+
 
 async def fail(store: Store, exp_id: str, reason: str, log_tail: str | None = None) -> bool:
-    async with store.tx() as db:
-        moved = await _move(
+    def write(db: sqlite3.Connection) -> bool:
+        moved = _move(
             db,
             exp_id,
             Status.running,
@@ -144,21 +149,26 @@ async def fail(store: Store, exp_id: str, reason: str, log_tail: str | None = No
             log_tail=log_tail,
         )
         if moved:
-            await _after_repeat_ended(db, exp_id)
+            _after_repeat_ended(db, exp_id)
         return moved
+
+    return await store.write(write)
 
 
 async def cancel(store: Store, exp_id: str, reason: str = "cancelled") -> bool:
     """Cancels a queued, running or confirming experiment (a confirming one with its queued repeat
     runs; running ones are the caller's to kill); False when it had already finished."""
-    async with store.tx() as db:
+
+    def write(db: sqlite3.Connection) -> bool:
         for expected in (Status.queued, Status.running, Status.confirming):
-            if await _move(db, exp_id, expected, Status.cancelled, reason=reason, finished_at=time.time()):
+            if _move(db, exp_id, expected, Status.cancelled, reason=reason, finished_at=time.time()):
                 why = f"its candidate was cancelled: {reason}"
-                await _cancel_all(db, "repeat_of", exp_id, (Status.queued,), why)
-                await _after_repeat_ended(db, exp_id)
+                _cancel_all(db, "repeat_of", exp_id, (Status.queued,), why)
+                _after_repeat_ended(db, exp_id)
                 return True
-    return False
+        return False
+
+    return await store.write(write)
 
 
 class Finished(msgspec.Struct, kw_only=True):
@@ -171,8 +181,9 @@ class Finished(msgspec.Struct, kw_only=True):
 async def finish(store: Store, exp_id: str, outcome: Outcome, info: Finished) -> Decision | None:
     """Judges the run against the loop's best *as it is now* and records both in one transaction,
     so two experiments finishing together cannot both become best unless the later one wins."""
-    async with store.tx() as db:
-        exp = await fetch(
+
+    def write(db: sqlite3.Connection) -> Decision | None:
+        exp = fetch(
             db,
             "SELECT loop_id, seq, kind, snapshot, status, repeat_of FROM experiments WHERE id = ?",
             (exp_id,),
@@ -180,10 +191,10 @@ async def finish(store: Store, exp_id: str, outcome: Outcome, info: Finished) ->
         )
         if exp is None or exp["status"] != Status.running:
             return None  # cancelled meanwhile: the cancel stands
-        loop = await fetch(db, "SELECT * FROM loops WHERE id = ?", (exp["loop_id"],), first=True)
+        loop = fetch(db, "SELECT * FROM loops WHERE id = ?", (exp["loop_id"],), first=True)
         config = loop_config(loop["config"])
         if exp["repeat_of"] is not None:
-            return await _finish_repeat(db, exp_id, exp["repeat_of"], config, outcome, info)
+            return _finish_repeat(db, exp_id, exp["repeat_of"], config, outcome, info)
         # A baseline founds the best only while the loop has none; once one succeeded, a baseline
         # re-run (measuring noise) is judged like any candidate and cannot reset the best.
         baseline = exp["kind"] == "baseline" and loop["baseline"] != "ok"
@@ -192,10 +203,10 @@ async def finish(store: Store, exp_id: str, outcome: Outcome, info: Finished) ->
         rule = rule_of(config)
         if rule.name != "strict" and best is not None and decision.status in (Status.keep, Status.discard):
             assert outcome.metric is not None
-            decision = await repeats.first_run(db, loop, config, rule, outcome.metric)
+            decision = repeats.first_run(db, loop, config, rule, outcome.metric)
         final = decision.status != Status.confirming
         finish_seq = loop["finished"] + 1 if final else None
-        await _move(
+        _move(
             db,
             exp_id,
             Status.running,
@@ -205,20 +216,22 @@ async def finish(store: Store, exp_id: str, outcome: Outcome, info: Finished) ->
             **_run_fields(outcome, info),
         )
         if final:
-            await db.execute("UPDATE loops SET finished = ? WHERE id = ?", (finish_seq, exp["loop_id"]))
+            db.execute("UPDATE loops SET finished = ? WHERE id = ?", (finish_seq, exp["loop_id"]))
         else:
-            await queue_repeats(db, exp_id, rule.confirm_runs, "confirmation")
+            queue_repeats(db, exp_id, rule.confirm_runs, "confirmation")
         if decision.becomes_best:
-            await repeats.make_best(db, exp["loop_id"], exp_id, exp["snapshot"], outcome.metric)
+            repeats.make_best(db, exp["loop_id"], exp_id, exp["snapshot"], outcome.metric)
         elif baseline:
-            await db.execute(
+            db.execute(
                 "UPDATE loops SET baseline = 'failed', baseline_reason = ? WHERE id = ?",
                 (f"baseline {decision.status}: {decision.reason}", exp["loop_id"]),
             )
-            await _cancel_all(db, "repeat_of", exp_id, (Status.queued,), "the baseline failed")
+            _cancel_all(db, "repeat_of", exp_id, (Status.queued,), "the baseline failed")
         if decision.status in repeats.GOOD_RUN:
-            await repeats.refresh(db, exp_id)
+            repeats.refresh(db, exp_id)
         return decision
+
+    return await store.write(write)
 
 
 def _decide(config: LoopConfig, outcome: Outcome, *, best: float | None, baseline: bool) -> Decision:
@@ -245,8 +258,8 @@ def _run_fields(outcome: Outcome, info: Finished) -> dict[str, Any]:
     }
 
 
-async def _finish_repeat(
-    db: aiosqlite.Connection,
+def _finish_repeat(
+    db: sqlite3.Connection,
     exp_id: str,
     primary_id: str,
     config: LoopConfig,
@@ -257,7 +270,7 @@ async def _finish_repeat(
     decision = _decide(config, outcome, best=None, baseline=True)  # any finite metric is a measurement
     if decision.status == Status.keep:
         decision = Decision(status=Status.measured, reason=f"{config.metric.name} {outcome.metric:.6f}")
-    await _move(
+    _move(
         db,
         exp_id,
         Status.running,
@@ -265,43 +278,43 @@ async def _finish_repeat(
         reason=decision.reason,
         **_run_fields(outcome, info),
     )
-    await repeats.refresh(db, primary_id)
-    settled = await _settle(db, primary_id)
+    repeats.refresh(db, primary_id)
+    settled = _settle(db, primary_id)
     if settled is not None:
         decision = msgspec.structs.replace(decision, settled=settled.status)
     return decision
 
 
-async def _after_repeat_ended(db: aiosqlite.Connection, exp_id: str) -> None:
+def _after_repeat_ended(db: sqlite3.Connection, exp_id: str) -> None:
     """A repeat run ended without a value (error, cancel): its candidate may be ready to settle."""
-    row = await fetch(db, "SELECT repeat_of FROM experiments WHERE id = ?", (exp_id,), first=True)
+    row = fetch(db, "SELECT repeat_of FROM experiments WHERE id = ?", (exp_id,), first=True)
     if row is not None and row[0] is not None:
-        await _settle(db, row[0])
+        _settle(db, row[0])
 
 
-async def _settle(db: aiosqlite.Connection, primary_id: str) -> Decision | None:
+def _settle(db: sqlite3.Connection, primary_id: str) -> Decision | None:
     """A confirming candidate whose repeat runs have all ended gets its verdict: the mean of its
     runs against the best's mean, as the loop's rule says."""
-    exp = await fetch(
+    exp = fetch(
         db, "SELECT loop_id, snapshot, status FROM experiments WHERE id = ?", (primary_id,), first=True
     )
     if exp is None or exp["status"] != Status.confirming:
         return None
-    runs = await fetch(
+    runs = fetch(
         db, "SELECT seq, status, reason FROM experiments WHERE repeat_of = ? ORDER BY seq", (primary_id,)
     )
     if any(r["status"] in (Status.queued, Status.running) for r in runs):
         return None
-    loop = await fetch(db, "SELECT * FROM loops WHERE id = ?", (exp["loop_id"],), first=True)
+    loop = fetch(db, "SELECT * FROM loops WHERE id = ?", (exp["loop_id"],), first=True)
     config = loop_config(loop["config"])
     rule = rule_of(config)
-    values = await repeats.group_values(db, primary_id)
+    values = repeats.group_values(db, primary_id)
     failed = next((r for r in runs if r["status"] in (Status.crash, Status.timeout)), None)
     if failed is not None:
         why = f"run #{failed['seq']} of it ended {failed['status']}: {failed['reason']}"
         decision = Decision(status=Status.discard, reason=f"not reproducible: {why}")
     else:
-        best = await repeats.incumbent(db, loop)
+        best = repeats.incumbent(db, loop)
         decision = repeats.as_decision(repeats.judged(config, rule, values, best, loop["noise_sd"]))
         if decision.status == Status.confirming:
             decision = Decision(
@@ -309,7 +322,7 @@ async def _settle(db: aiosqlite.Connection, primary_id: str) -> Decision | None:
                 reason=f"confirmation incomplete: {len(values)} of {1 + rule.confirm_runs} runs succeeded",
             )
     finish_seq = loop["finished"] + 1
-    await _move(
+    _move(
         db,
         primary_id,
         Status.confirming,
@@ -318,26 +331,29 @@ async def _settle(db: aiosqlite.Connection, primary_id: str) -> Decision | None:
         finish_seq=finish_seq,
         finished_at=time.time(),
     )
-    await db.execute("UPDATE loops SET finished = ? WHERE id = ?", (finish_seq, exp["loop_id"]))
+    db.execute("UPDATE loops SET finished = ? WHERE id = ?", (finish_seq, exp["loop_id"]))
     if decision.becomes_best:
-        await repeats.make_best(db, exp["loop_id"], primary_id, exp["snapshot"], mean(values))
+        repeats.make_best(db, exp["loop_id"], primary_id, exp["snapshot"], mean(values))
     return decision
 
 
 async def set_loop_state(store: Store, loop_id: str, action: str) -> tuple[str, list[str]]:
     """pause / resume / stop. Stop cancels every queued experiment and returns the running ones,
     which the caller must kill. Returns (new state, running experiment ids to kill)."""
-    async with store.tx() as db:
-        row = await fetch(db, "SELECT state FROM loops WHERE id = ?", (loop_id,), first=True)
+
+    def write(db: sqlite3.Connection) -> tuple[str, list[str]]:
+        row = fetch(db, "SELECT state FROM loops WHERE id = ?", (loop_id,), first=True)
         target = LOOP_MOVES[action].get(row["state"])
         if target is None:
             raise Conflict(f"cannot {action} a loop that is {row['state']}")
-        await db.execute("UPDATE loops SET state = ? WHERE id = ?", (target, loop_id))
+        db.execute("UPDATE loops SET state = ? WHERE id = ?", (target, loop_id))
         running: list[str] = []
         if action == "stop":
-            await _cancel_all(db, "loop_id", loop_id, (Status.queued, Status.confirming), "loop stopped")
-            rows = await fetch(
+            _cancel_all(db, "loop_id", loop_id, (Status.queued, Status.confirming), "loop stopped")
+            rows = fetch(
                 db, "SELECT id FROM experiments WHERE loop_id = ? AND status = 'running'", (loop_id,)
             )
             running = [r[0] for r in rows]
         return target, running
+
+    return await store.write(write)
