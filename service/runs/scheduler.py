@@ -21,12 +21,12 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
 from .. import metrics as m
-from ..models import Status
+from ..models import LoopView, Status
 from ..settings import Settings
 from ..state import enqueue, transitions
 from ..state.snapshots import SnapshotStore
@@ -35,11 +35,21 @@ from .attempt import Attempt, Prepared, prepare
 from .engine import EngineWatch
 from .executor import Executor
 from .logs import RunLogs
-from .slots import Placement, Slots, dispatch_order
+from .slots import Placement, Slot, Slots, dispatch_order
 
 __all__ = ["Scheduler", "dispatch_order"]
 
 log = logging.getLogger("ratchet.scheduler")
+
+
+class _Claim(msgspec.Struct, kw_only=True):
+    """A slot and GPU ids held for an experiment whose start is not written yet."""
+
+    exp_id: str
+    loop: LoopView
+    slot: Slot
+    placement: Placement
+    staged: _Staged | None  # its run, prepared there ahead of its turn
 
 
 class _Staged(msgspec.Struct, kw_only=True):
@@ -175,19 +185,24 @@ class Scheduler:
                 await self._publish_depths()
                 return
             blocked: set[str] = set()  # loops whose next experiment cannot get its GPUs now
+            claims: list[_Claim] = []
             for loop_id, exp_id in order:
                 if not self.slots.free():
                     break
                 if loop_id in blocked:
                     continue  # FIFO within a loop: nothing of it overtakes its own head
-                if await self._dispatch(loop_id, exp_id) is None:
+                claim = await self._claim(loop_id, exp_id)
+                if claim is None:
                     blocked.add(loop_id)
+                elif claim:
+                    claims.append(claim)
+            await self._launch(claims)
             if self.slots.free():
                 await self._remeasure_when_idle()
             elif any(exp_id not in self._running for _, exp_id in order):
                 self._preempt_remeasure()
             await self._publish_depths()  # every pass may have started something
-            await self._prepare_ahead()
+            await self._prepare_ahead([item for item in order if item[1] not in self._running])
 
     async def _order(self) -> list[tuple[str, str]]:
         """The experiments next in dispatch order: every active loop's head, and enough behind them
@@ -217,39 +232,54 @@ class Scheduler:
     async def _dispatch(self, loop_id: str, exp_id: str) -> bool | None:
         """Give a free slot to `exp_id`: True when it started, False when it could not (already
         cancelled), None when no free slot's node has its GPUs free now."""
+        claim = await self._claim(loop_id, exp_id)
+        return claim if not claim else bool(await self._launch([claim]))
+
+    async def _claim(self, loop_id: str, exp_id: str) -> _Claim | Literal[False] | None:
+        """A free slot and the GPUs for `exp_id`, held for it until `_launch`; False when its loop is
+        gone, None when no free slot's node has its GPUs free now."""
         loop = await self.store.get_loop(loop_id, counts=False)
         if loop is None:
             return False
         staged = self._staged.get(exp_id)
-        claim = self.slots.claim(loop.config.resources.gpus, staged.placement if staged else None)
-        if claim is None:
+        taken = self.slots.claim(loop.config.resources.gpus, staged.placement if staged else None)
+        if taken is None:
             return None  # it waits, prepared or not, for GPUs to free
-        slot, placement, hit = claim
+        slot, placement, hit = taken
         if not hit:
             self._discard(exp_id)  # made for a place that is not free: start from scratch
             staged = None
         self._staged.pop(exp_id, None)
-        if not await transitions.start(self.store, exp_id, list(placement.gpus)):
-            self.slots.release(placement)
-            self._forget(staged)
-            return False
-        self._rotation[loop_id] = time.monotonic()
-        handed = max(slot.freed_at, self._seen.pop(exp_id, time.time()))
-        attempt = Attempt(self, exp_id, loop, slot, placement, handed)
         slot.exp_id = exp_id
-        self._running[exp_id] = attempt
-        self.dispatched += 1
-        self.prepared_hits += staged is not None
-        self._busy_changed()
-        attempt.begin(staged.task if staged is not None else None)
-        return True
+        return _Claim(exp_id=exp_id, loop=loop, slot=slot, placement=placement, staged=staged)
 
-    async def _prepare_ahead(self) -> None:
-        """Prepare the next `lookahead` experiments in dispatch order; remove any prepared run that
-        is no longer among them (cancelled, paused, stopped, overtaken)."""
+    async def _launch(self, claims: list[_Claim]) -> int:
+        """Starts the claimed experiments: their `start` transitions commit together, then each one
+        whose transition went through (the rest were cancelled meanwhile) begins its attempt."""
+        moves = [(c.exp_id, list(c.placement.gpus)) for c in claims]
+        started = await transitions.start_many(self.store, moves) if moves else []
+        for c, ok in zip(claims, started, strict=True):
+            if not ok:
+                c.slot.exp_id = None
+                self.slots.release(c.placement)
+                self._forget(c.staged)
+                continue
+            self._rotation[c.loop.id] = time.monotonic()
+            handed = max(c.slot.freed_at, self._seen.pop(c.exp_id, time.time()))
+            attempt = Attempt(self, c.exp_id, c.loop, c.slot, c.placement, handed)
+            self._running[c.exp_id] = attempt
+            self.dispatched += 1
+            self.prepared_hits += c.staged is not None
+            attempt.begin(c.staged.task if c.staged is not None else None)
+        self._busy_changed()
+        return sum(started)
+
+    async def _prepare_ahead(self, order: list[tuple[str, str]]) -> None:
+        """Prepare the next `lookahead` experiments in dispatch `order` (what is left of it once
+        the free slots are filled); remove any prepared run that is no longer among them
+        (cancelled, paused, stopped, overtaken)."""
         if self.stopping:
             return
-        order = await self._order() if self.lookahead else []
         wanted = order[: self.lookahead]
         wanted_ids = {exp_id for _, exp_id in wanted}
         for exp_id in [e for e in self._staged if e not in wanted_ids]:

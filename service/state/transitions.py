@@ -46,6 +46,7 @@ __all__ = [
     "retry",
     "set_loop_state",
     "start",
+    "start_many",
 ]
 
 ALLOWED: dict[Status, frozenset[Status]] = {
@@ -103,11 +104,22 @@ def _cancel_all(
 
 
 async def start(store: Store, exp_id: str, gpus: list[str]) -> bool:
-    def write(db: sqlite3.Connection) -> bool:
-        moved = _move(db, exp_id, Status.queued, Status.running, started_at=time.time(), gpus=",".join(gpus))
-        if moved:
-            db.execute("UPDATE experiments SET attempts = attempts + 1 WHERE id = ?", (exp_id,))
-        return moved
+    (moved,) = await start_many(store, [(exp_id, gpus)])
+    return moved
+
+
+async def start_many(store: Store, moves: list[tuple[str, list[str]]]) -> list[bool]:
+    """queued -> running for each (experiment, its GPU ids), committed together: one guarded
+    write per experiment; False for one that was not queued any more (cancelled meanwhile)."""
+
+    def write(db: sqlite3.Connection) -> list[bool]:
+        started, now = [], time.time()
+        for exp_id, gpus in moves:
+            moved = _move(db, exp_id, Status.queued, Status.running, started_at=now, gpus=",".join(gpus))
+            if moved:
+                db.execute("UPDATE experiments SET attempts = attempts + 1 WHERE id = ?", (exp_id,))
+            started.append(moved)
+        return started
 
     return await store.write(write)
 
