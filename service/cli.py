@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from client.cli import cli
+from client.cli import cli, main
 
 from .settings import Settings, SettingsError, load_settings
 
@@ -68,14 +68,6 @@ def version() -> None:
     from .http.app import VERSION
 
     click.echo(f"ratchet {VERSION}")
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cli.main(args=argv, prog_name="ratchet")
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    return 0
 
 
 if __name__ == "__main__":
