@@ -1,8 +1,9 @@
 # Ratchet service image.
 #
 # Build it with images/build.sh, which first puts the wheels this file installs under
-# images/.wheels (app/: the ratchet wheel, deps/: its dependencies for the image's
-# Python). The build itself needs no network: nothing is downloaded inside it.
+# images/.wheels (app/: the ratchet wheel, deps/: the locked dependency set of
+# requirements/service.txt for the image's Python, and that file, whose hashes are checked
+# again here). The build itself needs no network: nothing is downloaded inside it.
 #
 # BASE_IMAGE: python:3.11-slim by default; images/build.sh passes
 # ratchet/base:bookworm (Debian's python3 3.11, made from Debian packages) when no
@@ -30,7 +31,8 @@ RUN set -eu; \
     python3 -m venv /opt/ratchet; \
     /opt/ratchet/bin/python -m pip uninstall -q -y setuptools
 COPY images/.wheels/deps/ /tmp/wheels/deps/
-RUN /opt/ratchet/bin/pip install -q --no-index --no-deps /tmp/wheels/deps/*.whl
+RUN /opt/ratchet/bin/pip install -q --no-index --find-links /tmp/wheels/deps --require-hashes --no-deps \
+        -r /tmp/wheels/deps/requirements.txt
 
 # Stage 2: the runtime image; only the last layers change when the service code does.
 FROM ${BASE_IMAGE}

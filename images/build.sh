@@ -15,8 +15,8 @@
 #                           when a public base image is missing and cannot be pulled)
 #   RATCHET_CACHE_DIR       cache for the base rootfs tarball, build venv and logs
 #                           (default /var/cache/ratchet, or ~/.cache/ratchet if not writable)
-#   RATCHET_DEBIAN_MIRROR   Debian mirror for debootstrap (default: the host's apt sources,
-#                           else http://deb.debian.org/debian)
+#   RATCHET_DEBIAN_MIRROR   Debian mirror for debootstrap (default: the first http(s) mirror
+#                           of the host's apt sources that carries bookworm main)
 #   RATCHET_SANDBOX_BASE    public base of the sandbox image (default debian:bookworm-slim)
 #   RATCHET_SERVICE_BASE    public base of the service image (default python:3.11-slim)
 #   RATCHET_IMAGE_PYTHON    Python X.Y inside the service image, for picking wheels (default:
@@ -128,12 +128,12 @@ log "base images: $mode (sandbox FROM $sandbox_base, service FROM $service_base)
 build_venv() {
   # A cached venv with pip and setuptools for building the project wheel.
   local venv="$CACHE_DIR/build-venv" want
-  want="$("$PYTHON" -c 'import sys; print(sys.version)' 2>/dev/null | head -n1) recipe=1"
+  want="$("$PYTHON" -c 'import sys; print(sys.version)' 2>/dev/null | head -n1) $(sha256sum requirements/build.txt | cut -c1-16)"
   if [ "$(cat "$venv/.ratchet-stamp" 2>/dev/null)" != "$want" ]; then
     rm -rf "$venv"
     "$PYTHON" -m venv "$venv" || die "cannot create a venv with $PYTHON (python3-venv missing?)"
-    "$venv/bin/python" -m pip install -q 'setuptools>=68' wheel \
-      || die "cannot install setuptools into the build venv"
+    "$venv/bin/python" -m pip install -q --require-hashes --no-deps -r requirements/build.txt \
+      || die "cannot install the locked build backend (requirements/build.txt) into the build venv"
     printf '%s\n' "$want" >"$venv/.ratchet-stamp"
   fi
 }
@@ -161,21 +161,22 @@ build_wheels() {
   fi
   rm -rf "$src"
 
-  # Dependencies for the image's interpreter (not the host's), cached by pyproject.toml.
-  stamp="$(sha256sum pyproject.toml | cut -c1-16) py$pyver $arch"
+  # Dependencies for the image's interpreter (not the host's): exactly the locked set, hashes
+  # checked here and again inside the build.
+  stamp="$(sha256sum requirements/service.txt | cut -c1-16) py$pyver $arch"
   if [ "$(cat "$WHEEL_DIR/deps/.stamp" 2>/dev/null)" != "$stamp" ]; then
-    echo "downloading dependency wheels for Python $pyver ($arch)"
+    echo "downloading the locked dependency wheels for Python $pyver ($arch)"
     rm -rf "$WHEEL_DIR/deps"
-    "$py" -m pip download -q --only-binary=:all: \
+    "$py" -m pip download -q --only-binary=:all: --require-hashes --no-deps \
       --python-version "$pyver" --implementation cp --abi "cp${pyver/./}" --abi abi3 --abi none \
       --platform "manylinux_2_36_$arch" --platform "manylinux_2_34_$arch" \
       --platform "manylinux_2_31_$arch" --platform "manylinux_2_28_$arch" \
       --platform "manylinux_2_17_$arch" --platform "manylinux2014_$arch" \
       --platform "manylinux_2_12_$arch" --platform "manylinux2010_$arch" \
       --platform "manylinux_2_5_$arch" --platform "manylinux1_$arch" --platform "linux_$arch" \
-      --dest "$WHEEL_DIR/deps" "$WHEEL_DIR"/app/ratchet-*.whl \
-      || die "downloading dependency wheels failed"
-    rm -f "$WHEEL_DIR"/deps/ratchet-*.whl
+      --dest "$WHEEL_DIR/deps" -r requirements/service.txt \
+      || die "downloading the locked dependency wheels (requirements/service.txt) failed"
+    cp requirements/service.txt "$WHEEL_DIR/deps/requirements.txt"
     printf '%s\n' "$stamp" >"$WHEEL_DIR/deps/.stamp"
   fi
 }
@@ -249,7 +250,8 @@ for path in sorted(glob.glob("/etc/apt/sources.list.d/*.sources")):
 sys.exit(1)
 PY
 )
-  echo "${m:-http://deb.debian.org/debian}"
+  [ -n "$m" ] || die "no Debian mirror for $SUITE main in the host's apt sources (/etc/apt/sources.list, /etc/apt/sources.list.d/): set RATCHET_DEBIAN_MIRROR to one, e.g. your organisation's mirror"
+  echo "$m"
 }
 
 unmount_under() {
@@ -280,7 +282,7 @@ build_local_base() {
   if [ ! -s "$tarball" ]; then
     [ "$(id -u)" = 0 ] || die "building the local base image needs root (debootstrap)"
     command -v debootstrap >/dev/null || die "debootstrap is not installed (run scripts/setup.sh)"
-    mirror=$(debian_mirror)
+    mirror=$(debian_mirror) || exit 1
     rootfs="$CACHE_DIR/rootfs-$SUITE-$key.tmp"
     remove_rootfs "$rootfs"
     log "debootstrap $SUITE from $mirror (a minute or two)"

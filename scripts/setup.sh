@@ -6,7 +6,8 @@
 #   2. /etc/docker/daemon.json: "live-restore": true and the gVisor runtime `runsc`
 #      (other keys are kept); a running engine is told to reload it
 #   3. the Docker engine: started if it is not answering, waited for (60 s)
-#   4. .venv with the project installed editable, with the [test] extra
+#   4. .venv: the locked dependency set (requirements/dev.txt, hashes checked), then the
+#      project itself installed editable
 #   5. images/build.sh (ratchet/sandbox:latest, ratchet/service:latest)
 #
 # Usage: scripts/setup.sh [--no-images]
@@ -198,7 +199,7 @@ done
 # 4. Development environment
 # ---------------------------------------------------------------------------
 venv_stamp() {
-  { sha256sum pyproject.toml | cut -d' ' -f1; .venv/bin/python -c 'import sys; print(sys.version)'; } 2>/dev/null
+  { sha256sum pyproject.toml requirements/dev.txt | cut -d' ' -f1; .venv/bin/python -c 'import sys; print(sys.version)'; } 2>/dev/null
 }
 if ! .venv/bin/python -c 'import sys' >/dev/null 2>&1; then
   log "creating .venv ($("$PYTHON" --version 2>&1))"
@@ -207,10 +208,14 @@ if ! .venv/bin/python -c 'import sys' >/dev/null 2>&1; then
 fi
 if [ "$(cat .venv/.ratchet-setup 2>/dev/null)" != "$(venv_stamp)" ] \
    || [ ! -x .venv/bin/ratchet ] || [ ! -x .venv/bin/pytest ] || [ ! -x .venv/bin/ruff ]; then
-  log "installing the project into .venv"
-  .venv/bin/python -m pip install -q -e '.[test]' >.venv/ratchet-pip-install.log 2>&1 || {
+  # Exact versions with hashes from the lock (scripts/lock.sh refreshes it); the project itself
+  # is then installed editable without build isolation, so nothing unpinned is fetched.
+  log "installing the locked dependencies (requirements/dev.txt) into .venv"
+  { .venv/bin/python -m pip install -q --require-hashes --no-deps -r requirements/dev.txt \
+      && .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e . \
+      && .venv/bin/python -m pip check; } >.venv/ratchet-pip-install.log 2>&1 || {
     cat .venv/ratchet-pip-install.log >&2
-    die "pip install -e '.[test]' failed"
+    die "installing into .venv failed (log above)"
   }
   venv_stamp >.venv/.ratchet-setup
 else

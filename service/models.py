@@ -90,6 +90,13 @@ class BaselineState(StrEnum):
     failed = "failed"  # the last baseline failed: no candidate is judged until one succeeds
 
 
+class Runtime(StrEnum):
+    """The container runtime of a loop's runs."""
+
+    runc = "runc"  # the engine's default runtime
+    runsc = "runsc"  # gVisor: a user-space kernel between the workload and the host
+
+
 class MetricSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     name: Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z_][A-Za-z0-9_.\-/]*$")] = (
         "val_bpb"
@@ -161,7 +168,7 @@ class LoopConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     resources: Resources = Resources()
     env: dict[EnvKey, Annotated[str, Meta(max_length=4096)]] = {}
     max_experiments: Annotated[int, Meta(ge=1)] | None = None
-    runtime: Literal["runc", "runsc"] | None = None  # default: the service's setting
+    runtime: Runtime | None = None  # default: the service's setting
     evaluate: EvaluateSpec | None = None  # a trusted evaluation phase; the metric comes from it
     acceptance: AcceptanceSpec = AcceptanceSpec()
 

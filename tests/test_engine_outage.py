@@ -88,7 +88,10 @@ def test_engine_failures_end_as_error_after_the_retries(server_factory, docker_c
     exp = srv.wait_final(exp_id, timeout=120)
     assert exp["status"] == "error", exp  # the infrastructure failed, not the candidate
     assert exp["attempts"] == 3
-    assert "lost the run's output stream" in exp["reason"] and "after 3 attempts" in exp["reason"], exp
+    # The cut lands on the running workload's stream, or (a loaded machine opening the gate later
+    # than 1.5 s after attaching) on the gate's: an engine failure either way.
+    cut = ("lost the run's output stream", "open gate: engine unreachable")
+    assert any(c in exp["reason"] for c in cut) and "after 3 attempts" in exp["reason"], exp
     assert srv.client.get("/readyz").status_code == 200
     proxy.cut_attach_after = None
     again = _submit(srv, lid, 0.25)

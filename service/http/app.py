@@ -31,7 +31,7 @@ from ..state.integrity import DataDamaged, open_verified
 from ..state.snapshots import SnapshotStore
 from ..state.store import Store
 from .auth import SECURITY, SECURITY_COMPONENTS, Authenticator, is_loopback
-from .errors import exception_handlers
+from .errors import exception_handlers, reject_bad_utf8
 from .experiments import ExperimentController
 from .health import HealthController
 from .loops import LoopController
@@ -197,6 +197,7 @@ def create_app(settings: Settings, executor: Executor | None = None) -> Litestar
         dependencies={"services": Provide(provide_services, sync_to_thread=False)},
         lifespan=[lifespan],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
+        before_request=reject_bad_utf8,
         guards=[guard],
         middleware=[prometheus.middleware],
         request_max_body_size=settings.max_body_bytes,

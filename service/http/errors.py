@@ -11,7 +11,7 @@ from litestar.exceptions import HTTPException, ValidationException
 from ..rules.patches import CandidateError
 from ..state import candidates, enqueue, history
 
-__all__ = ["exception_handlers"]
+__all__ = ["exception_handlers", "reject_bad_utf8"]
 
 log = logging.getLogger("ratchet.api")
 
@@ -57,11 +57,21 @@ def _http(request: Request, exc: HTTPException) -> Response[dict[str, object]]:
     return Response(body, status_code=exc.status_code, headers=exc.headers)
 
 
-def _bad_encoding(request: Request, exc: UnicodeDecodeError) -> Response[dict[str, object]]:
-    # msgspec raises this (not a decode error) for invalid UTF-8 inside a JSON string of the body
-    if request.method in ("POST", "PUT", "PATCH") and isinstance(exc.object, bytes):
+async def reject_bad_utf8(request: Request) -> Response[dict[str, object]] | None:
+    """Answers a JSON body that is not UTF-8 before anything decodes it, naming the first bad byte.
+
+    The JSON decoder's own error for this changed between msgspec releases (an exception with the
+    position, later a decode error without it); checking here gives one answer under any of them."""
+    if request.method not in ("POST", "PUT", "PATCH"):
+        return None
+    body = await request.body()
+    if body.isascii():  # the common case, checked without building a string
+        return None
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
         return _error(request, 400, f"request body is not valid UTF-8 (byte {exc.start}): send UTF-8 JSON")
-    return _internal(request, exc)
+    return None
 
 
 def _internal(request: Request, exc: Exception) -> Response[dict[str, object]]:
@@ -77,6 +87,5 @@ exception_handlers = {
     history.GitMissing: _git_missing,
     ValidationException: _validation,
     HTTPException: _http,
-    UnicodeDecodeError: _bad_encoding,
     Exception: _internal,
 }

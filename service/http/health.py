@@ -16,12 +16,13 @@ class HealthController(Controller):
     tags = ["health"]
     opt = {"auth": "open"}
 
-    @get("/healthz", summary="Liveness")
+    @get("/healthz", operation_id="getHealth", summary="Liveness")
     async def healthz(self) -> Health:
         return Health(status="ok")
 
     @get(
         "/readyz",
+        operation_id="getReadiness",
         summary="Readiness: the database answers and the container engine pings",
         responses={
             503: ResponseSpec(data_container=Health, description="not ready", generate_examples=False)

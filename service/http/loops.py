@@ -36,6 +36,7 @@ class LoopController(Controller):
 
     @post(
         "/",
+        operation_id="createLoop",
         status_code=HTTP_201_CREATED,
         summary="Create a loop and queue its baseline",
         responses=errors(409, 413, 422),
@@ -52,12 +53,13 @@ class LoopController(Controller):
         services.scheduler.wake()
         return await loop_or_404(services, loop_id)
 
-    @get("/", summary="All loops", responses=errors())
+    @get("/", operation_id="listLoops", summary="All loops", responses=errors())
     async def list_loops(self, services: Services) -> list[LoopView]:
         return await services.store.list_loops()
 
     @get(
         "/{loop_id:str}",
+        operation_id="getLoop",
         summary="One loop: state, best metric and snapshot, counts per status",
         responses=errors(404),
     )
@@ -73,6 +75,7 @@ class LoopController(Controller):
 
     @post(
         "/{loop_id:str}/pause",
+        operation_id="pauseLoop",
         status_code=HTTP_200_OK,
         summary="Start nothing new; running experiments finish",
         responses=errors(404, 409),
@@ -82,6 +85,7 @@ class LoopController(Controller):
 
     @post(
         "/{loop_id:str}/resume",
+        operation_id="resumeLoop",
         status_code=HTTP_200_OK,
         summary="Dispatch queued experiments again",
         responses=errors(404, 409),
@@ -91,6 +95,7 @@ class LoopController(Controller):
 
     @post(
         "/{loop_id:str}/stop",
+        operation_id="stopLoop",
         status_code=HTTP_200_OK,
         summary="Cancel queued and running experiments; final",
         responses=errors(404, 409),
@@ -100,6 +105,7 @@ class LoopController(Controller):
 
     @post(
         "/{loop_id:str}/baseline",
+        operation_id="rerunBaseline",
         status_code=HTTP_202_ACCEPTED,
         summary="Queue the unmodified baseline again",
         responses=errors(404, 409),
@@ -113,6 +119,7 @@ class LoopController(Controller):
 
     @post(
         "/{loop_id:str}/experiments",
+        operation_id="submitCandidate",
         status_code=HTTP_202_ACCEPTED,
         summary="Submit a candidate (unified diff or whole files); 422 when refused",
         responses=errors(404, 409, 413, 422),
@@ -128,6 +135,7 @@ class LoopController(Controller):
 
     @get(
         "/{loop_id:str}/experiments",
+        operation_id="listExperiments",
         summary="Experiments of a loop in submission order, paginated",
         responses=errors(404),
     )
@@ -160,6 +168,7 @@ class LoopController(Controller):
 
     @get(
         "/{loop_id:str}/results.tsv",
+        operation_id="getResults",
         media_type="text/tab-separated-values",
         summary="The ledger",
         responses=errors(404),
@@ -180,6 +189,7 @@ class LoopController(Controller):
 
     @get(
         "/{loop_id:str}/history.bundle",
+        operation_id="getHistoryBundle",
         media_type="application/octet-stream",
         summary="The accepted history as a git bundle: baseline, then one commit per keep",
         responses=errors(404, 409, 503),
@@ -209,7 +219,12 @@ class LoopController(Controller):
             headers={"Content-Disposition": f'attachment; filename="{loop.name}.bundle"'},
         )
 
-    @get("/{loop_id:str}/snapshots", summary="Accepted snapshots, newest first", responses=errors(404))
+    @get(
+        "/{loop_id:str}/snapshots",
+        operation_id="listSnapshots",
+        summary="Accepted snapshots, newest first",
+        responses=errors(404),
+    )
     async def snapshots(self, loop_id: LoopId, services: Services) -> list[SnapshotView]:
         await loop_or_404(services, loop_id, counts=False)
         return await services.store.accepted_snapshots(loop_id)

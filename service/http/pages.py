@@ -56,6 +56,7 @@ class ProgressController(Controller):
 
     @get(
         "/{loop_id:str}/progress.svg",
+        operation_id="getProgressChart",
         media_type="image/svg+xml",
         summary="The progress chart: metric per experiment, kept ones labelled, the running best",
         responses=errors(404),

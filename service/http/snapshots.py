@@ -22,6 +22,7 @@ class SnapshotController(Controller):
 
     @get(
         "/{snapshot_id:str}/archive",
+        operation_id="getSnapshotArchive",
         media_type="application/gzip",
         summary="The whole workspace of a snapshot as .tar.gz",
         responses=errors(404),

@@ -25,6 +25,7 @@ class TokenController(Controller):
 
     @post(
         "/",
+        operation_id="createToken",
         status_code=HTTP_201_CREATED,
         summary="Create an API token; the secret is shown only here",
         responses=errors(413, 422),
@@ -34,12 +35,13 @@ class TokenController(Controller):
             raise CandidateError("an admin token may use every loop: leave out 'loops' or the admin scope")
         return await tokens.create_token(services.store, data)
 
-    @get("/", summary="All API tokens (never their secrets)", responses=errors())
+    @get("/", operation_id="listTokens", summary="All API tokens (never their secrets)", responses=errors())
     async def list_tokens(self, services: Services) -> list[TokenView]:
         return await tokens.list_tokens(services.store)
 
     @delete(
         "/{token_id:str}",
+        operation_id="revokeToken",
         status_code=HTTP_204_NO_CONTENT,
         summary="Revoke a token, at once",
         responses=errors(404),
