@@ -257,12 +257,19 @@ class Scheduler:
         """Starts the claimed experiments: their `start` transitions commit together, then each one
         whose transition went through (the rest were cancelled meanwhile) begins its attempt."""
         moves = [(c.exp_id, list(c.placement.gpus)) for c in claims]
-        started = await transitions.start_many(self.store, moves) if moves else []
+        try:
+            started = await transitions.start_many(self.store, moves) if moves else []
+        except BaseException:
+            started = [False] * len(claims)  # nothing was written: give every claim back
+            raise
+        finally:
+            for c, ok in zip(claims, started, strict=True):
+                if not ok:
+                    c.slot.exp_id = None
+                    self.slots.release(c.placement)
+                    self._forget(c.staged)
         for c, ok in zip(claims, started, strict=True):
             if not ok:
-                c.slot.exp_id = None
-                self.slots.release(c.placement)
-                self._forget(c.staged)
                 continue
             self._rotation[c.loop.id] = time.monotonic()
             handed = max(c.slot.freed_at, self._seen.pop(c.exp_id, time.time()))
