@@ -3,6 +3,7 @@ and the scheduler, and closes them in reverse."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import logging
@@ -18,7 +19,8 @@ from litestar.di import Provide
 from litestar.openapi import OpenAPIConfig
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController, PrometheusMiddleware
 
-from sandbox import Sandbox
+from sandbox import Sandbox, SandboxError
+from sandbox.gpus import gpu_refusal
 
 from . import faults, metrics
 from .api import (
@@ -111,6 +113,22 @@ def _log_auth(settings: Settings, mode: str) -> None:
         log.info("auth: none (loopback %s only); RATCHET_AUTH=tokens turns tokens on", settings.host)
 
 
+async def _log_gpu_route(sandbox: Sandbox, settings: Settings, gpus: list[str]) -> None:
+    """Says at start-up how containers will get their GPUs, or why they cannot (each GPU run
+    is then refused with the same words). Runs before the scheduler: its probe container is
+    gone before the start-up cleanup looks for this instance's leftovers."""
+    try:
+        probe = await asyncio.to_thread(sandbox.gpu_probe, settings.default_image)
+    except SandboxError as exc:
+        log.warning("GPUs %s: could not ask the container engine how to attach them: %s", ",".join(gpus), exc)
+        return
+    refusal = gpu_refusal(probe, settings.runtime)
+    if refusal is not None:
+        log.warning("GPUs %s found, but GPU runs will fail: %s", ",".join(gpus), refusal)
+    else:
+        log.info("GPUs %s, attached by %s (engine %s)", ",".join(gpus), probe.reason, probe.engine_version)
+
+
 def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
     data_dir = Path(settings.data_dir)
     metrics.BUILD.info({"version": VERSION, "python": platform.python_version()})
@@ -132,6 +150,8 @@ def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
                 raise
             engine = sandbox or Sandbox(instance=instance)
             gpus = settings.gpus if settings.gpus is not None else detect_gpus()
+            if gpus:
+                await _log_gpu_route(engine, settings, gpus)
             scheduler = Scheduler(settings, store, snapshots, engine, gpus)
             holder["services"] = Services(settings, store, snapshots, engine, scheduler, gpus)
             await scheduler.start()
