@@ -112,7 +112,7 @@ class FakeGpuEngine:
         self.timings["engine_start_s"] = time.monotonic() - t0
         self._watch_events()
         t1 = time.monotonic()
-        self._load_image(source)
+        self.load(source, self.image)
         self.timings["image_load_s"] = time.monotonic() - t1
         return self
 
@@ -156,6 +156,14 @@ class FakeGpuEngine:
             "DOCKER_HOST": self.docker_host,
             "PATH": f"{self.host_bin}{os.pathsep}{os.environ.get('PATH', '')}",
         }
+
+    def load(self, source: docker.DockerClient, image: str) -> None:
+        """Copy `image` from the engine `source` talks to (another image a test needs, say)."""
+        # Streamed: the image never sits in memory whole.
+        chunks = source.api.get_image(image, chunk_size=1 << 20)
+        for _ in self.client.api.load_image(chunks, quiet=True):
+            pass
+        self.client.images.get(image)  # raises if the load did not take
 
     def log(self) -> str:
         path = self.base / "dockerd.log"
@@ -236,13 +244,6 @@ class FakeGpuEngine:
                     return
             time.sleep(0.1)
         raise RuntimeError(f"the second dockerd did not answer in 60 s:\n{self.log()[-3000:]}")
-
-    def _load_image(self, source: docker.DockerClient) -> None:
-        # Streamed: the image never sits in memory whole.
-        chunks = source.api.get_image(self.image, chunk_size=1 << 20)
-        for _ in self.client.api.load_image(chunks, quiet=True):
-            pass
-        self.client.images.get(self.image)  # raises if the load did not take
 
     def _watch_events(self) -> None:
         stream_client = docker.DockerClient(base_url=self.docker_host, timeout=None)
