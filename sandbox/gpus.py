@@ -106,11 +106,11 @@ def decide_route(
         )
         route = "cdi"
     else:
-        route, reason = "none", _missing(major, cdi_on, listed, nvidia_driver)
+        route, reason = "none", _missing(major, cdi_on, nvidia_driver)
     return EngineProbe(**facts, route=route, reason=reason)
 
 
-def _missing(major: int, cdi_on: bool, listed: list[str] | None, nvidia_driver: bool | None) -> str:
+def _missing(major: int, cdi_on: bool, nvidia_driver: bool | None) -> str:
     generate = "`nvidia-ctk cdi generate --output=/etc/cdi/nvidia.yaml`"
     hook = (
         f"install {TOOLKIT} so that nvidia-container-runtime-hook is on dockerd's PATH, then"
