@@ -28,8 +28,10 @@ import docker.errors
 import requests.exceptions
 
 from .archive import read_output_tar, workspace_tar
+from .gpus import EngineProbe, GpuRoute, GpuUnavailable, gpu_refusal
 from .logcap import CappedLog
 from .options import MOUNT_POINT, OUTPUT_DIR, container_options, volume_options
+from .probe import probe_engine
 from .spec import RunResult, RunSpec, Timings
 from .stream import ExitHook, FrameReader, OutputTap, Reports, strip_marker
 
@@ -75,6 +77,8 @@ class Sandbox:
     def __init__(self, client: docker.DockerClient | None = None, instance: str = "default") -> None:
         self._client = client
         self.instance = instance
+        self._gpu_probe: EngineProbe | None = None
+        self._probe_lock = threading.Lock()
 
     @property
     def client(self) -> docker.DockerClient:
@@ -103,12 +107,41 @@ class Sandbox:
             return True
         except SandboxError as exc:
             return False if exc.reason == "image_missing" else None
+    def probe(self, image: str | None = None) -> EngineProbe:
+        """Asks the engine afresh about itself and its GPU route; with `image`, the `nvidia` device
+        driver is tried with a short container of that image (see `sandbox.probe`)."""
+        with _engine("probe the engine"):
+            return probe_engine(self.client, image, {LABEL_SANDBOX: self.instance})
+
+    def gpu_probe(self, image: str) -> EngineProbe:
+        """The probe GPU runs go by: made once, and again while it finds no route (the operator
+        may be installing one) or after the engine refused its driver (it restarted without it)."""
+        with self._probe_lock:
+            if self._gpu_probe is None or self._gpu_probe.route == "none":
+                self._gpu_probe = self.probe(image)
+            return self._gpu_probe
+
+    def _gpu_route(self, spec: RunSpec) -> GpuRoute:
+        if not spec.gpus:
+            return "none"
+        probe = self.gpu_probe(spec.image)
+        refusal = gpu_refusal(probe, spec.runtime)
+        if refusal is not None:
+            raise GpuUnavailable(refusal)
+        return probe.route
 
     def prepare(self, spec: RunSpec) -> PreparedRun:
         """Start a container behind its gate with the workspace in place; nothing untrusted runs yet."""
-        run = PreparedRun(self, spec.validate())
+        spec = spec.validate()
+        run = PreparedRun(self, spec, self._gpu_route(spec))
         try:
             run._prepare()
+        except SandboxError as exc:
+            run.release()
+            if spec.gpus and "device driver" in str(exc):
+                with self._probe_lock:
+                    self._gpu_probe = None
+            raise
         except BaseException:
             run.release()
             raise
@@ -166,9 +199,10 @@ def _remove(call: Callable[[], object], tries: int = 20) -> bool:
 class PreparedRun:
     """One container's life. `execute()` runs it once; `cancel()` may come from any thread."""
 
-    def __init__(self, sandbox: Sandbox, spec: RunSpec) -> None:
+    def __init__(self, sandbox: Sandbox, spec: RunSpec, gpu_route: GpuRoute = "none") -> None:
         self.sandbox = sandbox
         self.spec = spec
+        self.gpu_route = gpu_route
         self.run_id = uuid.uuid4().hex[:16]
         self.volume = f"ratchet-run-{self.run_id}"
         self.container_id: str | None = None
@@ -195,7 +229,7 @@ class PreparedRun:
         env = {**self.spec.env, "RATCHET_OUTPUT_DIR": OUTPUT_DIR, "HOME": "/tmp"}
         with _engine("create volume"):
             self.sandbox.client.volumes.create(**volume_options(self.spec, self.volume, self.labels))
-        opts = container_options(self.spec, self.volume, self.labels, env)
+        opts = container_options(self.spec, self.volume, self.labels, env, self.gpu_route)
         with _engine("create container"):
             self.container_id = self.sandbox.client.containers.create(**opts).id
         self.timings.created = time.time()

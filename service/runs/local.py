@@ -7,10 +7,12 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 from collections.abc import Callable
 from functools import partial
 
-from sandbox import LABEL_SANDBOX, PreparedRun, Sandbox
+from sandbox import LABEL_SANDBOX, PreparedRun, Sandbox, SandboxError
+from sandbox.gpus import gpu_refusal
 
 from ..settings import Settings
 from .executor import Node, RunResult, RunSpec, Timings
@@ -19,6 +21,8 @@ from .gpus import detect_gpus
 __all__ = ["NODE", "LocalExecutor", "LocalHandle", "local_node"]
 
 NODE = "local"
+
+log = logging.getLogger("ratchet.executor")
 
 
 def local_node(settings: Settings, gpus: list[str] | None = None) -> Node:
@@ -41,6 +45,8 @@ class LocalExecutor:
         self.instance = instance
         self.sandbox = sandbox or Sandbox(instance=instance)
         self.node = local_node(settings)
+        self._settings = settings
+        self._route_told = False
         # one per running workload and per prepare ahead, and a few spare
         threads = self.node.slots * (1 + settings.prepare_ahead) + 4
         self._threads = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="ratchet-run")
@@ -51,7 +57,26 @@ class LocalExecutor:
         return f"<LocalExecutor instance={self.instance} {self.node}>"
 
     async def inventory(self) -> list[Node]:
+        if self.node.gpus and not self._route_told:
+            self._route_told = True
+            await self._tell_gpu_route()
         return [self.node]
+
+    async def _tell_gpu_route(self) -> None:
+        """Says once how containers will get their GPUs, or why they cannot (each GPU run is then
+        refused with the same words). The scheduler asks for the inventory before it removes this
+        instance's leftovers, so the probe's container is gone by then."""
+        gpus = ",".join(self.node.gpus)
+        try:
+            probe = await asyncio.to_thread(self.sandbox.gpu_probe, self._settings.default_image)
+        except SandboxError as exc:
+            log.warning("GPUs %s: could not ask the container engine how to attach them: %s", gpus, exc)
+            return
+        refusal = gpu_refusal(probe, self._settings.runtime)
+        if refusal is not None:
+            log.warning("GPUs %s found, but GPU runs will fail: %s", gpus, refusal)
+        else:
+            log.info("GPUs %s, attached by %s (engine %s)", gpus, probe.reason, probe.engine_version)
 
     async def prepare(self, spec: RunSpec, node: str = NODE) -> LocalHandle:
         if node != NODE:
