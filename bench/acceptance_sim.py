@@ -1,6 +1,6 @@
 """Acceptance rules on simulated loops: what each rule buys, at equal run budget.
 
-Drives the service's own decision code (`service.acceptance.judge` and `pooled_sd`, which are pure)
+Drives the service's own decision code (`service.rules.acceptance.judge` and `pooled_sd`, which are pure)
 over thousands of simulated loops. The model (all values in units of the run-to-run noise sd, metric
 minimised):
 
@@ -36,7 +36,7 @@ import msgspec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.acceptance import PRESETS, Rule, judge, mean, pooled_sd
+from service.rules.acceptance import PRESETS, Rule, judge, mean, pooled_sd
 
 
 @dataclass(frozen=True)

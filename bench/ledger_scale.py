@@ -27,10 +27,10 @@ from pathlib import Path
 
 import httpx
 
-from service import transitions
 from service.models import LoopConfig
-from service.snapshots import SnapshotStore
-from service.store import Store
+from service.state import enqueue
+from service.state.snapshots import SnapshotStore
+from service.state.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 STATUSES = ["discard"] * 85 + ["crash"] * 10 + ["timeout"] * 3 + ["keep"] * 2
@@ -44,7 +44,7 @@ async def populate(data_dir: Path, n: int) -> str:
         snaps = SnapshotStore(data_dir / "blobs")
         root = snaps.put_tree({"train.py": b"print('---')\nprint('val_bpb: 1.0')\n"})
         config = LoopConfig(name="big", command=["python3", "train.py"], editable=["train.py"])
-        loop_id, baseline = await transitions.create_loop(store, config, root.id, root.encode())
+        loop_id, baseline = await enqueue.create_loop(store, config, root.id, root.encode())
         rng = random.Random(7)
         now = time.time()
         rows = []
@@ -53,7 +53,7 @@ async def populate(data_dir: Path, n: int) -> str:
             metric = None if status in ("crash", "timeout") else 1.0 - i * 1e-6 + rng.random() * 0.01
             rows.append(
                 (
-                    transitions.new_id(), loop_id, i, "candidate", f"try #{i}: lr {rng.random():.4f}",
+                    enqueue.new_id(), loop_id, i, "candidate", f"try #{i}: lr {rng.random():.4f}",
                     root.id, root.id, "--- a/train.py\n+++ b/train.py\n", status, "judged",
                     metric, f'{{"val_bpb": {metric or 0.0}}}', 12.5, 0, now + i, now + i, now + i + 1,
                     i, 300.0, "val_bpb: 1.0\n",

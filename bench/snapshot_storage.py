@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from service.snapshots import MAX_CHAIN, Manifest, SnapshotStore
+from service.state.snapshots import MAX_CHAIN, Manifest, SnapshotStore
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = ["examples/charlm/train.py", "examples/charlm/prepare.py", "examples/charlm-eval/prepare.py"]

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from service.client import ApiError, RatchetClient, loop_body_from_dir
+from client import ApiError, RatchetClient, loop_body_from_dir
 
 HERE = Path(__file__).resolve().parent
 

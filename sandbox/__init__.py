@@ -3,10 +3,13 @@
     from sandbox import Sandbox, RunSpec, FileEntry
     result = Sandbox().run(RunSpec(image="ratchet/sandbox:latest", argv=["python3", "x.py"], ...))
 
-Errors: `SpecError` (bad spec, engine untouched), `SandboxError` (the engine failed). What the
-workload does — exit codes, OOM, timeout — is data in `RunResult`, never an exception.
+Errors: `SpecError` (bad spec, no container made; its `GpuUnavailable` when the engine has no way
+to attach the GPUs a spec asks for), `SandboxError` (the engine failed). What the workload does —
+exit codes, OOM, timeout — is data in `RunResult`, never an exception. `Sandbox.probe()` says what
+the engine is and how it attaches GPUs (an `EngineProbe`).
 """
 
+from .gpus import EngineProbe, GpuRoute, GpuUnavailable
 from .options import OUTPUT_DIR, WORKSPACE_DIR, container_options
 from .runner import LABEL_RUN, LABEL_SANDBOX, PreparedRun, Sandbox, SandboxError
 from .spec import RUNSC_MIN_PIDS, FileEntry, Limits, Mount, RunResult, RunSpec, SpecError, Timings
@@ -17,7 +20,10 @@ __all__ = [
     "OUTPUT_DIR",
     "RUNSC_MIN_PIDS",
     "WORKSPACE_DIR",
+    "EngineProbe",
     "FileEntry",
+    "GpuRoute",
+    "GpuUnavailable",
     "Limits",
     "Mount",
     "PreparedRun",

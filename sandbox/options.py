@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .gpus import GpuRoute, device_requests, gpu_env, strip_toolkit_env
 from .spec import RunSpec
 
 __all__ = [
@@ -50,18 +51,16 @@ def volume_options(spec: RunSpec, name: str, labels: dict[str, str]) -> dict[str
     }
 
 
-def gpu_env(gpus: list[str]) -> dict[str, str]:
-    # The engine exposes only the requested devices, renumbered from 0: CUDA must count the same way.
-    return {
-        "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(len(gpus))),
-        "RATCHET_GPU_IDS": ",".join(gpus),
-    }
-
-
 def container_options(
-    spec: RunSpec, volume: str, labels: dict[str, str], env: dict[str, str]
+    spec: RunSpec,
+    volume: str,
+    labels: dict[str, str],
+    env: dict[str, str],
+    gpu_route: GpuRoute = "none",
 ) -> dict[str, Any]:
-    """Keyword arguments for docker-py's `containers.create`; every limit is set, nothing inherited."""
+    """Keyword arguments for docker-py's `containers.create`; every limit is set, nothing inherited.
+    `gpu_route` is how this engine attaches GPUs (`sandbox.gpus`); a spec with GPUs on an engine
+    without a route raises `GpuUnavailable`."""
     lim = spec.limits
     pids_limit = lim.pids
     ulimits = [{"Name": "nofile", "Soft": lim.nofile, "Hard": lim.nofile}]
@@ -72,7 +71,7 @@ def container_options(
         "image": spec.image,
         "entrypoint": ["/bin/sh", "-c", GATE_SCRIPT, "ratchet-gate"],
         "command": list(spec.argv),
-        "environment": {**env, **gpu_env(spec.gpus)},
+        "environment": {**strip_toolkit_env(env), **gpu_env(gpu_route, spec.gpus)},
         "working_dir": WORKSPACE_DIR,
         "user": spec.user,
         "labels": labels,
@@ -99,7 +98,5 @@ def container_options(
     for m in spec.mounts:
         opts["volumes"][m.source] = {"bind": m.target, "mode": "ro"}
     if spec.gpus:
-        opts["device_requests"] = [
-            {"Driver": "nvidia", "DeviceIDs": list(spec.gpus), "Capabilities": [["gpu"]]}
-        ]
+        opts["device_requests"] = device_requests(gpu_route, spec.gpus)
     return opts

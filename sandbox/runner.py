@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import select
 import socket
-import struct
 import threading
 import time
 import uuid
@@ -30,10 +28,12 @@ import docker.errors
 import requests.exceptions
 
 from .archive import read_output_tar, workspace_tar
-from .livefilter import MarkerFilter
+from .gpus import EngineProbe, GpuRoute, GpuUnavailable, gpu_refusal
 from .logcap import CappedLog
 from .options import MOUNT_POINT, OUTPUT_DIR, container_options, volume_options
+from .probe import probe_engine
 from .spec import RunResult, RunSpec, Timings
+from .stream import ExitHook, FrameReader, OutputTap, Reports, strip_marker
 
 __all__ = ["LABEL_RUN", "LABEL_SANDBOX", "PreparedRun", "Sandbox", "SandboxError"]
 
@@ -41,8 +41,6 @@ log = logging.getLogger("ratchet.sandbox")
 
 LABEL_SANDBOX = "ratchet.sandbox"
 LABEL_RUN = "ratchet.run"
-_DONE = re.compile(rb"\n__RATCHET_DONE__ (-?\d+)\n")
-_DONE_TEXT = re.compile(r"\n__RATCHET_DONE__ -?\d+\n")
 _COLLECT_TIMEOUT_S = 30.0
 _EXIT_GRACE_S = 10.0
 _LOST_GRACE_S = 5.0
@@ -79,12 +77,19 @@ class Sandbox:
     def __init__(self, client: docker.DockerClient | None = None, instance: str = "default") -> None:
         self._client = client
         self.instance = instance
+        self._gpu_probe: EngineProbe | None = None
+        self._probe_lock = threading.Lock()
 
     @property
     def client(self) -> docker.DockerClient:
         if self._client is None:
             with _engine("connect"):
                 self._client = docker.from_env(timeout=60)
+        return self._client
+
+    @property
+    def connected(self) -> docker.DockerClient | None:
+        """The client, if one was made: removing a run never connects only to find nothing there."""
         return self._client
 
     def ping(self) -> bool:
@@ -94,11 +99,49 @@ class Sandbox:
         except SandboxError:
             return False
 
+    def has_image(self, image: str) -> bool | None:
+        """Whether the engine holds `image`; None when it cannot tell (unreachable, say)."""
+        try:
+            with _engine("inspect image"):
+                self.client.images.get(image)
+            return True
+        except SandboxError as exc:
+            return False if exc.reason == "image_missing" else None
+    def probe(self, image: str | None = None) -> EngineProbe:
+        """Asks the engine afresh about itself and its GPU route; with `image`, the `nvidia` device
+        driver is tried with a short container of that image (see `sandbox.probe`)."""
+        with _engine("probe the engine"):
+            return probe_engine(self.client, image, {LABEL_SANDBOX: self.instance})
+
+    def gpu_probe(self, image: str) -> EngineProbe:
+        """The probe GPU runs go by: made once, and again while it finds no route (the operator
+        may be installing one) or after the engine refused its driver (it restarted without it)."""
+        with self._probe_lock:
+            if self._gpu_probe is None or self._gpu_probe.route == "none":
+                self._gpu_probe = self.probe(image)
+            return self._gpu_probe
+
+    def _gpu_route(self, spec: RunSpec) -> GpuRoute:
+        if not spec.gpus:
+            return "none"
+        probe = self.gpu_probe(spec.image)
+        refusal = gpu_refusal(probe, spec.runtime)
+        if refusal is not None:
+            raise GpuUnavailable(refusal)
+        return probe.route
+
     def prepare(self, spec: RunSpec) -> PreparedRun:
         """Start a container behind its gate with the workspace in place; nothing untrusted runs yet."""
-        run = PreparedRun(self, spec.validate())
+        spec = spec.validate()
+        run = PreparedRun(self, spec, self._gpu_route(spec))
         try:
             run._prepare()
+        except SandboxError as exc:
+            run.release()
+            if spec.gpus and "device driver" in str(exc):
+                with self._probe_lock:
+                    self._gpu_probe = None
+            raise
         except BaseException:
             run.release()
             raise
@@ -156,9 +199,10 @@ def _remove(call: Callable[[], object], tries: int = 20) -> bool:
 class PreparedRun:
     """One container's life. `execute()` runs it once; `cancel()` may come from any thread."""
 
-    def __init__(self, sandbox: Sandbox, spec: RunSpec) -> None:
+    def __init__(self, sandbox: Sandbox, spec: RunSpec, gpu_route: GpuRoute = "none") -> None:
         self.sandbox = sandbox
         self.spec = spec
+        self.gpu_route = gpu_route
         self.run_id = uuid.uuid4().hex[:16]
         self.volume = f"ratchet-run-{self.run_id}"
         self.container_id: str | None = None
@@ -166,7 +210,7 @@ class PreparedRun:
         self._sock: Any = None
         self._raw: socket.socket | None = None
         self._cancel = threading.Event()
-        self._reports = _Reports()
+        self._reports = Reports()
         self._released = False
         self._lock = threading.Lock()
 
@@ -185,7 +229,7 @@ class PreparedRun:
         env = {**self.spec.env, "RATCHET_OUTPUT_DIR": OUTPUT_DIR, "HOME": "/tmp"}
         with _engine("create volume"):
             self.sandbox.client.volumes.create(**volume_options(self.spec, self.volume, self.labels))
-        opts = container_options(self.spec, self.volume, self.labels, env)
+        opts = container_options(self.spec, self.volume, self.labels, env, self.gpu_route)
         with _engine("create container"):
             self.container_id = self.sandbox.client.containers.create(**opts).id
         self.timings.created = time.time()
@@ -221,20 +265,22 @@ class PreparedRun:
         outputs are collected: whatever it held besides this container is free from then on."""
         try:
             return self._execute(
-                _OutputTap(on_output, self.run_id) if on_output is not None else None,
-                _ExitHook(on_exit, self.run_id, self.timings),
+                OutputTap(on_output, self.run_id) if on_output is not None else None,
+                ExitHook(on_exit, self.run_id, self.timings),
             )
         finally:
             if release:
                 self.release()
 
-    def _execute(self, tap: _OutputTap | None, exited: _ExitHook) -> RunResult:
+    def _execute(self, tap: OutputTap | None, exited: ExitHook) -> RunResult:
         if self._cancel.is_set():
             exited.fire()
-            return RunResult(exit_code=None, cancelled=True, timings=self.timings)
+            return RunResult(
+                exit_code=None, cancelled=True, timeout_s=self.spec.timeout_s, timings=self.timings
+            )
         assert self._raw is not None and self.container_id is not None
         logbuf = CappedLog(self.spec.limits.log_bytes)
-        frames = _FrameReader()  # one per run: a chunk may hold frames on both sides of the report
+        frames = FrameReader()  # one per run: a chunk may hold frames on both sides of the report
         try:
             with _engine("open gate"):
                 self._raw.sendall(b"go\n")
@@ -250,6 +296,7 @@ class PreparedRun:
             timed_out=outcome == "timeout",
             cancelled=outcome == "cancelled",
             exit_reported=outcome == "done",
+            timeout_s=self.spec.timeout_s,
             timings=self.timings,
         )
         if outcome == "exited":
@@ -273,7 +320,7 @@ class PreparedRun:
         # The gate reports once. Another report means the workload wrote one itself to end its
         # run early in the runner's eyes (and keep running past the hard deadline meanwhile).
         result.report_forged = self._reports.count > 1
-        text, marker = _strip_marker(logbuf.text())
+        text, marker = strip_marker(logbuf.text())
         result.log = text
         result.log_bytes = max(0, logbuf.total - marker)
         result.log_truncated = logbuf.dropped > 0
@@ -281,11 +328,11 @@ class PreparedRun:
 
     def _pump(
         self,
-        frames: _FrameReader,
+        frames: FrameReader,
         logbuf: CappedLog,
         deadline: float,
         until_marker: bool,
-        tap: _OutputTap | None = None,
+        tap: OutputTap | None = None,
     ) -> str:
         """Copy the attach stream into the log until the gate reports (if `until_marker`), the
         stream ends, the deadline passes or a cancel arrives."""
@@ -396,7 +443,7 @@ class PreparedRun:
         if self._sock is not None:
             with contextlib.suppress(Exception):
                 self._sock.close()
-        client = self.sandbox._client
+        client = self.sandbox.connected
         if client is None:
             return
         container_id = self.container_id
@@ -410,97 +457,3 @@ class PreparedRun:
         except Exception as exc:
             log.warning("run %s: could not remove volume %s: %s", self.run_id, self.volume, exc)
         self.timings.released = time.time()
-
-
-class _OutputTap:
-    """Hands output to a caller's callback once per read from the engine, minus the gate's report
-    (which only ever travels on stderr). A failing callback never disturbs the run."""
-
-    def __init__(self, callback: Callable[[bytes], None], run_id: str) -> None:
-        self._callback = callback
-        self._run_id = run_id
-        self._stderr = MarkerFilter()
-        self._pending: list[bytes] = []
-        self.failures = 0
-
-    def feed(self, stream: int, payload: bytes) -> None:
-        self._pending.append(self._stderr.feed(payload) if stream == 2 else payload)
-
-    def emit(self) -> None:
-        data = b"".join(self._pending)
-        self._pending.clear()
-        if not data:
-            return
-        try:
-            self._callback(data)
-        except Exception:
-            self.failures += 1
-            if self.failures == 1:  # once per run: a callback failing on every chunk must not flood the log
-                log.exception("run %s: output callback failed; the run goes on", self._run_id)
-
-    def close(self) -> None:
-        self._pending.append(self._stderr.flush())
-        self.emit()
-        if self.failures > 1:
-            log.warning("run %s: output callback failed %d times", self._run_id, self.failures)
-
-
-class _Reports:
-    """Counts the gate's exit reports in the stderr stream, across reads and without double counting."""
-
-    def __init__(self) -> None:
-        self._buf = b""
-        self.count = 0
-
-    def feed(self, payload: bytes) -> bool:
-        """True when `payload` completed at least one report."""
-        buf, end, found = self._buf + payload, 0, False
-        for match in _DONE.finditer(buf):
-            self.count += 1
-            end, found = match.end(), True
-        self._buf = buf[end:][-96:]
-        return found
-
-
-class _ExitHook:
-    """Calls a caller's callback once when the workload has ended; its failure never disturbs the run."""
-
-    def __init__(self, callback: Callable[[Timings], None] | None, run_id: str, timings: Timings) -> None:
-        self._callback = callback
-        self._run_id = run_id
-        self._timings = timings
-
-    def fire(self) -> None:
-        callback, self._callback = self._callback, None
-        if callback is None:
-            return
-        try:
-            callback(self._timings)
-        except Exception:
-            log.exception("run %s: exit callback failed; the run goes on", self._run_id)
-
-
-class _FrameReader:
-    """Parses the engine's multiplexed attach stream: 8-byte header (stream, size), then payload."""
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> Iterator[tuple[int, bytes]]:
-        self._buf += data
-        while len(self._buf) >= 8:
-            stream, size = self._buf[0], struct.unpack(">I", self._buf[4:8])[0]
-            if len(self._buf) < 8 + size:
-                return
-            payload = bytes(self._buf[8 : 8 + size])
-            del self._buf[: 8 + size]
-            yield stream, payload
-
-
-def _strip_marker(text: str) -> tuple[str, int]:
-    """Removes the gate's report (its last occurrence) from the log; returns (text, bytes removed)."""
-    matches = list(_DONE_TEXT.finditer(text))
-    if not matches:
-        return text, 0
-    m = matches[-1]
-    return text[: m.start()] + text[m.end() :], len(m.group(0))

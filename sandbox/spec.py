@@ -145,8 +145,9 @@ class RunResult(msgspec.Struct, kw_only=True):
     # The gate reported the workload's exit status. False with none of the flags above: the
     # container died around its PID 1 (e.g. gVisor's sandbox reaching the pids limit).
     exit_reported: bool = False
-    # More than one exit report arrived: the workload wrote one itself (see runner._Reports).
+    # More than one exit report arrived: the workload wrote one itself (see stream.Reports).
     report_forged: bool = False
+    timeout_s: float = 0.0  # the hard timeout the run was held to (its spec's)
     log: str = ""
     log_bytes: int = 0  # bytes the workload wrote, kept or not
     log_truncated: bool = False

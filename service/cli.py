@@ -1,5 +1,5 @@
-"""`ratchet` command line: `ratchet serve` runs the service; the other commands drive a running
-service over its API (see `service.commands`)."""
+"""`ratchet`: the client's commands (see `client.cli`) plus `ratchet serve`, which runs the service,
+and `ratchet version`. The client never imports the server; this module puts the two together."""
 
 from __future__ import annotations
 
@@ -9,28 +9,13 @@ from typing import Any
 
 import click
 
-from .commands import COMMANDS
-from .commands.common import DEFAULT_URL, CliState, RatchetGroup
+from client.cli import cli, main
+
 from .settings import Settings, SettingsError, load_settings
 
 __all__ = ["cli", "main"]
 
 _DEFAULTS = Settings()
-
-
-@click.group(cls=RatchetGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--url",
-    envvar="RATCHET_URL",
-    default=DEFAULT_URL,
-    show_default=True,
-    help="the Ratchet service (env RATCHET_URL)",
-)
-@click.option("--token", envvar="RATCHET_TOKEN", help="sent as a bearer token (env RATCHET_TOKEN)")
-@click.pass_context
-def cli(ctx: click.Context, url: str, token: str | None) -> None:
-    """Autoresearch loops as a service."""
-    ctx.obj = CliState(url=url, token=token or None)
 
 
 @cli.command()
@@ -52,7 +37,7 @@ def serve(**flags: Any) -> None:
     """Run the HTTP service (SQLite + the local container engine)."""
     if flags.get("gpus") is not None:
         flags["gpus"] = [g.strip() for g in flags["gpus"].split(",") if g.strip()]
-    from .auth import auth_mode
+    from .http.auth import auth_mode
 
     try:
         settings = load_settings(flags)
@@ -62,7 +47,7 @@ def serve(**flags: Any) -> None:
         sys.exit(2)
     import uvicorn
 
-    from .app import create_app
+    from .http.app import create_app
 
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -80,21 +65,9 @@ def serve(**flags: Any) -> None:
 @cli.command()
 def version() -> None:
     """Print the version."""
-    from .app import VERSION
+    from .http.app import VERSION
 
     click.echo(f"ratchet {VERSION}")
-
-
-for _command in COMMANDS:
-    cli.add_command(_command)
-
-
-def main(argv: list[str] | None = None) -> int:
-    try:
-        cli.main(args=argv, prog_name="ratchet")
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    return 0
 
 
 if __name__ == "__main__":

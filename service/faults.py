@@ -17,7 +17,7 @@ import signal
 from collections.abc import Iterator
 from contextvars import ContextVar
 
-__all__ = ["arm", "point", "scope", "scoped_point"]
+__all__ = ["arm", "current_scope", "point", "scope", "scoped_point"]
 
 _armed: str | None = None
 _left = 0
@@ -52,6 +52,10 @@ def scope(name: str) -> Iterator[None]:
         yield
     finally:
         _scope.reset(token)
+
+
+def current_scope() -> str:
+    return _scope.get()
 
 
 def scoped_point(suffix: str) -> None:

@@ -10,7 +10,8 @@ from prometheus_client import Counter, Gauge, Histogram, Info, disable_created_m
 
 from sandbox import RunResult, SandboxError, SpecError
 
-from .decisions import Outcome
+from .models import FAILED, FINAL, Status
+from .rules.decisions import Outcome
 
 __all__ = [
     "BEST_METRIC",
@@ -39,8 +40,7 @@ __all__ = [
     "track_loop",
 ]
 
-FINAL_STATUSES = ("keep", "discard", "crash", "timeout", "cancelled", "error", "measured")
-FAILED = ("crash", "timeout")  # the verdicts that count as failures of the workload
+FINAL_STATUSES = tuple(s.value for s in Status if s in FINAL)
 FAILURE_REASONS = (
     "exit_nonzero",
     "oom",

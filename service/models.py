@@ -9,6 +9,7 @@ import msgspec
 from msgspec import Meta
 
 __all__ = [
+    "FAILED",
     "FINAL",
     "RUN_OVER",
     "AcceptanceSpec",
@@ -31,6 +32,7 @@ __all__ = [
     "TokenCreated",
     "TokenView",
     "Workspace",
+    "hard_timeout_s",
 ]
 
 Name = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
@@ -68,6 +70,12 @@ FINAL = frozenset(
     }
 )
 RUN_OVER = FINAL | {Status.confirming}  # the experiment's own run has ended (its log is complete)
+FAILED = frozenset({Status.crash, Status.timeout})  # the candidate failed (`error` is the machine's)
+
+
+def hard_timeout_s(time_budget_s: float, timeout_s: float | None) -> float:
+    """The hard kill: `timeout_s` when set, else twice the budget plus 30 s of start-up."""
+    return timeout_s if timeout_s is not None else 2 * time_budget_s + 30.0
 
 
 class LoopState(StrEnum):
@@ -166,7 +174,7 @@ class LoopConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
 
     @property
     def hard_timeout_s(self) -> float:
-        return self.timeout_s if self.timeout_s is not None else 2 * self.time_budget_s + 30.0
+        return hard_timeout_s(self.time_budget_s, self.timeout_s)
 
 
 class LoopCreate(LoopConfig, kw_only=True, frozen=True, forbid_unknown_fields=True):

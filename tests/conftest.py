@@ -6,6 +6,7 @@ where a missing engine fails them instead."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import docker
 import httpx
 import pytest
+from fake_gpu_engine import FakeGpuEngine
 
 SANDBOX_IMAGE = "ratchet/sandbox:latest"
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +44,31 @@ def docker_client() -> docker.DockerClient:
             pytest.fail(f"container engine required: {problem}")
         pytest.skip(f"needs the container engine: {problem}")
     return docker.from_env(timeout=120)
+
+
+def _second_engine_problem() -> str | None:
+    if shutil.which("dockerd") is None:
+        return "dockerd is not installed (scripts/setup.sh installs docker.io)"
+    if os.geteuid() != 0:
+        return "starting a second dockerd needs root"
+    return None
+
+
+@pytest.fixture(scope="session")
+def fake_gpu_engine(docker_client: docker.DockerClient) -> Iterator[FakeGpuEngine]:
+    """A second engine of the tests' own whose `nvidia` device driver works without a GPU (see
+    tests/fake_gpu_engine.py), with the sandbox image loaded; stopped and removed afterwards."""
+    problem = _second_engine_problem()
+    if problem:
+        if os.environ.get("RATCHET_REQUIRE_ENGINE") == "1":
+            pytest.fail(f"the fake GPU engine is required: {problem}")
+        pytest.skip(f"needs a second container engine: {problem}")
+    engine = FakeGpuEngine(image=SANDBOX_IMAGE)
+    try:
+        engine.start(docker_client)
+        yield engine
+    finally:
+        engine.stop()
 
 
 def leftovers(client: docker.DockerClient, label: str) -> list[str]:

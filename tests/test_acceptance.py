@@ -9,7 +9,8 @@ import time
 import pytest
 from test_api import HARNESS, make_loop, submit
 
-from service.acceptance import PRESETS, judge, pooled_sd, resolve
+from service.models import Status
+from service.rules.acceptance import PRESETS, judge, pooled_sd, resolve
 
 # The metric is V plus a noise that depends only on the seed: the expected means are exact.
 NOISY = (
@@ -47,7 +48,7 @@ def test_strict_keeps_any_single_better_run():
 def test_confirm_asks_for_a_second_run_then_compares_means():
     rule = PRESETS["confirm"]
     first = judge(rule, [0.9], [1.0, 1.1, 0.9], 0.1, **JUDGED)
-    assert first.verdict == "confirm" and "confirming (1 of 2 runs)" in first.reason
+    assert first.verdict == Status.confirming and "confirming (1 of 2 runs)" in first.reason
     lucky = judge(rule, [0.9, 1.2], [1.0, 1.1, 0.9], 0.1, **JUDGED)
     assert lucky.verdict == "discard" and "mean of 2 runs" in lucky.reason
     real = judge(rule, [0.9, 0.95], [1.0, 1.1, 0.9], 0.1, **JUDGED)

@@ -328,8 +328,9 @@ def test_failed_baseline_blocks_candidates_until_rerun(server):
 
 
 def test_gpu_inventory_sets_slots_and_engine_failure_is_error(server_factory):
-    """On a GPU host each slot gets its own device ids. This machine has no GPU driver, so the
-    engine refuses the device request: that is an infrastructure `error`, never a `crash`."""
+    """On a GPU host each slot gets its own device ids. This machine's engine has no way to attach
+    GPUs (no NVIDIA container toolkit, no CDI): the run is refused before any container is made,
+    naming what to install. That is an infrastructure `error`, never a `crash`."""
     srv = server_factory(slots=None, env={"RATCHET_GPUS": "0,1,2"})
     metrics = srv.client.get("/metrics").text
     assert "ratchet_slots_total 3.0" in metrics
@@ -343,6 +344,8 @@ def test_gpu_inventory_sets_slots_and_engine_failure_is_error(server_factory):
     exp = srv.client.get(f"/v1/loops/{loop['id']}/experiments").json()["items"][0]
     assert exp["status"] == "error", exp
     assert exp["gpus"] == ["0", "1"]
-    assert "container engine" in exp["reason"]
+    assert "cannot give containers GPUs" in exp["reason"], exp["reason"]
+    assert "nvidia-container-toolkit" in exp["reason"] and "restart dockerd" in exp["reason"]
     assert base["baseline"] == "pending"  # an infrastructure error says nothing about the baseline
-    assert 'ratchet_engine_errors_total{reason="refused"} 1.0' in srv.client.get("/metrics").text
+    assert 'ratchet_engine_errors_total{reason="bad_spec"} 1.0' in srv.client.get("/metrics").text
+    assert "GPUs 0,1,2 found, but GPU runs will fail" in srv.log()

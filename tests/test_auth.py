@@ -16,16 +16,16 @@ from click.testing import CliRunner
 from litestar.routes import HTTPRoute
 from test_api import make_loop
 
-from service.app import _log_auth, create_app
-from service.auth import auth_mode
 from service.cli import cli
+from service.http.app import _log_auth, create_app
+from service.http.auth import auth_mode
 from service.settings import Settings, SettingsError
 
 ADMIN = "bootstrap-" + secrets.token_hex(16)
 SECURED = {"RATCHET_AUTH": "tokens", "RATCHET_ADMIN_TOKEN": ADMIN}
 NO_LOOP, NO_EXP, NO_TOKEN = "0" * 16, "1" * 16, "2" * 16
 
-# The policy, written out independently of service.auth: GET needs read, anything else admin,
+# The policy, written out independently of service.http.auth: GET needs read, anything else admin,
 # except these.
 OPEN = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
 SUBMIT = {

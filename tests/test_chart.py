@@ -8,7 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from service.chart import MAX_LABELS, Point, nice_ticks, progress_svg, y_window
+from service.rules.chart import MAX_LABELS, Point, nice_ticks, progress_svg, y_window
 
 NS = {"s": "http://www.w3.org/2000/svg"}
 

@@ -15,8 +15,8 @@ from click.testing import CliRunner, Result
 from conftest import ROOT, free_port
 from test_api import HARNESS, TRAIN
 
+from client import RatchetClient
 from service.cli import cli
-from service.client import RatchetClient
 
 TOML = """\
 name = "cli-tiny"

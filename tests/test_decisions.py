@@ -1,4 +1,4 @@
-"""Unit tests of `service.decisions`: every branch of `decide` and the strictness of `improves`."""
+"""Unit tests of `service.rules.decisions`: every branch of `decide` and the strictness of `improves`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from service.decisions import Decision, Outcome, decide, improves
+from service.rules.decisions import Decision, Outcome, decide, improves
 
 
 def judge(outcome: Outcome, *, best=1.0, baseline=False, direction="minimize", min_delta=0.0) -> Decision:

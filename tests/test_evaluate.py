@@ -7,10 +7,10 @@ import os
 import pytest
 from test_api import submit
 
-from service.decisions import Outcome, decide
-from service.evaluate import check_evaluate, eval_tree
 from service.models import EvalMount, EvaluateSpec
-from service.patches import CandidateError
+from service.rules.decisions import Outcome, decide
+from service.rules.evaluate import check_evaluate, eval_tree
+from service.rules.patches import CandidateError
 
 # -- pure ----------------------------------------------------------------------------------------
 
@@ -226,7 +226,7 @@ def test_charlm_eval_example_through_the_service(server, docker_client, tmp_path
     import uuid
     from pathlib import Path
 
-    from service.client import loop_body_from_dir
+    from client import loop_body_from_dir
 
     example = Path(__file__).resolve().parent.parent / "examples" / "charlm-eval"
     volume = f"ratchet-test-heldout-{uuid.uuid4().hex[:8]}"
@@ -265,3 +265,22 @@ def test_charlm_eval_example_through_the_service(server, docker_client, tmp_path
     finally:
         server.stop()
         docker_client.volumes.get(volume).remove(force=True)
+
+
+def test_charlm_eval_runs_charlm_s_own_files():
+    """The two examples share train.py and prepare.py: charlm-eval's are copies of charlm's (a loop
+    directory is sent as it is, and links are never followed), and only its ratchet.json differs
+    in what training does (CHARLM_SAVE_PARAMS: save the checkpoint its evaluation scores)."""
+    import json
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    for name in ("train.py", "prepare.py"):
+        assert (examples / "charlm-eval" / name).read_bytes() == (examples / "charlm" / name).read_bytes(), (
+            f"examples/charlm-eval/{name} must be a copy of examples/charlm/{name}: cp it over"
+        )
+    spec = json.loads((examples / "charlm-eval" / "ratchet.json").read_text())
+    assert (
+        spec["env"] == {"CHARLM_SAVE_PARAMS": "1"}
+        and "CHARLM_SAVE_PARAMS" in (examples / "charlm" / "train.py").read_text()
+    )

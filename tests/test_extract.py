@@ -1,11 +1,11 @@
-"""Unit tests of `service.extract`: metrics.json first, else the last `---` summary block."""
+"""Unit tests of `service.rules.extract`: metrics.json first, else the last `---` summary block."""
 
 from __future__ import annotations
 
 import json
 import math
 
-from service.extract import MAX_METRICS, extract_metrics, implausible
+from service.rules.extract import MAX_METRICS, extract_metrics, implausible
 
 SUMMARY = """step 100 loss 3.2
 step 200 loss 2.9

@@ -3,13 +3,13 @@ exactly one; a workload that writes one itself must show up as a second, however
 
 from __future__ import annotations
 
-from sandbox.runner import _Reports
+from sandbox.stream import Reports
 
 REPORT = b"\n__RATCHET_DONE__ 0\n"
 
 
-def feed_all(chunks: list[bytes]) -> tuple[_Reports, list[bool]]:
-    reports = _Reports()
+def feed_all(chunks: list[bytes]) -> tuple[Reports, list[bool]]:
+    reports = Reports()
     return reports, [reports.feed(c) for c in chunks]
 
 

@@ -1,4 +1,4 @@
-"""Unit tests of `service.gpus.GpuPool`: no device id is ever held twice."""
+"""Unit tests of `service.runs.gpus.GpuPool`: no device id is ever held twice."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.gpus import GpuPool, detect_gpus
+from service.runs.gpus import GpuPool, detect_gpus
 
 
 def test_allocate_and_release():
@@ -80,7 +80,7 @@ def test_take_gives_exactly_the_ids_or_nothing():
 
 
 def test_detect_gpus_without_nvidia_smi(monkeypatch):
-    monkeypatch.setattr("service.gpus.shutil.which", lambda name: None)
+    monkeypatch.setattr("service.runs.gpus.shutil.which", lambda name: None)
     assert detect_gpus() == []
 
 

@@ -1,10 +1,10 @@
-"""Unit tests of `service.ledger`: the `results.tsv` header and rows, byte for byte."""
+"""Unit tests of `service.rules.ledger`: the `results.tsv` header and rows, byte for byte."""
 
 from __future__ import annotations
 
 import pytest
 
-from service.ledger import LEDGER_STATUSES, header, row
+from service.rules.ledger import LEDGER_STATUSES, header, row
 
 SNAP = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90"
 

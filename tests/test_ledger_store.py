@@ -7,14 +7,14 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from service import transitions
-from service.decisions import Outcome
-from service.ledger import LEDGER_STATUSES, row
-from service.ledger_cache import LedgerCache
-from service.migrations import MIGRATIONS
 from service.models import LoopConfig, Status
-from service.snapshots import SnapshotStore
-from service.store import Store
+from service.rules.decisions import Outcome
+from service.rules.ledger import LEDGER_STATUSES, row
+from service.state import enqueue, transitions
+from service.state.ledger_cache import LedgerCache
+from service.state.migrations import MIGRATIONS
+from service.state.snapshots import SnapshotStore
+from service.state.store import Store
 
 CONFIG = LoopConfig(name="l", command=["python3", "train.py"])
 
@@ -23,7 +23,7 @@ async def open_store(tmp_path: Path) -> tuple[Store, str, str]:
     store = Store(tmp_path / "ratchet.db")
     await store.open()
     root = SnapshotStore(tmp_path / "blobs").put_tree({"train.py": b"V = 1\n"})
-    loop_id, _ = await transitions.create_loop(store, CONFIG, root.id, root.encode())
+    loop_id, _ = await enqueue.create_loop(store, CONFIG, root.id, root.encode())
     return store, loop_id, root.id
 
 
@@ -34,7 +34,7 @@ async def run(store: Store, exp_id: str, metric: float | None, exit_code: int = 
 
 
 async def submit(store: Store, loop_id: str, snap: str, description: str) -> str:
-    return await transitions.submit(store, loop_id, description, snap, snap, b'{"files":[]}', "")
+    return await enqueue.submit(store, loop_id, description, snap, snap, b'{"files":[]}', "")
 
 
 def truth(db: Path, loop_id: str) -> dict[str, int]:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from service.client import RatchetClient, parse_sse
-from service.loopdir import LoopDirError, extract_archive, loop_body
+from client import RatchetClient, parse_sse
+from client.loopdir import LoopDirError, extract_archive, loop_body
 
 
 def _tar(members: list[tuple[str, bytes | None, str]]) -> bytes:

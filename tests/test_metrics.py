@@ -13,8 +13,8 @@ from test_api import TRAIN, edit, make_loop
 
 from sandbox import SandboxError, SpecError
 from service import metrics as m
-from service.app import VERSION
-from service.decisions import Outcome, decide
+from service.http.app import VERSION
+from service.rules.decisions import Outcome, decide
 
 outcomes = st.builds(
     Outcome,

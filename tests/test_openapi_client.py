@@ -95,8 +95,18 @@ def _generate(url: str, out: Path) -> None:
     config.write_text(json.dumps(GENERATOR_CONFIG))
     generator = Path(sys.executable).with_name("openapi-python-client")
     proc = subprocess.run(
-        [str(generator), "generate", "--url", f"{url}/schema/openapi.json", "--meta", "none",
-         "--output-path", str(out), "--config", str(config)],
+        [
+            str(generator),
+            "generate",
+            "--url",
+            f"{url}/schema/openapi.json",
+            "--meta",
+            "none",
+            "--output-path",
+            str(out),
+            "--config",
+            str(config),
+        ],
         capture_output=True,
         text=True,
         timeout=180,

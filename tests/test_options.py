@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from sandbox.gpus import GpuRoute, GpuUnavailable
 from sandbox.options import (
     GATE_SCRIPT,
     MOUNT_POINT,
@@ -23,8 +24,8 @@ def spec(**kw) -> RunSpec:
     return RunSpec(**{**base, **kw})
 
 
-def opts(s: RunSpec, env: dict[str, str] | None = None) -> dict:
-    return container_options(s, "vol-1", LABELS, env or {"A": "1"})
+def opts(s: RunSpec, env: dict[str, str] | None = None, route: GpuRoute = "nvidia") -> dict:
+    return container_options(s, "vol-1", LABELS, env or {"A": "1"}, route)
 
 
 SPECS = [
@@ -125,11 +126,14 @@ def test_runtime_passed_through(runtime):
     assert opts(spec(runtime=runtime))["runtime"] == runtime
 
 
-def test_no_gpus_means_no_device_request_and_no_visible_devices():
-    o = opts(spec())
+@pytest.mark.parametrize("route", ["nvidia", "cdi", "none"])
+def test_no_gpus_means_no_device_request_and_no_visible_devices(route):
+    o = opts(spec(), route=route)
     assert "device_requests" not in o
     assert o["environment"]["CUDA_VISIBLE_DEVICES"] == ""
     assert o["environment"]["RATCHET_GPU_IDS"] == ""
+    # "void": NVIDIA's tooling attaches nothing, whatever the image's own ENV says
+    assert o["environment"]["NVIDIA_VISIBLE_DEVICES"] == "void"
     assert o["environment"]["A"] == "1"
 
 
@@ -143,6 +147,23 @@ def test_gpus_are_explicit_device_ids_renumbered_for_cuda():
     assert "all" not in req["DeviceIDs"]
     assert o["environment"]["CUDA_VISIBLE_DEVICES"] == "0,1,2"
     assert o["environment"]["RATCHET_GPU_IDS"] == "2,5,7"
+    assert o["environment"]["NVIDIA_VISIBLE_DEVICES"] == "2,5,7"  # the same the engine adds
+
+
+def test_cdi_route_names_devices_and_leaves_visibility_to_the_spec():
+    o = opts(spec(gpus=["2", "5"]), route="cdi")
+    assert o["device_requests"] == [{"Driver": "cdi", "DeviceIDs": ["nvidia.com/gpu=2", "nvidia.com/gpu=5"]}]
+    assert "Count" not in o["device_requests"][0]  # the engine's CDI driver refuses a count
+    assert o["environment"]["CUDA_VISIBLE_DEVICES"] == "0,1"
+    assert o["environment"]["RATCHET_GPU_IDS"] == "2,5"
+    assert o["environment"]["NVIDIA_VISIBLE_DEVICES"] == "void"
+
+
+def test_gpus_without_a_route_are_refused():
+    with pytest.raises(GpuUnavailable, match="no GPU route"):
+        opts(spec(gpus=["0"]), route="none")
+    with pytest.raises(GpuUnavailable):
+        container_options(spec(gpus=["0"]), "vol-1", LABELS, {})  # the default is no route
 
 
 def test_single_gpu():
@@ -156,8 +177,28 @@ def test_workload_cannot_override_gpu_visibility():
         spec(gpus=["4"]), env={"CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7", "NVIDIA_VISIBLE_DEVICES": "all"}
     )
     assert o["environment"]["CUDA_VISIBLE_DEVICES"] == "0"
+    assert o["environment"]["NVIDIA_VISIBLE_DEVICES"] == "4"
     o = opts(spec(), env={"CUDA_VISIBLE_DEVICES": "0"})
     assert o["environment"]["CUDA_VISIBLE_DEVICES"] == ""
+
+
+@pytest.mark.parametrize("route", ["nvidia", "cdi"])
+def test_workload_env_cannot_steer_nvidia_hook(route):
+    """NVIDIA's hook runs as root on the host and reads these from the container's env."""
+    env = {
+        "NVIDIA_VISIBLE_DEVICES": "all",
+        "NVIDIA_DRIVER_CAPABILITIES": "all",
+        "NVIDIA_MIG_CONFIG_DEVICES": "all",
+        "NVIDIA_REQUIRE_CUDA": "cuda>=99",
+        "NVIDIA_TF32_OVERRIDE": "0",  # a cuBLAS knob, the workload's own
+        "B": "2",
+    }
+    for gpus in ([], ["1"]):
+        got = opts(spec(gpus=gpus), env=env, route=route)["environment"]
+        steering = {"NVIDIA_DRIVER_CAPABILITIES", "NVIDIA_MIG_CONFIG_DEVICES", "NVIDIA_REQUIRE_CUDA"}
+        assert not steering & set(got)
+        assert got["NVIDIA_VISIBLE_DEVICES"] != "all"
+        assert got["NVIDIA_TF32_OVERRIDE"] == "0" and got["B"] == "2"
 
 
 def test_device_ids_are_copied_not_shared():

@@ -1,4 +1,4 @@
-"""Unit tests of `service.patches`: every refusal, every supported diff shape, and a round trip
+"""Unit tests of `service.rules.patches`: every refusal, every supported diff shape, and a round trip
 against the real GNU `diff -u` and `git diff` output."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from service.patches import (
+from service.rules.patches import (
     CandidateError,
     apply_files,
     apply_patch,

@@ -4,7 +4,6 @@ restart) — all against the real engine and a real `ratchet serve`."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import docker
@@ -13,9 +12,8 @@ from conftest import SANDBOX_IMAGE, leftovers
 from test_api import TRAIN, make_loop, submit
 
 from sandbox import FileEntry, RunSpec, Sandbox
-from service.livelog import LiveLog
-from service.scheduler import Scheduler, _Running, _Slot, dispatch_order
-from service.settings import Settings
+from service.runs.executor import Node
+from service.runs.slots import Placement, Slots, dispatch_order
 
 
 def sleeper(seconds: float, value: float = 0.9) -> str:
@@ -175,27 +173,24 @@ def test_budget_counts_from_the_gate_not_the_prepare(one_slot, docker_client):
 # -- GPU binding of prepared runs (bookkeeping only: no engine, no database) ----------------------
 
 
-def test_prepared_runs_are_made_for_one_slots_gpus_and_never_share_them(tmp_path):
-    loop = asyncio.new_event_loop()
-    try:
-        sched = Scheduler(
-            Settings(data_dir=str(tmp_path), slots=2), None, None, Sandbox(instance="unused"), ["0", "1", "2"]
-        )  # type: ignore[arg-type]
-        held = sched.pool.allocate(2)
-        assert held == ["0", "1"]
-        sched._running["x"] = _Running(
-            exp_id="x", loop_name="l", slot=_Slot(index=0), gpus=held, handed_at=0.0, live=LiveLog(loop, 16)
-        )
-        promised: set[str] = set()
-        first = sched._bindable(2, promised)
-        assert first == ["0", "1"]  # the slot that will hand them over
-        promised |= set(first)
-        assert sched._bindable(2, promised) is None  # only one free id left, and 0/1 are promised
-        second = sched._bindable(1, promised)
-        assert second == ["2"]  # a free id nobody was promised
-        promised |= set(second)
-        assert sched._bindable(1, promised) is None
-        assert sched._bindable(0, promised) == []
-        assert sched.pool.free == 1  # binding takes nothing from the pool
-    finally:
-        loop.close()
+def test_prepared_runs_are_made_for_one_slots_gpus_and_never_share_them():
+    slots = Slots([Node(name="local", slots=2, gpus=("0", "1", "2"))])
+    held = slots.pools["local"].allocate(2)
+    assert held == ["0", "1"]
+    holding = [Placement("local", tuple(held))]  # experiment x runs on them
+    promised: set[tuple[str, str]] = set()
+
+    def bind(n: int) -> list[str] | None:
+        place = slots.bindable(n, promised, holding)
+        return None if place is None else list(place.gpus)
+
+    first = bind(2)
+    assert first == ["0", "1"]  # the slot that will hand them over
+    promised |= {("local", g) for g in first}
+    assert bind(2) is None  # only one free id left, and 0/1 are promised
+    second = bind(1)
+    assert second == ["2"]  # a free id nobody was promised
+    promised |= {("local", g) for g in second}
+    assert bind(1) is None
+    assert bind(0) == []
+    assert slots.pools["local"].free == 1  # binding takes nothing from the pool

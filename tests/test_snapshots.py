@@ -1,4 +1,4 @@
-"""Unit tests of `service.snapshots`: content addressing, deduplication, integrity and archives."""
+"""Unit tests of `service.state.snapshots`: content addressing, deduplication, integrity and archives."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from service.snapshots import Entry, Manifest, SnapshotStore, apply_delta, decode_manifest, make_delta
+from service.state.snapshots import Entry, Manifest, SnapshotStore, apply_delta, decode_manifest, make_delta
 
 TREE = {
     "train.py": b"print('train')\n",

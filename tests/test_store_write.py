@@ -8,10 +8,10 @@ import sqlite3
 
 import pytest
 
-from service import transitions
 from service.models import LoopConfig
-from service.snapshots import SnapshotStore
-from service.store import Store
+from service.state import enqueue
+from service.state.snapshots import SnapshotStore
+from service.state.store import Store
 
 
 async def test_concurrent_submissions_commit_together_and_a_refusal_rolls_back_alone(tmp_path):
@@ -20,26 +20,26 @@ async def test_concurrent_submissions_commit_together_and_a_refusal_rolls_back_a
     groups: list[int] = []
     commit_group = store._commit_group
 
-    def counting(fns):  # observes how many writes each commit carried
+    def counting(fns, *rest):  # observes how many writes each commit carried
         groups.append(len(fns))
-        return commit_group(fns)
+        return commit_group(fns, *rest)
 
-    store._commit_group = counting  # type: ignore[method-assign]
     try:
         snaps = SnapshotStore(tmp_path / "blobs")
         root = snaps.put_tree({"train.py": b"V = 1\n"})
-        open_loop, _ = await transitions.create_loop(store, LoopConfig(name="open"), root.id, root.encode())
+        open_loop, _ = await enqueue.create_loop(store, LoopConfig(name="open"), root.id, root.encode())
         full = LoopConfig(name="full", max_experiments=1)
-        full_loop, _ = await transitions.create_loop(store, full, root.id, root.encode())
+        full_loop, _ = await enqueue.create_loop(store, full, root.id, root.encode())
+        store._commit_group = counting  # type: ignore[method-assign]
         children = [snaps.put_tree({"train.py": f"V = {i}\n".encode()}) for i in range(40)]
 
         async def submit(loop_id: str, i: int) -> str:
             child = children[i]
-            return await transitions.submit(store, loop_id, f"c{i}", root.id, child.id, child.encode(), "")
+            return await enqueue.submit(store, loop_id, f"c{i}", root.id, child.id, child.encode(), "")
 
         calls = [submit(open_loop, i) for i in range(39)] + [submit(full_loop, 39)]
         results = await asyncio.gather(*calls, return_exceptions=True)
-        assert isinstance(results[-1], transitions.Conflict) and "max_experiments" in str(results[-1])
+        assert isinstance(results[-1], enqueue.Conflict) and "max_experiments" in str(results[-1])
         assert all(isinstance(r, str) for r in results[:-1])
         assert max(groups) > 1  # writes that arrived together were committed together
         assert sum(groups) == 40

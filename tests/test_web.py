@@ -18,10 +18,10 @@ import pytest
 from conftest import ROOT, Server, leftovers
 from test_api import HARNESS, TRAIN
 
-from service import web
+from service.http import pages
 from service.models import LoopConfig
-from service.store import Store
-from service.transitions import create_loop
+from service.state.enqueue import create_loop
+from service.state.store import Store
 
 CHROMIUM = os.environ.get("RATCHET_CHROMIUM", "/usr/bin/chromium")
 # No network beyond 127.0.0.1, no background services, a fresh profile (the user-data-dir is given
@@ -313,9 +313,9 @@ async def test_chart_of_a_huge_loop_is_bounded(tmp_path):
             )
         loop = await store.get_loop(lid)
         t0 = time.monotonic()
-        svg = await web.progress_chart(store, loop)
+        svg = await pages.progress_chart(store, loop)
         took = time.monotonic() - t0
-        latest = await store.latest_experiments(lid, web.LEDGER_ROWS)
+        latest = await store.latest_experiments(lid, pages.LEDGER_ROWS)
     finally:
         await store.close()
     root_el = ET.fromstring(svg)
@@ -323,10 +323,10 @@ async def test_chart_of_a_huge_loop_is_bounded(tmp_path):
     discards = loop.counts["discard"]
     drawn = classes.count("discard") + classes.count("clipped")
     assert classes.count("keep") == loop.counts["keep"] == 21
-    assert web.MAX_DISCARD_DOTS / 2 <= drawn <= web.MAX_DISCARD_DOTS
+    assert pages.MAX_DISCARD_DOTS / 2 <= drawn <= pages.MAX_DISCARD_DOTS
     assert f"{discards - drawn} of {discards} discards not drawn" in svg
     assert len(svg) < 2_000_000
     assert took < 20, f"chart of 100k experiments took {took:.1f} s"
     # the page's ledger shows the newest 200 and points to the rest
     assert [x.number for x in latest] == list(range(100_000, 99_800, -1))
-    assert "the latest 200 of 100000" in web._ledger(loop, latest, time.time())
+    assert "the latest 200 of 100000" in pages._ledger(loop, latest, time.time())

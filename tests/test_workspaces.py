@@ -1,4 +1,4 @@
-"""Unit tests of `service.workspaces.decode_workspace`: files or a base64 .tar.gz, every limit checked."""
+"""Unit tests of `service.rules.workspaces.decode_workspace`: files or base64 .tar.gz, every limit checked."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import tarfile
 import pytest
 
 from service.models import Workspace
-from service.patches import CandidateError
-from service.workspaces import WorkspaceError, decode_workspace
+from service.rules.patches import CandidateError
+from service.rules.workspaces import WorkspaceError, decode_workspace
 
 MAX_BYTES = 10_000
 MAX_FILES = 10

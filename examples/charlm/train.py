@@ -178,6 +178,8 @@ def train(params: Params, rng: np.random.Generator) -> tuple[int, float]:
                 f"step {steps:6d} | {elapsed:5.1f}s | train loss {smooth_loss / math.log(2):.4f} bits/byte",
                 flush=True,
             )
+    if OUTPUT_DIR and os.environ.get("CHARLM_SAVE_PARAMS"):  # charlm-eval: evaluate.py scores them
+        np.savez(os.path.join(OUTPUT_DIR, "params.npz"), **params)
     return steps, time.perf_counter() - start
 
 

@@ -1,0 +1,150 @@
+"""`/v1/experiments/{id}`: one experiment, its log (whole, newest, or followed live), its diff, and
+re-running or cancelling it."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from litestar import Controller, Response, get, post
+from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import Operation
+from litestar.params import Parameter
+from litestar.response import ServerSentEvent
+from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
+
+from ..models import ExperimentView, RerunCreate, Status
+from ..runs.logs import LIVE_LOG_BYTES
+from ..state import enqueue
+from .common import SUBMIT_TO_EXPERIMENTS_LOOP, ExpId, errors, experiment_or_404
+from .follow import follow_events, live_text
+from .services import Services
+
+__all__ = ["ExperimentController"]
+
+
+class _LogsOperation(Operation):
+    """The log answers as plain text, or with ?follow=true as an event stream: document both."""
+
+    def to_schema(self) -> dict[str, object]:
+        schema = super().to_schema()
+        # One event's shape as the stream's schema: what SSE-aware tools (schemathesis, among
+        # others) validate each event against under OpenAPI 3.1, which has no `itemSchema` (3.2).
+        event = {
+            "type": "object",
+            "description": "one server-sent event: `data` events carry output as it is printed;"
+            " `event: end` carries the final status and closes the stream",
+            "properties": {
+                "event": {"type": "string", "enum": ["message", "end"]},
+                "data": {"type": "string", "description": "output, or the final status for `end`"},
+            },
+            "required": ["data"],
+        }
+        schema["responses"]["200"]["content"]["text/event-stream"] = {
+            "schema": event,
+            "example": "data: step 1 loss 3.21\n\nevent: end\ndata: keep\n\n",
+        }
+        return schema
+
+
+class ExperimentController(Controller):
+    path = "/v1/experiments"
+    tags = ["experiments"]
+
+    @get(
+        "/{exp_id:str}",
+        operation_id="getExperiment",
+        summary="One experiment with metrics and a log tail (live while it runs)",
+        responses=errors(404),
+    )
+    async def show(self, exp_id: ExpId, services: Services) -> ExperimentView:
+        exp = await experiment_or_404(services, exp_id)
+        live = services.logs.live(exp_id) if exp.status is Status.running else None
+        if live is not None:
+            tail = live_text(live, services.settings.log_tail_bytes, mark_gap=False)
+            exp = msgspec.structs.replace(exp, log_tail=tail)
+        return exp
+
+    @get(  # no media_type here: it would override the event stream's
+        "/{exp_id:str}/logs",
+        operation_id="followLogs",
+        summary="The full (capped) log; while running, the newest output; ?follow=true streams it",
+        description=(
+            "With `follow=true`: server-sent events. `data` events carry the output as it is printed"
+            " (concatenate them); `event: end` carries the final status and closes the stream. A queued"
+            " experiment is waited for, a finished one sends its stored log and `end`."
+        ),
+        responses={
+            200: ResponseSpec(
+                data_container=str,
+                media_type="text/plain",
+                description="the log; with follow=true a text/event-stream instead",
+                generate_examples=False,
+            ),
+            **errors(404),
+        },
+        operation_class=_LogsOperation,
+    )
+    async def logs(
+        self,
+        exp_id: ExpId,
+        services: Services,
+        follow: Annotated[bool, Parameter(description="stream as server-sent events until it ends")] = False,
+    ) -> Response[bytes] | ServerSentEvent:
+        exp = await experiment_or_404(services, exp_id)
+        if follow:
+            return ServerSentEvent(follow_events(services.store, services.logs, exp_id))
+        live = services.logs.live(exp_id) if exp.status is Status.running else None
+        if live is not None:
+            data = live_text(live, LIVE_LOG_BYTES).encode()
+        else:
+            data = await services.logs.read(exp_id)
+        return Response(
+            data, media_type="text/plain; charset=utf-8", headers={"X-Ratchet-Status": exp.status.value}
+        )
+
+    @get(
+        "/{exp_id:str}/diff",
+        operation_id="getExperimentDiff",
+        media_type="text/x-diff",
+        summary="The candidate's diff against its parent",
+        responses=errors(404),
+    )
+    async def diff(self, exp_id: ExpId, services: Services) -> Response[str]:
+        await experiment_or_404(services, exp_id)
+        return Response(await services.store.get_diff(exp_id) or "", media_type="text/x-diff; charset=utf-8")
+
+    @post(
+        "/{exp_id:str}/rerun",
+        operation_id="rerunExperiment",
+        status_code=HTTP_202_ACCEPTED,
+        summary="Queue the identical snapshot again (optional seed, passed as RATCHET_SEED)",
+        responses=errors(404, 409, 413),
+        description=(
+            "The new experiment has the same parent, snapshot and diff, `rerun_of` set, and is judged"
+            " like any other: re-running the current best is a discard unless it beats itself."
+            " A re-run of a baseline is a baseline. 409 when the loop is stopped or full."
+        ),
+        opt=SUBMIT_TO_EXPERIMENTS_LOOP,
+    )
+    async def rerun(
+        self, exp_id: ExpId, services: Services, data: RerunCreate | None = None
+    ) -> ExperimentView:
+        await experiment_or_404(services, exp_id)
+        new_id = await enqueue.rerun(services.store, exp_id, data.seed if data else None)
+        services.scheduler.wake()
+        return await experiment_or_404(services, new_id)
+
+    @post(
+        "/{exp_id:str}/cancel",
+        operation_id="cancelExperiment",
+        status_code=HTTP_200_OK,
+        summary="Cancel a queued, running or confirming experiment",
+        responses=errors(404, 409),
+    )
+    async def cancel(self, exp_id: ExpId, services: Services) -> ExperimentView:
+        exp = await experiment_or_404(services, exp_id)
+        if exp.status not in (Status.queued, Status.running, Status.confirming):
+            raise enqueue.Conflict(f"experiment {exp_id} already finished with status {exp.status.value}")
+        await services.scheduler.cancel(exp_id)
+        return await experiment_or_404(services, exp_id)

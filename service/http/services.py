@@ -1,0 +1,27 @@
+"""What handlers depend on, opened and closed by the app's lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..runs.executor import Executor
+from ..runs.logs import RunLogs
+from ..runs.scheduler import Scheduler
+from ..settings import Settings
+from ..state.ledger_cache import LedgerCache
+from ..state.snapshots import SnapshotStore
+from ..state.store import Store
+
+
+@dataclass(slots=True)
+class Services:
+    settings: Settings
+    store: Store
+    snapshots: SnapshotStore
+    executor: Executor
+    scheduler: Scheduler
+    logs: RunLogs
+    ledger: LedgerCache = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ledger = LedgerCache(self.store)

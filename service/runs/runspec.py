@@ -1,0 +1,182 @@
+"""What a run is, as pure functions: the training `RunSpec` of an experiment, the trusted
+evaluation's `RunSpec` after it, and their `RunResult`s judged into the outcome the state machine
+decides on. No I/O, no clock: the scheduler does the waiting, this module the meaning."""
+
+from __future__ import annotations
+
+import msgspec
+
+from sandbox import WORKSPACE_DIR, FileEntry, Limits, Mount
+
+from ..models import ExperimentView, LoopConfig, LoopView
+from ..rules.decisions import Outcome
+from ..rules.evaluate import EVAL_SEPARATOR, TRAIN_OUTPUT, eval_tree, prefixed
+from ..rules.extract import Extracted, extract_metrics, implausible
+from ..rules.patches import is_editable
+from ..settings import Settings
+from ..state.transitions import Finished
+from .executor import RunResult, RunSpec
+
+__all__ = ["Judged", "combined_log", "eval_spec", "judge", "succeeded", "train_spec"]
+
+
+def train_spec(
+    exp: ExperimentView,
+    loop: LoopView,
+    tree: dict[str, bytes],
+    executable: set[str],
+    *,
+    gpus: list[str],
+    attempt: int,
+    instance: str,
+    settings: Settings,
+) -> RunSpec:
+    """The experiment's own run: its snapshot's files (the editable ones writable), the loop's
+    command, limits and image, the GPU ids it was given, and labels that name it."""
+    cfg: LoopConfig = loop.config
+    res = cfg.resources
+    files = [
+        FileEntry(path=p, data=d, writable=is_editable(p, cfg.editable), executable=p in executable)
+        for p, d in tree.items()
+    ]
+    env = {
+        **cfg.env,
+        "RATCHET_TIME_BUDGET_S": f"{cfg.time_budget_s:g}",
+        "RATCHET_EXPERIMENT_ID": exp.id,
+        "RATCHET_LOOP_ID": loop.id,
+    }
+    if exp.seed is not None:
+        env["RATCHET_SEED"] = str(exp.seed)
+    return RunSpec(
+        image=cfg.image or settings.default_image,
+        argv=list(cfg.command),
+        files=files,
+        env=env,
+        limits=Limits(
+            cpus=res.cpus,
+            memory_mb=res.memory_mb,
+            pids=res.pids,
+            disk_mb=res.disk_mb,
+            log_bytes=settings.log_bytes,
+        ),
+        gpus=gpus,
+        runtime=cfg.runtime or settings.runtime,
+        timeout_s=cfg.hard_timeout_s,
+        labels={
+            "ratchet.loop": loop.id,
+            "ratchet.experiment": exp.id,
+            "ratchet.instance": instance,
+            "ratchet.attempt": str(attempt),
+        },
+    )
+
+
+def eval_spec(train: RunSpec, cfg: LoopConfig, tree: dict[str, bytes], result: RunResult) -> RunSpec:
+    """The trusted evaluation: the non-editable files (read-only), the training output
+    (read-only, under train_output/), the evaluation's own mounts and hard timeout."""
+    ev = cfg.evaluate
+    assert ev is not None
+    files_tree, _ = eval_tree(tree, cfg.editable, result.output_files)
+    execs = {f.path for f in train.files if f.executable}
+    files = [FileEntry(path=p, data=d, writable=False, executable=p in execs) for p, d in files_tree.items()]
+    env = {**train.env, "RATCHET_TRAIN_OUTPUT_DIR": f"{WORKSPACE_DIR}/{TRAIN_OUTPUT}"}
+    return msgspec.structs.replace(
+        train,
+        argv=list(ev.command),
+        files=files,
+        env=env,
+        mounts=[Mount(source=m.source, target=m.target) for m in ev.mounts],
+        timeout_s=ev.timeout_s,
+        labels={**train.labels, "ratchet.phase": "evaluate"},
+    )
+
+
+def succeeded(result: RunResult) -> bool:
+    return result.exit_code == 0 and not (result.oom_killed or result.timed_out or result.cancelled)
+
+
+def combined_log(result: RunResult, evaluation: RunResult | None) -> str:
+    """The experiment's log: the training run's, then the evaluation's after a separator line."""
+    text = result.log
+    if evaluation is not None:
+        sep = "" if not text or text.endswith("\n") else "\n"
+        text = f"{text}{sep}{EVAL_SEPARATOR}\n{evaluation.log}"
+    return text
+
+
+class Judged(msgspec.Struct, kw_only=True, frozen=True):
+    outcome: Outcome  # what the deciding run did, with its metric: `decisions.decide`'s input
+    finished: Finished  # what the experiment records about itself, whatever the verdict
+    unparsable: bool  # the metric was reported, but not as a number
+
+
+def judge(
+    cfg: LoopConfig, result: RunResult, evaluation: RunResult | None, log: str, tail_bytes: int
+) -> Judged:
+    """The outcome of an experiment's runs. Without an evaluation phase the training run decides;
+    with one, a failed training run decides (never its metric), else the evaluation does. The hard
+    timeout in the outcome is the one the deciding run was held to."""
+    trained = extract_metrics(result.log, result.output_files.get("metrics.json"))
+    if cfg.evaluate is None:
+        judged, phase, source, metrics = result, None, trained, trained.metrics
+    elif evaluation is None:
+        judged, phase, metrics = result, None, prefixed(trained.metrics)
+        source = Extracted(problem="evaluation did not run")
+    else:
+        judged, phase = evaluation, "evaluation"
+        source = extract_metrics(evaluation.log, evaluation.output_files.get("metrics.json"))
+        metrics = {**source.metrics, **prefixed(trained.metrics)}
+    value, problem = _metric(cfg, source)
+    outcome = Outcome(
+        exit_code=judged.exit_code,
+        oom_killed=judged.oom_killed,
+        timed_out=judged.timed_out,
+        cancelled=judged.cancelled,
+        exit_reported=judged.exit_reported,
+        report_forged=judged.report_forged,
+        metric=value,
+        metric_problem=problem,
+        timeout_s=judged.timeout_s,
+        memory_mb=cfg.resources.memory_mb,
+        phase=phase,
+    )
+    finished = Finished(
+        metrics=metrics,
+        memory_gb=_memory_gb(trained.metrics, result),
+        workload_seconds=result.workload_seconds,
+        log_tail=_tail(log, tail_bytes),
+    )
+    name = cfg.metric.name
+    unparsable = name in source.non_numeric or name in source.metrics
+    return Judged(outcome=outcome, finished=finished, unparsable=unparsable)
+
+
+def _metric(cfg: LoopConfig, source: Extracted) -> tuple[float | None, str | None]:
+    """The loop's metric from what the deciding run reported, or why there is none to believe."""
+    spec = cfg.metric
+    value = source.metrics.get(spec.name)
+    problem = source.problem
+    if value is not None and (why := implausible(spec.name, value, spec.min_value, spec.max_value)):
+        value, problem = None, why
+    if value is None and problem is None:
+        bad = source.non_numeric.get(spec.name)
+        where = "metrics.json" if source.source == "metrics.json" else "summary block"
+        problem = (
+            f"{spec.name} in the {where} is {bad}, not a number"
+            if bad is not None
+            else f"metric {spec.name!r} missing from the {where}"
+        )
+    return value, problem
+
+
+def _tail(text: str, n: int) -> str:
+    data = text.encode("utf-8", errors="replace")[-n:] if n else b""
+    return data.decode("utf-8", errors="replace")
+
+
+def _memory_gb(metrics: dict[str, float], result: RunResult) -> float | None:
+    if "peak_vram_mb" in metrics:
+        return metrics["peak_vram_mb"] / 1024
+    if result.peak_memory_bytes is not None:
+        return result.peak_memory_bytes / 1024**3
+    return None
