@@ -44,7 +44,7 @@ from typing import Any
 
 import docker
 
-from sandbox import Limits, RunSpec, container_options
+from sandbox import Limits, RunSpec, Sandbox, container_options
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "gpt"
@@ -87,7 +87,9 @@ class Bench:
             gpus=gpus,
             limits=Limits(cpus=self.args.cpus, memory_mb=8192, pids=1024, tmp_mb=2048),
         )
-        opts = container_options(spec, "unused", {"ratchet.bench": self.label}, env)
+        # GPUs attach the way this engine supports (the nvidia driver or CDI), as in the sandbox
+        route = Sandbox(self.client, instance=self.label).gpu_probe(IMAGE).route if gpus else "none"
+        opts = container_options(spec, "unused", {"ratchet.bench": self.label}, env, route)
         opts.pop("entrypoint")  # no gate: the workload starts with the container
         opts.update(
             command=["sh", "-c", command], stdin_open=False, volumes=binds, working_dir="/sandbox/workspace"
