@@ -10,11 +10,13 @@ the engine is and how it attaches GPUs (an `EngineProbe`).
 """
 
 from .gpus import EngineProbe, GpuRoute, GpuUnavailable
-from .options import OUTPUT_DIR, WORKSPACE_DIR, container_options
+from .options import CACHE_DIR, HOME_DIR, OUTPUT_DIR, WORKSPACE_DIR, container_options
 from .runner import LABEL_RUN, LABEL_SANDBOX, PreparedRun, Sandbox, SandboxError
 from .spec import RUNSC_MIN_PIDS, FileEntry, Limits, Mount, RunResult, RunSpec, SpecError, Timings
 
 __all__ = [
+    "CACHE_DIR",
+    "HOME_DIR",
     "LABEL_RUN",
     "LABEL_SANDBOX",
     "OUTPUT_DIR",

@@ -27,12 +27,21 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from .archive import read_output_tar, workspace_tar
+from .archive import cache_seed_tar, read_cache_tar, read_output_tar, workspace_tar
 from .gpus import EngineProbe, GpuRoute, GpuUnavailable, gpu_refusal
 from .logcap import CappedLog
-from .options import MOUNT_POINT, OUTPUT_DIR, container_options, volume_options
+from .options import (
+    CACHE_DIR,
+    HOME_DIR,
+    MOUNT_POINT,
+    OUTPUT_DIR,
+    cache_volume_options,
+    container_options,
+    run_ids,
+    volume_options,
+)
 from .probe import probe_engine
-from .spec import RunResult, RunSpec, Timings
+from .spec import RunResult, RunSpec, SpecError, Timings
 from .stream import ExitHook, FrameReader, OutputTap, Reports, strip_marker
 
 __all__ = ["LABEL_RUN", "LABEL_SANDBOX", "PreparedRun", "Sandbox", "SandboxError"]
@@ -107,6 +116,7 @@ class Sandbox:
             return True
         except SandboxError as exc:
             return False if exc.reason == "image_missing" else None
+
     def probe(self, image: str | None = None) -> EngineProbe:
         """Asks the engine afresh about itself and its GPU route; with `image`, the `nvidia` device
         driver is tried with a short container of that image (see `sandbox.probe`)."""
@@ -205,6 +215,7 @@ class PreparedRun:
         self.gpu_route = gpu_route
         self.run_id = uuid.uuid4().hex[:16]
         self.volume = f"ratchet-run-{self.run_id}"
+        self.cache_volume = f"ratchet-cache-{self.run_id}" if spec.limits.cache_mb else None
         self.container_id: str | None = None
         self.timings = Timings()
         self._sock: Any = None
@@ -226,10 +237,15 @@ class PreparedRun:
 
     def _prepare(self) -> None:
         api = self.sandbox.client.api
-        env = {**self.spec.env, "RATCHET_OUTPUT_DIR": OUTPUT_DIR, "HOME": "/tmp"}
+        env = {**self.spec.env, "RATCHET_OUTPUT_DIR": OUTPUT_DIR, "HOME": HOME_DIR}
+        self._check_volumes()
         with _engine("create volume"):
             self.sandbox.client.volumes.create(**volume_options(self.spec, self.volume, self.labels))
-        opts = container_options(self.spec, self.volume, self.labels, env, self.gpu_route)
+            if self.cache_volume is not None:
+                env["RATCHET_CACHE_DIR"] = CACHE_DIR
+                opts = cache_volume_options(self.spec, self.cache_volume, self.labels)
+                self.sandbox.client.volumes.create(**opts)
+        opts = container_options(self.spec, self.volume, self.labels, env, self.gpu_route, self.cache_volume)
         with _engine("create container"):
             self.container_id = self.sandbox.client.containers.create(**opts).id
         self.timings.created = time.time()
@@ -245,7 +261,25 @@ class PreparedRun:
         with _engine("copy workspace"):
             if not api.put_archive(self.container_id, MOUNT_POINT, workspace_tar(self.spec.files)):
                 raise SandboxError("copy workspace: engine did not accept the archive")
+        if self.spec.cache:
+            uid = (run_ids(self.spec) or (0, 0))[0]
+            with _engine("copy cache"):
+                if not api.put_archive(self.container_id, CACHE_DIR, cache_seed_tar(self.spec.cache, uid)):
+                    raise SandboxError("copy cache: engine did not accept the archive")
         self.timings.ready = time.time()
+
+    def _check_volumes(self) -> None:
+        """A volume mount names an existing volume: the engine would make an empty one instead."""
+        for m in self.spec.mounts:
+            if m.is_bind:
+                continue
+            try:
+                with _engine("inspect volume"):
+                    self.sandbox.client.volumes.get(m.source)
+            except SandboxError as exc:
+                if isinstance(exc.__cause__, docker.errors.NotFound):
+                    raise SpecError(f"volume {m.source!r} (to mount at {m.target}) does not exist") from None
+                raise
 
     # -- execute -------------------------------------------------------------------------------
 
@@ -402,6 +436,11 @@ class PreparedRun:
                 read_limit = (self.spec.limits.disk_mb + 1) * 1024 * 1024
                 files, skipped = read_output_tar(iter(chunks), self.spec.limits.output_bytes, read_limit)
             result.output_files, result.output_skipped = files, skipped
+        if self.spec.collect_cache:
+            with _engine("collect cache"):
+                chunks, _ = api.get_archive(cid, CACHE_DIR)
+                cap = self.spec.limits.cache_mb * 1024 * 1024
+                result.cache, result.cache_skipped = read_cache_tar(iter(chunks), cap, 2 * cap + 1024 * 1024)
         with contextlib.suppress(OSError):
             assert self._raw is not None
             self._raw.sendall(b"collected\n")
@@ -452,8 +491,9 @@ class PreparedRun:
                 _remove(lambda: client.api.remove_container(container_id, force=True, v=True))
             except Exception as exc:
                 log.warning("run %s: could not remove container %s: %s", self.run_id, container_id, exc)
-        try:
-            _remove(lambda: client.api.remove_volume(self.volume, force=True))
-        except Exception as exc:
-            log.warning("run %s: could not remove volume %s: %s", self.run_id, self.volume, exc)
+        for volume in filter(None, (self.volume, self.cache_volume)):
+            try:
+                _remove(lambda volume=volume: client.api.remove_volume(volume, force=True))
+            except Exception as exc:
+                log.warning("run %s: could not remove volume %s: %s", self.run_id, volume, exc)
         self.timings.released = time.time()
