@@ -11,7 +11,7 @@ import click
 
 from client.cli import cli, main
 
-from .settings import Settings, SettingsError, load_settings
+from .settings import Settings, SettingsError, load_settings, parse_datasets
 
 __all__ = ["cli", "main"]
 
@@ -33,6 +33,14 @@ _DEFAULTS = Settings()
     help="bearer tokens or none (default: none on a loopback address, else tokens; env RATCHET_AUTH)",
 )
 @click.option("--admin-token", help="bootstrap admin token, 16+ characters (env RATCHET_ADMIN_TOKEN)")
+@click.option(
+    "--dataset",
+    "datasets",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="read-only data loops may name; repeat for more; NAME=volume:VOLUME for a named volume"
+    " (env RATCHET_DATASETS=NAME=PATH,...)",
+)
 def serve(**flags: Any) -> None:
     """Run the HTTP service (SQLite + the local container engine)."""
     if flags.get("gpus") is not None:
@@ -40,6 +48,7 @@ def serve(**flags: Any) -> None:
     from .http.auth import auth_mode
 
     try:
+        flags["datasets"] = parse_datasets(flags["datasets"]) if flags.get("datasets") else None
         settings = load_settings(flags)
         auth_mode(settings)
     except SettingsError as exc:
@@ -52,6 +61,8 @@ def serve(**flags: Any) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for name, source in sorted(settings.datasets.items()):
+        logging.getLogger("ratchet").info("dataset %s: %s (read-only)", name, source)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
@@ -29,6 +30,7 @@ from .. import metrics as m
 from ..models import LoopView, Status
 from ..settings import Settings
 from ..state import enqueue, transitions
+from ..state.caches import CacheStore
 from ..state.snapshots import SnapshotStore
 from ..state.store import Store
 from .attempt import Attempt, Prepared, prepare
@@ -70,6 +72,9 @@ class Scheduler:
         self.snapshots = snapshots
         self.executor = executor
         self.logs = logs
+        self.caches = CacheStore(
+            store, Path(settings.data_dir) / "caches", settings.cache_max_mb * 1024 * 1024
+        )
         self.slots = Slots([])  # the executor's inventory, from `start`
         self.lookahead = 0
         self.engine = EngineWatch(executor)

@@ -13,6 +13,7 @@ from sandbox import RUNSC_MIN_PIDS
 
 from .. import faults
 from ..models import CandidateCreate, LoopConfig, LoopCreate, LoopView
+from ..rules.datasets import check_datasets, check_evaluate_datasets
 from ..rules.evaluate import check_evaluate
 from ..rules.patches import CandidateError, apply_files, apply_patch
 from ..rules.workspaces import decode_workspace
@@ -66,6 +67,9 @@ async def create_loop(
     for key in config.env:
         if key.startswith("RATCHET_"):
             raise CandidateError(f"env {key!r}: RATCHET_* variables are set by the service; rename it")
+    check_datasets("datasets", config.datasets, settings.datasets)
+    if config.evaluate is not None:
+        check_evaluate_datasets(config.evaluate, settings.datasets)
     if await store.active_loop_named(config.name):
         raise enqueue.Conflict(f"a loop named {config.name!r} is active; stop it or pick another name")
     tree, execs = decode_workspace(body.workspace, settings.max_workspace_bytes, settings.max_workspace_files)
