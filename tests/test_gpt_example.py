@@ -76,8 +76,13 @@ def dataset(torch_image: str, docker_client: docker.DockerClient) -> dict:
         yield {"dir": out / "gpt-data", "first": first, "again": again}
         # files written by uid 1000: remove them as that user, then the directory is ours again
         docker_client.containers.run(
-            TORCH_IMAGE, ["rm", "-rf", "/out/gpt-data"], user="1000:1000", network_mode="none",
-            volumes={str(out): {"bind": "/out", "mode": "rw"}}, labels={"ratchet.test": label}, remove=True,
+            TORCH_IMAGE,
+            ["rm", "-rf", "/out/gpt-data"],
+            user="1000:1000",
+            network_mode="none",
+            volumes={str(out): {"bind": "/out", "mode": "rw"}},
+            labels={"ratchet.test": label},
+            remove=True,
         )
     assert leftovers(docker_client, f"ratchet.test={label}") == []
 
@@ -103,7 +108,10 @@ def _patched(name: str | None) -> str:
         (Path(tmp) / "train.py").write_text(source)
         out = subprocess.run(
             ["patch", "-p1", "--fuzz=0", "-i", str(EXAMPLE / "candidates" / f"{name}.patch")],
-            cwd=tmp, check=True, capture_output=True, text=True,
+            cwd=tmp,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         # exactly where it says: a service applying it strictly must agree
         assert "offset" not in out and "fuzz" not in out, out
@@ -171,3 +179,55 @@ def test_an_obviously_better_edit_wins_and_a_worse_one_loses(runs: dict[str, Run
     steps = {name: summary(r.log)["num_steps"] for name, r in runs.items()}
     assert bpb["better_lr"] < bpb["baseline"] - 0.2, (bpb, steps)
     assert bpb["worse_lr"] > bpb["baseline"] + 0.2, (bpb, steps)
+
+
+LOOP_BUDGET_S = 20
+
+
+@pytest.mark.timeout(900)
+def test_the_example_loop_through_the_service(dataset: dict, server_factory) -> None:
+    """What CI runs: examples/gpt as a loop of a real service on a CPU, its dataset declared by the
+    operator and named by the loop, the baseline and both candidates judged by the service.
+    One slot, so the three runs do not share the CPU (the candidates are prepared behind it)."""
+    from client import loop_body_from_dir
+
+    srv = server_factory(slots=1, env={"RATCHET_DATASETS": f"gpt-data={dataset['dir']}"})
+    body = loop_body_from_dir(
+        EXAMPLE,
+        time_budget_s=LOOP_BUDGET_S,
+        timeout_s=LOOP_BUDGET_S + 120,
+        resources={"gpus": 0, "cpus": 1, "memory_mb": 2048, "pids": 256},
+    )
+    assert sorted(body["workspace"]["files"]) == ["prepare.py", "program.md", "train.py"]
+    assert body["datasets"] == [{"name": "gpt-data", "target": DATA_TARGET}]
+    r = srv.client.post("/v1/loops", json=body)
+    assert r.status_code == 201, r.text
+    loop_id = r.json()["id"]
+    ids = {}
+    for name in ("better_lr", "worse_lr"):  # queued at once: they wait for the baseline
+        cand = EXAMPLE / "candidates"
+        r = srv.client.post(
+            f"/v1/loops/{loop_id}/experiments",
+            json={
+                "description": (cand / f"{name}.txt").read_text().strip(),
+                "patch": (cand / f"{name}.patch").read_text(),
+            },
+        )
+        assert r.status_code == 202, r.text
+        ids[name] = r.json()["id"]
+    srv.wait_idle(loop_id, timeout=800)
+    exps = {e["description"]: e for e in srv.client.get(f"/v1/loops/{loop_id}/experiments").json()["items"]}
+    base = next(e for e in exps.values() if e["kind"] == "baseline")
+    better = srv.client.get(f"/v1/experiments/{ids['better_lr']}").json()
+    worse = srv.client.get(f"/v1/experiments/{ids['worse_lr']}").json()
+    verdicts = {n: (e["status"], e["metric"], e["metrics"].get("num_steps")) for n, e in
+                (("baseline", base), ("better_lr", better), ("worse_lr", worse))}  # fmt: skip
+    assert base["status"] == "keep", (verdicts, base["log_tail"])
+    assert better["status"] == "keep" and better["metric"] < base["metric"] - 0.2, verdicts
+    assert worse["status"] == "discard" and worse["metric"] > base["metric"] + 0.2, verdicts
+    assert base["metrics"]["training_seconds"] >= LOOP_BUDGET_S and base["metrics"]["num_steps"] > 2
+    loop = srv.client.get(f"/v1/loops/{loop_id}").json()
+    assert loop["best_experiment"] == better["id"]
+    ledger = srv.client.get(f"/v1/loops/{loop_id}/results.tsv").text.splitlines()
+    assert [line.split("\t")[3] for line in ledger[1:]] == ["keep", "keep", "discard"]
+    print(f"\nexamples/gpt through the service (budget {LOOP_BUDGET_S} s, 1 CPU): {verdicts}")
