@@ -74,6 +74,37 @@ def serve(**flags: Any) -> None:
 
 
 @cli.command()
+@click.option("--image", "image", metavar="IMG", help="also check that IMG runs as a sandbox")
+@click.option(
+    "--dataset", "datasets", multiple=True, metavar="NAME=PATH", help="as for serve (env RATCHET_DATASETS)"
+)
+@click.option("--gpus", help="as for serve (default: detect with nvidia-smi)")
+@click.option("--runtime", type=click.Choice(["runc", "runsc"]), help="as for serve")
+def doctor(image: str | None, **flags: Any) -> None:
+    """Check the engine, runtimes, GPUs, images and datasets: what experiments need here.
+
+    Reads the same settings as `ratchet serve` (flags and RATCHET_* variables); exits 1 when
+    something is wrong, saying what to fix."""
+    if flags.get("gpus") is not None:
+        flags["gpus"] = [g.strip() for g in flags["gpus"].split(",") if g.strip()]
+    try:
+        flags["datasets"] = parse_datasets(flags["datasets"]) if flags.get("datasets") else None
+        settings = load_settings(flags)
+    except SettingsError as exc:
+        click.echo(f"ratchet: {exc}", err=True)
+        sys.exit(2)
+    from .doctor import run_doctor
+
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    click.echo(
+        f"ratchet doctor: can this machine run experiments? (default image {settings.default_image})\n"
+    )
+    report, code = run_doctor(settings, image)
+    click.echo(report)
+    sys.exit(code)
+
+
+@cli.command()
 def version() -> None:
     """Print the version."""
     from .http.app import VERSION

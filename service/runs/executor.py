@@ -17,7 +17,8 @@ previous process of this instance left behind (every run carries the instance la
     prepare(spec, node) -> Handle ──start(on_output, on_exit)──> RunResult ──cleanup()
                               └──cancel() (any time) ──────────────────────────┘
 
-`ping` and `has_image` answer readiness and the image check of a new loop. Errors follow the
+`ping` and `has_image` answer readiness and the image check of a new loop; `node_reports` what
+`ratchet doctor` shows of each node. Errors follow the
 sandbox: `SpecError` for a spec that cannot run, `SandboxError` when the backend fails (its
 `reason` from a fixed set; `unreachable` is retried); whatever the workload does is data in the
 `RunResult`. `LocalExecutor` (`local.py`) is the local Docker engine through `sandbox`.
@@ -36,6 +37,7 @@ __all__ = [
     "Executor",
     "Handle",
     "Node",
+    "NodeReport",
     "RunResult",
     "RunSpec",
     "SandboxError",
@@ -51,6 +53,24 @@ class Node(msgspec.Struct, kw_only=True, frozen=True):
     name: str
     slots: int
     gpus: tuple[str, ...] = ()
+
+
+class NodeReport(msgspec.Struct, kw_only=True):
+    """What one node has for runs, as `ratchet doctor` shows it."""
+
+    name: str
+    engine: str = ""  # the container engine and its version; "" when it did not answer
+    problem: str = ""  # why the node could not be asked (then little else is filled in)
+    runtimes: dict[str, list[str]] = {}  # registered container runtimes and their arguments
+    default_runtime: str = ""
+    gpu_route: str = "none"  # how containers get GPUs there: nvidia, cdi or none
+    gpu_route_reason: str = ""  # why that route; for none, what to install
+    gpus: list[str] = []  # GPU ids runs are given
+    gpu_uuids: dict[str, str] = {}  # id -> UUID, where the node can tell
+    slots: int = 0
+    missing_images: list[str] = []  # of those asked about
+    datasets: dict[str, str] = {}  # name -> what a run saw there (readable ones)
+    missing_datasets: dict[str, str] = {}  # name -> why a run cannot read it
 
 
 class Handle(Protocol):
@@ -98,6 +118,11 @@ class Executor(Protocol):
 
     async def has_image(self, image: str) -> bool | None:
         """Whether `image` is there to run; None when the backend cannot tell now."""
+        ...
+
+    async def node_reports(self, images: list[str], datasets: dict[str, str]) -> list[NodeReport]:
+        """Each node's engine, runtimes, GPU route, GPUs and slots, which of `images` it lacks, and
+        whether a run there can read each of `datasets` (name -> source, as declared)."""
         ...
 
     async def close(self) -> None:

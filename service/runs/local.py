@@ -11,12 +11,15 @@ import logging
 from collections.abc import Callable
 from functools import partial
 
-from sandbox import LABEL_SANDBOX, PreparedRun, Sandbox, SandboxError
+import msgspec
+
+from sandbox import LABEL_SANDBOX, PreparedRun, Sandbox, SandboxError, SpecError
 from sandbox.gpus import gpu_refusal
 
 from ..settings import Settings
-from .executor import Node, RunResult, RunSpec, Timings
-from .gpus import detect_gpus
+from .checks import dataset_spec, dataset_state
+from .executor import Node, NodeReport, RunResult, RunSpec, Timings
+from .gpus import detect_gpus, gpu_uuids
 
 __all__ = ["NODE", "LocalExecutor", "LocalHandle", "local_node"]
 
@@ -100,6 +103,39 @@ class LocalExecutor:
 
     async def has_image(self, image: str) -> bool | None:
         return await asyncio.to_thread(self.sandbox.has_image, image)
+
+    async def node_reports(self, images: list[str], datasets: dict[str, str]) -> list[NodeReport]:
+        return [await asyncio.to_thread(self._report, images, datasets)]
+
+    def _report(self, images: list[str], datasets: dict[str, str]) -> NodeReport:
+        """This machine: the engine as the GPU probe sees it (with a container of the default image
+        when there is one), the images it lacks, and a run reading each dataset."""
+        node = self.node
+        report = NodeReport(name=node.name, gpus=list(node.gpus), slots=node.slots)
+        image = self._settings.default_image
+        try:
+            usable = self.sandbox.has_image(image)
+            probe = self.sandbox.probe(image if usable else None)
+        except SandboxError as exc:
+            report.problem = str(exc)
+            return report
+        report.engine = f"Docker {probe.engine_version} (API {probe.api_version})"
+        report.runtimes, report.default_runtime = probe.runtimes, probe.default_runtime
+        report.gpu_route, report.gpu_route_reason = probe.route, probe.reason
+        report.gpu_uuids = {g: u for g, u in gpu_uuids().items() if g in node.gpus}
+        report.missing_images = [i for i in images if self.sandbox.has_image(i) is False]
+        for name, source in sorted(datasets.items()):
+            if not usable:
+                report.missing_datasets[name] = f"not checked: the default image {image} is missing"
+                continue
+            spec = dataset_spec(image, source.removeprefix("volume:"))
+            spec = msgspec.structs.replace(spec, labels={**spec.labels, "ratchet.instance": self.instance})
+            try:
+                readable, seen = dataset_state(self.sandbox.run(spec))
+            except (SpecError, SandboxError) as exc:
+                readable, seen = False, str(exc)
+            (report.datasets if readable else report.missing_datasets)[name] = seen
+        return report
 
     async def close(self) -> None:
         """Waits (a bounded time) for prepares and removals still under way: a prepare cancelled
