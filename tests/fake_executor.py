@@ -10,7 +10,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from service.runs.executor import Node, RunResult, RunSpec, SandboxError, Timings
+from service.runs.executor import Node, NodeReport, RunResult, RunSpec, SandboxError, Timings
 
 Handler = Callable[["FakeHandle"], Awaitable[RunResult]]
 
@@ -86,6 +86,22 @@ class FakeExecutor:
 
     async def has_image(self, image: str) -> bool | None:
         return True
+
+    async def node_reports(self, images: list[str], datasets: dict[str, str]) -> list[NodeReport]:
+        """Every node has everything; GPUs attach by the nvidia driver, `GPU-fake-<id>` each."""
+        return [
+            NodeReport(
+                name=n.name,
+                engine="fake",
+                runtimes={"runc": []},
+                gpu_route="nvidia" if n.gpus else "none",
+                gpus=list(n.gpus),
+                gpu_uuids={g: f"GPU-fake-{g}" for g in n.gpus},
+                slots=n.slots,
+                datasets=dict.fromkeys(datasets, "readable"),
+            )
+            for n in self.nodes
+        ]
 
     async def close(self) -> None:
         pass

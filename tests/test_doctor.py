@@ -4,6 +4,7 @@ must run `nvidia-smi -L` in a sandbox pinned to each slot and see exactly that s
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import subprocess
@@ -14,7 +15,43 @@ from pathlib import Path
 import docker
 import pytest
 from conftest import ROOT, SANDBOX_IMAGE, leftovers
+from fake_executor import FakeExecutor, FakeHandle
 from fake_gpu_engine import FakeGpuEngine
+
+from service.doctor import diagnose, render
+from service.runs.executor import Node, RunResult
+from service.settings import Settings
+
+
+def smi(seen: dict[str, str]):
+    """A fake run of `nvidia-smi -L` that sees host GPU `seen.get(id, id)` for each id it asked for."""
+
+    async def handler(handle: FakeHandle) -> RunResult:
+        ids = [seen.get(g, g) for g in handle.spec.gpus]
+        log = "".join(f"GPU {i}: Fake GPU (UUID: GPU-fake-{g})\n" for i, g in enumerate(ids))
+        return RunResult(exit_code=0, exit_reported=True, log=log)
+
+    return handler
+
+
+def test_a_slot_that_sees_the_wrong_gpus_is_a_problem():
+    """Engine-free: the executor's runs are judged by what they print (the engine tests below
+    show the right GPUs arriving; this shows a wrong one would be caught)."""
+    nodes = [Node(name="n1", slots=2, gpus=("0", "1", "2", "3"))]
+    settings = Settings(gpus_per_slot=2)
+    good = render(asyncio.run(diagnose(settings, FakeExecutor(smi({}), nodes))))
+    assert (
+        "slot 1 (GPUs 2,3) saw: GPU 0: Fake GPU (UUID: GPU-fake-2) | GPU 1: Fake GPU (UUID: GPU-fake-3)"
+        in good
+    )
+    assert good.endswith("all checks passed"), good
+    bad = render(asyncio.run(diagnose(settings, FakeExecutor(smi({"3": "0"}), nodes))))
+    assert (
+        "slot 1 (GPUs 2,3) saw: GPU 0: Fake GPU (UUID: GPU-fake-2) | GPU 1: Fake GPU (UUID: GPU-fake-0);"
+        in bad
+    )
+    assert "expected GPU-fake-2, GPU-fake-3" in bad and bad.endswith("1 problem(s): GPUs"), bad
+
 
 pytestmark = pytest.mark.docker
 
