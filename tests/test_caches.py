@@ -142,3 +142,24 @@ def test_filling_needs_caches_on(server_factory):
     srv.wait_idle(loop["id"])
     base = srv.client.get(f"/v1/loops/{loop['id']}/experiments").json()["items"][0]
     assert srv.client.get(f"/v1/experiments/{base['id']}/logs").text.startswith("None")
+
+
+def test_the_command_line_shows_fills_and_clears_a_cache(server_factory, tmp_path):
+    from test_cli import ratchet
+
+    srv = server_factory(slots=1, env={"RATCHET_DATASETS": f"corpus={tmp_path}"})
+    loop = make_loop(srv)
+    srv.wait_idle(loop["id"])
+    shown = ratchet(srv, "loop", "show", "cached")
+    assert shown.exit_code == 0 and "cache" in shown.output and "filled by" in shown.output, shown.output
+    cleared = ratchet(srv, "cache", "clear", "cached")
+    assert cleared.exit_code == 0 and "none yet" in cleared.output, cleared.output
+    filled = ratchet(srv, "cache", "fill", "cached", "--wait")
+    assert filled.exit_code == 0, filled.output
+    assert (
+        "queued to fill the cache" in filled.output and "discard; cache 0.0 MB in 2 files" in filled.output
+    )  # a re-run never beats itself
+    listed = ratchet(srv, "datasets")
+    assert (
+        listed.exit_code == 0 and listed.output.split() == ["corpus"] and str(tmp_path) not in listed.output
+    )
