@@ -7,6 +7,7 @@ machine's engine is touched. The sandbox image is copied in with `docker save | 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -63,20 +64,28 @@ class FakeGpuEngine:
             stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
+        try:
+            self._wait(timeout)
+            save = subprocess.Popen(["docker", "save", self.image], stdout=subprocess.PIPE)
+            load = ["docker", "-H", self.host, "load", "-q"]
+            subprocess.run(load, stdin=save.stdout, check=True, timeout=300)
+            save.wait(timeout=60)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait(self, timeout: float) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while True:
             try:
                 self.client().ping()
-                break
+                return
             except Exception:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
                     raise RuntimeError(f"fake-GPU engine did not start: {self.log()[-2000:]}") from None
                 time.sleep(0.5)
-        save = subprocess.Popen(["docker", "save", self.image], stdout=subprocess.PIPE)
-        subprocess.run(["docker", "-H", self.host, "load", "-q"], stdin=save.stdout, check=True, timeout=300)
-        save.wait(timeout=60)
-        return self
 
     def client(self) -> docker.DockerClient:
         return docker.DockerClient(base_url=self.host, timeout=120)
@@ -87,9 +96,9 @@ class FakeGpuEngine:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            with_containers = self.client().containers.list(all=True)
-            for c in with_containers:
-                c.remove(force=True)
+            with contextlib.suppress(Exception):  # only this engine's own containers
+                for c in self.client().containers.list(all=True):
+                    c.remove(force=True)
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout=60)
