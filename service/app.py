@@ -111,6 +111,29 @@ def _log_auth(settings: Settings, mode: str) -> None:
         log.info("auth: none (loopback %s only); RATCHET_AUTH=tokens turns tokens on", settings.host)
 
 
+async def _ray_scheduler(
+    settings: Settings, store: Store, snapshots: SnapshotStore, engine: Sandbox, instance: str
+) -> tuple[Scheduler, list[str]]:
+    """The scheduler on a Ray cluster: its slots and GPU ids (`<node>:<device>`) are the cluster's
+    at start-up; a node that leaves fails its runs into the engine-retry path."""
+    from .cluster.executor import RayExecutor
+
+    assert settings.ray_address is not None
+    executor = RayExecutor(
+        settings.ray_address,
+        instance,
+        gpus_per_slot=settings.gpus_per_slot,
+        cpu_slots=settings.ray_cpu_slots,
+        auth_token_path=settings.ray_token_file,
+    )
+    await executor.connect()  # every node of the cluster now
+    slots = settings.slots or max(1, len(executor.slots))
+    gpus = executor.gpu_ids()
+    log.info("Ray cluster at %s: %d slot(s) on %s", settings.ray_address, slots, repr(executor))
+    scheduler = Scheduler(settings.with_overrides(slots=slots), store, snapshots, engine, gpus, executor)
+    return scheduler, gpus
+
+
 def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
     data_dir = Path(settings.data_dir)
     metrics.BUILD.info({"version": VERSION, "python": platform.python_version()})
@@ -131,8 +154,11 @@ def create_app(settings: Settings, sandbox: Sandbox | None = None) -> Litestar:
                 log.error("refusing to start: %s", exc)
                 raise
             engine = sandbox or Sandbox(instance=instance)
-            gpus = settings.gpus if settings.gpus is not None else detect_gpus()
-            scheduler = Scheduler(settings, store, snapshots, engine, gpus)
+            if settings.executor == "ray":
+                scheduler, gpus = await _ray_scheduler(settings, store, snapshots, engine, instance)
+            else:
+                gpus = settings.gpus if settings.gpus is not None else detect_gpus()
+                scheduler = Scheduler(settings, store, snapshots, engine, gpus)
             holder["services"] = Services(settings, store, snapshots, engine, scheduler, gpus)
             await scheduler.start()
             stack.push_async_callback(scheduler.stop)

@@ -118,12 +118,18 @@ class RayExecutor:
 
     # -- connection and inventory ------------------------------------------------------------------
 
-    async def connect(self, nodes: int = 1, timeout: float = 120.0) -> None:
-        """Join the cluster and wait until `nodes` nodes have agents (0: do not wait)."""
+    async def connect(self, nodes: int | None = None, timeout: float = 120.0) -> None:
+        """Join the cluster. `nodes`: wait until that many nodes have agents; None: until every
+        node in the cluster now has one, or failed to get one (at least one must succeed)."""
         await asyncio.to_thread(self._init_ray)
         self.connected = True
-        self._watcher = asyncio.create_task(self._watch(), name="ratchet-ray-nodes")
         deadline = time.monotonic() + timeout
+        if nodes is None:
+            await self._refresh()
+            if self._starting:
+                await asyncio.wait(list(self._starting.values()), timeout=timeout)
+            nodes = 1
+        self._watcher = asyncio.create_task(self._watch(), name="ratchet-ray-nodes")
         while len(self._ready()) < nodes:
             left = deadline - time.monotonic()
             if left <= 0:

@@ -241,7 +241,7 @@ class LocalCluster:
             "import json, ray; from service.cluster.loopback import pin; pin(); "
             f"ray.init(address={self.address!r}, _node_ip_address={LOOPBACK!r}, logging_level='error',"
             " log_to_driver=False, configure_logging=False); "
-            "print(json.dumps([{k: n[k] for k in ('NodeID', 'Alive', 'NodeManagerAddress',"
+            "print('nodes:', json.dumps([{k: n[k] for k in ('NodeID', 'Alive', 'NodeManagerAddress',"
             " 'Resources', 'Labels')} for n in ray.nodes()]))"
         )
         out = subprocess.run(
@@ -249,7 +249,11 @@ class LocalCluster:
         )
         if out.returncode != 0:
             raise ClusterError(f"cannot read the nodes of {self.address}: {out.stderr[-2000:]}")
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        # Ray may print its own lines around ours
+        line = next((x for x in out.stdout.splitlines() if x.startswith("nodes: ")), None)
+        if line is None:
+            raise ClusterError(f"no node list from {self.address}: {out.stdout[-2000:]}")
+        return json.loads(line.removeprefix("nodes: "))
 
     def _wait_nodes(self, names: set[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout
