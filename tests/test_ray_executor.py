@@ -28,7 +28,7 @@ from sandbox import RunResult, RunSpec, SandboxError, SpecError
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
 
 from service.cluster.executor import RayExecutor, RayHandle  # noqa: E402
-from service.cluster.local import LocalCluster, Worker  # noqa: E402
+from service.cluster.local import LocalCluster, Worker, off_loopback, tcp_pids  # noqa: E402
 from service.cluster.protocol import LABEL_NODE  # noqa: E402
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
@@ -140,6 +140,12 @@ async def test_slots_cover_both_nodes_and_their_gpus(executor: RayExecutor) -> N
         ("w2/0", ["w2:0"]),
         ("w2/1", ["w2:1"]),
     ]
+    assert await executor.ping()
+    # This process, Ray's driver, talks to the cluster over loopback only.
+    assert os.getpid() in tcp_pids()
+    assert off_loopback({os.getpid()}) == []
+    missing = await executor.missing_images([SANDBOX_IMAGE, "ratchet/absent:1"])
+    assert missing == {"w1": ["ratchet/absent:1"], "w2": ["ratchet/absent:1"]}
 
 
 async def test_runs_spread_over_both_nodes_with_their_own_gpu_ids(

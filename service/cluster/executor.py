@@ -14,7 +14,7 @@ elsewhere; nothing is judged. When a node (re)joins, its new agent first removes
 instance left on it, so a node that died mid-run is cleaned when it comes back and a restarted
 service starts from clean nodes.
 
-Errors: Ray's exceptions become `SandboxError` at one place (`_remote`); a spec that cannot run
+Errors: Ray's exceptions become `SandboxError` at one place (`_translate`); a spec that cannot run
 on the chosen node is a `SpecError`.
 """
 
@@ -26,7 +26,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import msgspec
@@ -225,6 +225,7 @@ class RayExecutor:
     async def _start_agent(self, node: Node) -> None:
         """Place an agent on `node`, holding all its GPUs, and let it remove what this instance
         left there (a previous process, or this one before the node died)."""
+        import ray.exceptions
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         actor = None
@@ -235,11 +236,12 @@ class RayExecutor:
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node.node_id, soft=False),
                 name=None,
             ).remote(self.instance, node.name)
-            with _remote(node.name, "start agent"):
-                info = msgspec.msgpack.decode(
-                    await asyncio.wait_for(actor.hello.remote(), _AGENT_START_S), type=AgentInfo
-                )
+            try:
+                hello = await asyncio.wait_for(actor.hello.remote(), _AGENT_START_S)
                 swept = await asyncio.wait_for(actor.sweep.remote({LABEL_SANDBOX: self.instance}), _CALL_S)
+            except ray.exceptions.RayError as exc:
+                raise _translate(exc, node.name, "start agent") from exc
+            info = msgspec.msgpack.decode(hello, type=AgentInfo)
             if isinstance(swept, bytes):
                 raise msgspec.msgpack.decode(swept, type=Failed).error(node.name)
             if not info.engine:
@@ -396,6 +398,11 @@ class RayExecutor:
         return await self._race(agent, action, _awaited(ref), timeout)
 
     async def _race(self, agent: _Agent, action: str, work: Awaitable[T], timeout: float | None) -> T:
+        """Ray's own failures (the actor or its node gone) lose the agent: its runs fail, its
+        slots go, and the node gets a new agent if it is still there. A slow answer does not:
+        on a busy node that would throw away every run it holds."""
+        import ray.exceptions
+
         task = asyncio.ensure_future(work)
         lost = asyncio.ensure_future(agent.lost.wait())
         try:
@@ -407,17 +414,16 @@ class RayExecutor:
             lost.cancel()
         if task in done:
             try:
-                with _remote(agent.name, action):
-                    return task.result()
-            except SandboxError as exc:
-                if exc.reason == "unreachable":
-                    self._lose(agent, f"stopped answering ({exc})")
-                raise
+                return task.result()
+            except ray.exceptions.RayError as exc:
+                error = _translate(exc, agent.name, action)
+                if error.reason == "unreachable":
+                    self._lose(agent, f"stopped answering ({type(exc).__name__})")
+                raise error from exc
         task.cancel()
         if agent.lost.is_set():
             raise SandboxError(f"node {agent.name} {agent.why} during {action}", "unreachable")
-        self._lose(agent, f"did not answer {action} within {timeout:g} s")
-        raise SandboxError(f"node {agent.name}: {action} timed out after {timeout:g} s", "unreachable")
+        raise SandboxError(f"node {agent.name}: no answer to {action} within {timeout:g} s", "unreachable")
 
     def _background(self, coro: Awaitable[None]) -> None:
         task = asyncio.ensure_future(coro)
@@ -452,7 +458,13 @@ class RayHandle:
         agent = self._agent
         stream = agent.actor.execute.remote(self._key)
         limit = self.spec.timeout_s + _STREAM_GRACE_S
-        return await self._executor._race(agent, "run", self._follow(stream, on_output, on_exit), limit)
+        try:
+            return await self._executor._race(agent, "run", self._follow(stream, on_output, on_exit), limit)
+        except SandboxError:
+            if not agent.lost.is_set():  # whatever still runs there is killed, not left to run on
+                with contextlib.suppress(Exception):
+                    agent.actor.cancel.remote(self._key)
+            raise
 
     async def _follow(
         self, stream: Any, on_output: Callable[[bytes], None], on_exit: Callable[[Timings], None]
@@ -497,21 +509,17 @@ async def _awaited(ref: Awaitable[T]) -> T:
     return await ref
 
 
-@contextlib.contextmanager
-def _remote(node: str, action: str) -> Iterator[None]:
+def _translate(exc: Exception, node: str, action: str) -> SandboxError:
     """The one place where Ray's exceptions become `SandboxError`: a lost actor or node is
     "unreachable" (the scheduler runs the experiment again elsewhere); a failure of the agent's
     own code is "refused"."""
     import ray.exceptions as rex
 
-    try:
-        yield
-    except (rex.RayActorError, rex.ObjectLostError, rex.OwnerDiedError, rex.NodeDiedError) as exc:
-        raise SandboxError(f"node {node}: lost during {action}: {type(exc).__name__}", "unreachable") from exc
-    except rex.RayTaskError as exc:
-        raise SandboxError(f"node {node}: {action} failed in the agent: {exc}") from exc
-    except rex.RayError as exc:
-        raise SandboxError(f"node {node}: {action}: {type(exc).__name__}: {exc}", "unreachable") from exc
+    if isinstance(exc, rex.RayActorError | rex.ObjectLostError | rex.OwnerDiedError | rex.NodeDiedError):
+        return SandboxError(f"node {node}: lost during {action}: {type(exc).__name__}", "unreachable")
+    if isinstance(exc, rex.RayTaskError):
+        return SandboxError(f"node {node}: {action} failed in the agent: {exc}")
+    return SandboxError(f"node {node}: {action}: {type(exc).__name__}: {exc}", "unreachable")
 
 
 def _use_token(path: str) -> None:

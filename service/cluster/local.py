@@ -34,7 +34,7 @@ import msgspec
 
 from .inventory import NODE_LABEL
 
-__all__ = ["ClusterError", "LocalCluster", "Worker"]
+__all__ = ["ClusterError", "LocalCluster", "Worker", "off_loopback", "tcp_pids"]
 
 LOOPBACK = "127.0.0.1"
 _LOOPBACK_FORMS = ("127.0.0.1", "::ffff:127.0.0.1", "::1")
@@ -285,11 +285,21 @@ class LocalCluster:
         if bad:
             raise ClusterError(f"Ray registered node(s) off loopback: {bad}")
         pids = {pid for name in self._nodes for pid in self._pids(name)}
-        off = [s for s in _sockets() if s[0] in pids and not (_loopback(s[2]) and (s[1] or _loopback(s[3])))]
+        off = off_loopback(pids)
         if off:
             raise ClusterError(
                 f"cluster processes hold sockets off loopback (pid, listening, local, peer): {off}"
             )
+
+
+def off_loopback(pids: set[int]) -> list[tuple[int, bool, str, str]]:
+    """TCP sockets of `pids` with an end off loopback: (pid, listening, local, peer)."""
+    return [s for s in _sockets() if s[0] in pids and not (_loopback(s[2]) and (s[1] or _loopback(s[3])))]
+
+
+def tcp_pids() -> set[int]:
+    """Processes holding TCP sockets now."""
+    return {s[0] for s in _sockets()}
 
 
 def _loopback(address: str) -> bool:
