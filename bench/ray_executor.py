@@ -13,8 +13,10 @@ outputs collected). The workspace is the charlm example's (~60 KiB of files).
 Makespan: `--n` experiments of a fixed `--duration` (sleep: no CPU, so they fit on 2 cores) over
 the slots of one worker node, then of both (`--slots` CPU slots each), dispatched as the scheduler
 does: each slot prepares its next run while the current one works, and starts it when the current
-workload exits. The makespan runs from the first prepare to the last workload's exit. Targets: 2 nodes ≤ 0.55 x that of 1
-node; the Ray executor's p50 overhead ≤ 50 ms over the local one's.
+workload exits. The makespan runs from the first prepare to the last workload's exit.
+
+Targets: 2 nodes at most 0.55 x the makespan of 1 node; the Ray executor's p50 overhead at most
+50 ms over the local one's.
 """
 
 from __future__ import annotations
