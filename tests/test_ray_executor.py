@@ -275,6 +275,29 @@ asyncio.run(main())
     assert leftovers(client, f"ratchet.sandbox={instance}") == []
 
 
+async def test_an_agent_that_dies_is_replaced_and_its_runs_fail_over(
+    executor: RayExecutor, gpu_engine: FakeGpuEngine
+) -> None:
+    """The agent's process dies (the node stays): its run fails as an engine failure, the node
+    gets a new agent, which first removes the dead one's container."""
+    handle = await executor.prepare(_spec("echo started; sleep 300", ["w2:0"]))
+    watch = _Watch()
+    task = asyncio.create_task(_run(handle, watch))
+    await watch.seen("started")
+    old = next(a.info.pid for a in executor._agents.values() if a.name == "w2")
+    os.kill(old, signal.SIGKILL)
+    with pytest.raises(SandboxError) as info:
+        await asyncio.wait_for(task, 60)
+    assert info.value.reason == "unreachable"
+    deadline = time.monotonic() + 60
+    while {a.name: a.info.pid for a in executor._agents.values()}.get("w2") in (None, old):
+        assert time.monotonic() < deadline, "w2 got no new agent"
+        await executor.wait_changed(1)
+    assert [s.key for s in executor.slots] == ["w1/0", "w1/1", "w2/0", "w2/1"]
+    assert _settled(gpu_engine, executor.instance) == []
+    await handle.cleanup()
+
+
 async def test_a_node_killed_mid_run_fails_the_run_as_an_engine_failure(
     executor: RayExecutor, cluster: LocalCluster, gpu_engine: FakeGpuEngine
 ) -> None:
