@@ -14,7 +14,7 @@ elsewhere; nothing is judged. When a node (re)joins, its new agent first removes
 instance left on it, so a node that died mid-run is cleaned when it comes back and a restarted
 service starts from clean nodes.
 
-Errors: Ray's exceptions become `SandboxError` at one place (`_translate`); a spec that cannot run
+Errors: Ray's exceptions become `SandboxError` at one place (`remote.translate`); a spec that cannot run
 on the chosen node is a `SpecError`.
 """
 
@@ -26,8 +26,8 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
@@ -46,40 +46,17 @@ from .protocol import (
     decode_prepared,
     encode,
 )
+from .remote import CALL_S, Remote, kill, translate
 
 __all__ = ["RayExecutor", "RayHandle"]
 
 log = logging.getLogger("ratchet.ray")
 
-T = TypeVar("T")
-
 NAMESPACE = "ratchet"
 _AGENT_START_S = 60.0  # a new node's agent: placed, answering, its leftovers swept
 _AGENT_RETRY_S = 10.0  # before another try on a node whose agent did not come up
-_CALL_S = 30.0  # cancel, release, sweep, ping: short calls
 _STREAM_GRACE_S = 120.0  # past a run's hard timeout: collection, then the agent's own kill
 _PING_CACHE_S = 0.5
-
-
-class _Agent:
-    """The executor's view of one node's agent."""
-
-    def __init__(self, node: Node, actor: Any, info: AgentInfo, slots: list[Slot]) -> None:
-        self.node = node
-        self.actor = actor
-        self.info = info
-        self.slots = slots
-        self.active: set[RayHandle] = set()  # prepared or running, not yet cleaned up
-        self.preparing = 0
-        self.lost = asyncio.Event()
-        self.why = ""
-
-    @property
-    def name(self) -> str:
-        return self.node.name
-
-    def load(self) -> int:
-        return len(self.active) + self.preparing
 
 
 class RayExecutor:
@@ -101,12 +78,11 @@ class RayExecutor:
         self.auth_token_path = auth_token_path
         self.only_nodes = only_nodes
         self.poll_s = poll_s
-        self._agents: dict[str, _Agent] = {}  # by Ray node id
+        self._agents: dict[str, Remote] = {}  # by Ray node id
         self._starting: dict[str, asyncio.Task[None]] = {}
         self._failed_at: dict[str, float] = {}  # node id -> when its agent last failed to start
         self._watcher: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
-        self._cleanups: set[asyncio.Task[None]] = set()
         self._pinged: tuple[float, bool] = (0.0, False)
         self._agent_class: Any = None
         self.connected = False
@@ -174,9 +150,6 @@ class RayExecutor:
     def gpu_ids(self) -> list[str]:
         return [g for s in self.slots for g in s.gpus]
 
-    def node_of(self, handle: RayHandle) -> str:
-        return handle.node
-
     async def wait_changed(self, timeout: float) -> bool:
         """True when the slots changed (a node came or went) within `timeout`."""
         changed = self._changed
@@ -190,7 +163,7 @@ class RayExecutor:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    def _ready(self) -> list[_Agent]:
+    def _ready(self) -> list[Remote]:
         return sorted((a for a in self._agents.values() if not a.lost.is_set()), key=lambda a: a.name)
 
     async def _watch(self) -> None:
@@ -210,7 +183,7 @@ class RayExecutor:
         nodes = {n.node_id: n for n in nodes_from_ray(raw, self.only_nodes)}
         for node_id, agent in list(self._agents.items()):
             if node_id not in nodes:
-                self._lose(agent, "left the cluster")
+                agent.lose("left the cluster")
         now = time.monotonic()
         for node_id, node in nodes.items():
             if node_id in self._agents or node_id in self._starting:
@@ -238,9 +211,10 @@ class RayExecutor:
             ).remote(self.instance, node.name)
             try:
                 hello = await asyncio.wait_for(actor.hello.remote(), _AGENT_START_S)
-                swept = await asyncio.wait_for(actor.sweep.remote({LABEL_SANDBOX: self.instance}), _CALL_S)
+                sweep = actor.sweep.remote({LABEL_SANDBOX: self.instance})
+                swept = await asyncio.wait_for(sweep, _AGENT_START_S)
             except ray.exceptions.RayError as exc:
-                raise _translate(exc, node.name, "start agent") from exc
+                raise translate(exc, node.name, "start agent") from exc
             info = msgspec.msgpack.decode(hello, type=AgentInfo)
             if isinstance(swept, bytes):
                 raise msgspec.msgpack.decode(swept, type=Failed).error(node.name)
@@ -250,12 +224,12 @@ class RayExecutor:
             log.warning("node %s: no agent (%s); trying again in %g s", node.name, exc, _AGENT_RETRY_S)
             self._failed_at[node.node_id] = time.monotonic()
             if actor is not None:
-                _kill(actor)
+                kill(actor)
             return
         finally:
             self._starting.pop(node.node_id, None)
         slots = slots_of(node.name, info.gpus, self.gpus_per_slot, self.cpu_slots)
-        self._agents[node.node_id] = _Agent(node, actor, info, slots)
+        self._agents[node.node_id] = Remote(node, actor, info, slots, on_lost=self._lost)
         log.info(
             "node %s joined: %d slot(s), GPUs %s%s",
             node.name,
@@ -265,17 +239,11 @@ class RayExecutor:
         )
         self._notify()
 
-    def _lose(self, agent: _Agent, why: str) -> None:
-        """The node (or its agent) is gone: its runs fail now, its slots go away."""
-        if agent.lost.is_set():
-            return
-        agent.why = why
-        agent.lost.set()
+    def _lost(self, agent: Remote) -> None:
+        """The node (or its agent) is gone: its runs have failed, its slots go away."""
         self._agents.pop(agent.node.node_id, None)
-        log.warning(
-            "node %s %s: %d run(s) there fail and go back to the queue", agent.name, why, len(agent.active)
-        )
-        _kill(agent.actor)
+        runs = len(agent.active)
+        log.warning("node %s %s: %d run(s) there fail and go back to the queue", agent.name, agent.why, runs)
         self._notify()
 
     # -- the executor interface --------------------------------------------------------------------
@@ -289,7 +257,7 @@ class RayExecutor:
         key = uuid.uuid4().hex
         agent.preparing += 1
         try:
-            raw = await self._call(agent, "prepare", agent.actor.prepare.remote(key, ref), timeout=None)
+            raw = await agent.call("prepare", agent.actor.prepare.remote(key, ref), timeout=None)
         except asyncio.CancelledError:
             # Its caller gave up: the agent removes the run once it is made.
             with contextlib.suppress(Exception):
@@ -300,12 +268,12 @@ class RayExecutor:
         answer = decode_prepared(raw)
         if isinstance(answer, Failed):
             raise answer.error(agent.name)
-        handle = RayHandle(self, agent, key, spec, answer)
+        handle = RayHandle(agent, key, spec, answer)
         agent.active.add(handle)
         self.dispatched += 1
         return handle
 
-    def _place(self, spec: RunSpec, slot: str | None) -> tuple[_Agent, list[str]]:
+    def _place(self, spec: RunSpec, slot: str | None) -> tuple[Remote, list[str]]:
         try:
             node, devices = local_gpus(spec.gpus)
         except ValueError as exc:
@@ -337,7 +305,7 @@ class RayExecutor:
             labels["ratchet.experiment"] = experiment
         agents = self._ready()
         answers = await asyncio.gather(
-            *(self._call(a, "clean up", a.actor.sweep.remote(labels), timeout=_CALL_S) for a in agents),
+            *(a.call("clean up", a.actor.sweep.remote(labels), timeout=CALL_S) for a in agents),
             return_exceptions=True,
         )
         removed = 0
@@ -357,7 +325,7 @@ class RayExecutor:
             return up
         agents = self._ready()
         answers = await asyncio.gather(
-            *(self._call(a, "ping", a.actor.ping.remote(), timeout=5.0) for a in agents),
+            *(a.call("ping", a.actor.ping.remote(), timeout=5.0) for a in agents),
             return_exceptions=True,
         )
         up = any(a is True for a in answers)
@@ -368,7 +336,7 @@ class RayExecutor:
         """Node -> the images of `images` its engine lacks (nodes lacking none are left out)."""
         agents = self._ready()
         answers = await asyncio.gather(
-            *(self._call(a, "check images", a.actor.images.remote(images), timeout=_CALL_S) for a in agents)
+            *(a.call("check images", a.actor.images.remote(images), timeout=CALL_S) for a in agents)
         )
         return {a.name: missing for a, missing in zip(agents, answers, strict=True) if missing}
 
@@ -379,65 +347,21 @@ class RayExecutor:
                 await self._watcher
         for task in list(self._starting.values()):
             task.cancel()
-        if self._cleanups:
-            await asyncio.wait(list(self._cleanups), timeout=60)
         if not self.connected:
             return
         self.connected = False
         import ray
 
         for agent in list(self._agents.values()):
-            _kill(agent.actor)
+            kill(agent.actor)
         self._agents.clear()
         await asyncio.to_thread(ray.shutdown)
-
-    # -- calls to agents ---------------------------------------------------------------------------
-
-    async def _call(self, agent: _Agent, action: str, ref: Awaitable[T], timeout: float | None) -> T:
-        """One agent call, failed at once when its node is lost meanwhile."""
-        return await self._race(agent, action, _awaited(ref), timeout)
-
-    async def _race(self, agent: _Agent, action: str, work: Awaitable[T], timeout: float | None) -> T:
-        """Ray's own failures (the actor or its node gone) lose the agent: its runs fail, its
-        slots go, and the node gets a new agent if it is still there. A slow answer does not:
-        on a busy node that would throw away every run it holds."""
-        import ray.exceptions
-
-        task = asyncio.ensure_future(work)
-        lost = asyncio.ensure_future(agent.lost.wait())
-        try:
-            done, _ = await asyncio.wait({task, lost}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            task.cancel()
-            raise
-        finally:
-            lost.cancel()
-        if task in done:
-            try:
-                return task.result()
-            except ray.exceptions.RayError as exc:
-                error = _translate(exc, agent.name, action)
-                if error.reason == "unreachable":
-                    self._lose(agent, f"stopped answering ({type(exc).__name__})")
-                raise error from exc
-        task.cancel()
-        if agent.lost.is_set():
-            raise SandboxError(f"node {agent.name} {agent.why} during {action}", "unreachable")
-        raise SandboxError(f"node {agent.name}: no answer to {action} within {timeout:g} s", "unreachable")
-
-    def _background(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._cleanups.add(task)
-        task.add_done_callback(self._cleanups.discard)
 
 
 class RayHandle:
     """One run prepared on one node, behind its gate."""
 
-    def __init__(
-        self, executor: RayExecutor, agent: _Agent, key: str, spec: RunSpec, ready: Prepared
-    ) -> None:
-        self._executor = executor
+    def __init__(self, agent: Remote, key: str, spec: RunSpec, ready: Prepared) -> None:
         self._agent = agent
         self._key = key
         self.spec = spec
@@ -459,7 +383,7 @@ class RayHandle:
         stream = agent.actor.execute.remote(self._key)
         limit = self.spec.timeout_s + _STREAM_GRACE_S
         try:
-            return await self._executor._race(agent, "run", self._follow(stream, on_output, on_exit), limit)
+            return await agent.race("run", self._follow(stream, on_output, on_exit), limit)
         except SandboxError:
             if not agent.lost.is_set():  # whatever still runs there is killed, not left to run on
                 with contextlib.suppress(Exception):
@@ -489,7 +413,7 @@ class RayHandle:
         if agent.lost.is_set():
             return  # its container goes when the node comes back
         with contextlib.suppress(SandboxError):
-            await self._executor._call(agent, "cancel", agent.actor.cancel.remote(self._key), timeout=_CALL_S)
+            await agent.call("cancel", agent.actor.cancel.remote(self._key), timeout=CALL_S)
 
     async def cleanup(self) -> None:
         if self._released:
@@ -500,26 +424,9 @@ class RayHandle:
         if agent.lost.is_set():
             return
         try:
-            await self._executor._call(agent, "release", agent.actor.release.remote(self._key), timeout=120)
+            await agent.call("release", agent.actor.release.remote(self._key), timeout=120)
         except SandboxError as exc:
             log.warning("node %s: could not remove run %s: %s", self.node, self.container_id[:12], exc)
-
-
-async def _awaited(ref: Awaitable[T]) -> T:
-    return await ref
-
-
-def _translate(exc: Exception, node: str, action: str) -> SandboxError:
-    """The one place where Ray's exceptions become `SandboxError`: a lost actor or node is
-    "unreachable" (the scheduler runs the experiment again elsewhere); a failure of the agent's
-    own code is "refused"."""
-    import ray.exceptions as rex
-
-    if isinstance(exc, rex.RayActorError | rex.ObjectLostError | rex.OwnerDiedError | rex.NodeDiedError):
-        return SandboxError(f"node {node}: lost during {action}: {type(exc).__name__}", "unreachable")
-    if isinstance(exc, rex.RayTaskError):
-        return SandboxError(f"node {node}: {action} failed in the agent: {exc}")
-    return SandboxError(f"node {node}: {action}: {type(exc).__name__}: {exc}", "unreachable")
 
 
 def _use_token(path: str) -> None:
@@ -532,10 +439,3 @@ def _use_token(path: str) -> None:
 
     Config.initialize("")
     AuthenticationTokenLoader.instance().reset_cache()
-
-
-def _kill(actor: Any) -> None:
-    import ray
-
-    with contextlib.suppress(Exception):
-        ray.kill(actor, no_restart=True)
