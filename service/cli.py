@@ -33,6 +33,12 @@ _DEFAULTS = Settings()
     help="bearer tokens or none (default: none on a loopback address, else tokens; env RATCHET_AUTH)",
 )
 @click.option("--admin-token", help="bootstrap admin token, 16+ characters (env RATCHET_ADMIN_TOKEN)")
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    help="where experiments run: the local engine (default) or a Ray cluster (env RATCHET_EXECUTOR)",
+)
+@click.option("--ray-address", help="the Ray cluster's GCS host:port (env RATCHET_RAY_ADDRESS)")
 def serve(**flags: Any) -> None:
     """Run the HTTP service (SQLite + the local container engine)."""
     if flags.get("gpus") is not None:
@@ -42,6 +48,8 @@ def serve(**flags: Any) -> None:
     try:
         settings = load_settings(flags)
         auth_mode(settings)
+        if settings.executor == "ray" and not settings.ray_address:
+            raise SettingsError("--executor ray needs --ray-address (or RATCHET_RAY_ADDRESS)")
     except SettingsError as exc:
         click.echo(f"ratchet: {exc}", err=True)
         sys.exit(2)

@@ -1,0 +1,60 @@
+"""Which Ray nodes run experiments and the slots they give: pure logic, no cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.cluster.inventory import NODE_LABEL, Slot, local_gpus, nodes_from_ray, slots_of
+from service.cluster.loopback import is_loopback
+
+
+def _node(node_id: str, name: str | None, alive: bool = True, **resources: float) -> dict:
+    labels = {NODE_LABEL: name} if name else {}
+    return {
+        "NodeID": node_id,
+        "Alive": alive,
+        "NodeManagerAddress": "127.0.0.1",
+        "NodeManagerHostname": f"host-{node_id}",
+        "Resources": resources,
+        "Labels": labels,
+    }
+
+
+def test_only_live_nodes_with_cpus_take_part_by_name() -> None:
+    raw = [
+        _node("h", None, **{"node:__internal_head__": 1}),  # a head with --num-cpus=0
+        _node("b", "w2", CPU=4, GPU=2),
+        _node("a", "w1", CPU=1),
+        _node("d", "w3", alive=False, CPU=8),
+        _node("e", None, CPU=2),  # no label: its host name
+    ]
+    nodes = nodes_from_ray(raw)
+    assert [(n.name, n.cpus, n.gpus) for n in nodes] == [("host-e", 2, 0), ("w1", 1, 0), ("w2", 4, 2)]
+    assert [n.name for n in nodes_from_ray(raw, only={"w2"})] == ["w2"]
+
+
+def test_slots_are_gpu_groups_or_cpu_slots() -> None:
+    assert slots_of("w1", ["0", "1", "2"], gpus_per_slot=2, cpu_slots=3) == [
+        Slot(key="w1/0", node="w1", gpus=["w1:0", "w1:1"])  # the odd GPU out makes no slot
+    ]
+    assert [s.gpus for s in slots_of("w1", ["0", "1"], 1, 3)] == [["w1:0"], ["w1:1"]]
+    assert slots_of("c", [], gpus_per_slot=1, cpu_slots=2) == [
+        Slot(key="c/0", node="c", gpus=[]),
+        Slot(key="c/1", node="c", gpus=[]),
+    ]
+    assert slots_of("c", [], 1, 0) == []
+
+
+def test_global_gpu_ids_name_one_node() -> None:
+    assert local_gpus([]) == (None, [])
+    assert local_gpus(["w1:2", "w1:3"]) == ("w1", ["2", "3"])
+    assert local_gpus(["gpu-host.example:0"]) == ("gpu-host.example", ["0"])
+    with pytest.raises(ValueError, match="one node"):
+        local_gpus(["w1:0", "w2:0"])
+    with pytest.raises(ValueError, match="one node"):
+        local_gpus(["0"])  # a bare device id: no node
+
+
+def test_loopback_addresses() -> None:
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"))
+    assert not any(is_loopback(h) for h in ("192.0.2.2", "10.0.0.1", "example.org", ""))
