@@ -132,4 +132,8 @@ MIGRATIONS: list[str] = [
     CREATE INDEX experiments_queue_order ON experiments(loop_id, repeat_of IS NULL, seq)
         WHERE status = 'queued';
     """,
+    # the node an experiment runs (or ran) on: the executor's name for it ("local" on one machine)
+    """
+    ALTER TABLE experiments ADD COLUMN node TEXT;
+    """,
 ]
