@@ -1,10 +1,12 @@
 """The Ray executor on a real Ray cluster: a head and two worker nodes on loopback (token
-authentication on), each worker with two logical GPUs, real containers on a Docker engine of the
-test's own with fake GPU support (the nodes share it, as nodes on one machine share the machine's).
+authentication on), each worker with two logical GPUs, real containers on the tests' fake-GPU
+engine (`fake_gpu_engine`; the nodes share it, as nodes on one machine share the machine's, and
+every container carries its node's label).
 
 One cluster serves the module; each test has its own executor and instance label, and ends with
 nothing of that instance left on the engine. The node-failure test kills a worker (every process
-of it) and brings it back, so it runs last.
+of it) and brings it back, so it runs last. The whole service on such a cluster:
+tests/test_ray_serve.py.
 """
 
 from __future__ import annotations
@@ -21,53 +23,40 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from conftest import ROOT, SANDBOX_IMAGE, leftovers
-from gpu_engine import FakeGpuEngine
+from fake_gpu_engine import FakeGpuEngine
 
 from sandbox import RunResult, RunSpec, SandboxError, SpecError
+from service.runs.executor import Node
 
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -r requirements/ray.txt)")
 
-from service.cluster.executor import RayExecutor, RayHandle  # noqa: E402
-from service.cluster.local import LocalCluster, Worker, off_loopback, tcp_pids  # noqa: E402
-from service.cluster.protocol import LABEL_NODE  # noqa: E402
+from nodeagent.protocol import LABEL_NODE  # noqa: E402
+from service.runs.ray.executor import RayExecutor, RayHandle  # noqa: E402
+from service.runs.ray.localcluster import LocalCluster, Worker, off_loopback, tcp_pids  # noqa: E402
 
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def gpu_engine(docker_client) -> Iterator[FakeGpuEngine]:
-    engine = FakeGpuEngine(SANDBOX_IMAGE)
-    problem = engine.problem()
-    if problem:
-        if os.environ.get("RATCHET_REQUIRE_ENGINE") == "1":
-            pytest.fail(f"the Ray tests need a fake-GPU engine: {problem}")
-        pytest.skip(f"the Ray tests need a fake-GPU engine: {problem}")
-    engine.start()
-    yield engine
-    engine.stop()
-
-
-@pytest.fixture(scope="module")
-def cluster(gpu_engine: FakeGpuEngine) -> Iterator[LocalCluster]:
-    workers = [Worker(name=n, gpus=2, docker_host=gpu_engine.host) for n in ("w1", "w2")]
+def cluster(fake_gpu_engine: FakeGpuEngine) -> Iterator[LocalCluster]:
+    workers = [Worker(name=n, gpus=2, docker_host=fake_gpu_engine.docker_host) for n in ("w1", "w2")]
     with LocalCluster(workers) as c:
         yield c
 
 
 @pytest.fixture
-async def executor(cluster: LocalCluster, gpu_engine: FakeGpuEngine) -> AsyncIterator[RayExecutor]:
+async def executor(cluster: LocalCluster, fake_gpu_engine: FakeGpuEngine) -> AsyncIterator[RayExecutor]:
     instance = f"raytest-{uuid.uuid4().hex[:8]}"
-    ex = RayExecutor(cluster.address, instance, auth_token_path=cluster.token_path, poll_s=0.5)
+    ex = RayExecutor(cluster.address, instance, token_file=cluster.token_path, poll_s=0.5)
     await ex.connect(nodes=2)
     yield ex
     await ex.close()
-    assert _settled(gpu_engine, instance) == []
+    assert _settled(fake_gpu_engine, instance) == []
 
 
 def _settled(engine: FakeGpuEngine, instance: str, timeout: float = 30) -> list[str]:
-    client = engine.client()
     deadline = time.monotonic() + timeout
-    while (left := leftovers(client, f"ratchet.sandbox={instance}")) and time.monotonic() < deadline:
+    while (left := leftovers(engine.client, f"ratchet.sandbox={instance}")) and time.monotonic() < deadline:
         time.sleep(0.25)
     return left
 
@@ -87,7 +76,6 @@ class _Watch:
 
     def __init__(self) -> None:
         self.chunks: list[tuple[float, bytes]] = []
-        self.exited_at: float | None = None
         self._event = asyncio.Event()
 
     def output(self, data: bytes) -> None:
@@ -95,7 +83,7 @@ class _Watch:
         self._event.set()
 
     def exited(self, _timings: object) -> None:
-        self.exited_at = time.time()
+        pass
 
     @property
     def text(self) -> str:
@@ -116,6 +104,12 @@ async def _run(handle: RayHandle, watch: _Watch | None = None) -> RunResult:
     return await handle.start(watch.output, watch.exited)
 
 
+async def _next_inventory(watch: AsyncIterator[list[Node]], want: set[str], timeout: float = 60) -> None:
+    async with asyncio.timeout(timeout):
+        while {n.name for n in await anext(watch)} != want:
+            pass
+
+
 def test_cluster_is_on_loopback_and_needs_its_token(cluster: LocalCluster, tmp_path) -> None:
     nodes = [n for n in cluster.nodes() if n["Alive"]]
     assert len(nodes) == 3
@@ -124,46 +118,61 @@ def test_cluster_is_on_loopback_and_needs_its_token(cluster: LocalCluster, tmp_p
     wrong = tmp_path / "token"
     wrong.write_text("0" * 64)
     code = (
-        "from service.cluster.loopback import pin; pin(); import ray; "
+        "from service.runs.ray.loopback import pin; pin(); import ray; "
         f"ray.init(address={cluster.address!r}, _node_ip_address='127.0.0.1', log_to_driver=False)"
     )
-    env = {**cluster.env(), "RAY_AUTH_TOKEN_PATH": str(wrong), "RAY_gcs_rpc_server_connect_timeout_s": "5"}
+    # One try to connect, not Ray's twenty a second apart.
+    env = {**cluster.env(), "RAY_AUTH_TOKEN_PATH": str(wrong), "RAY_gcs_server_port_wait_time_s": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
     assert "Authentication token is missing or incorrect" in out.stderr
 
 
-async def test_slots_cover_both_nodes_and_their_gpus(executor: RayExecutor) -> None:
-    assert [(s.key, s.gpus) for s in executor.slots] == [
-        ("w1/0", ["w1:0"]),
-        ("w1/1", ["w1:1"]),
-        ("w2/0", ["w2:0"]),
-        ("w2/1", ["w2:1"]),
+async def test_no_token_no_start(cluster: LocalCluster, monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token either
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    ex = RayExecutor(cluster.address, "raytest-notoken")
+    with pytest.raises(SandboxError, match="no Ray authentication token"):
+        await ex.connect(nodes=2, timeout=30)
+    await ex.close()
+
+
+async def test_inventory_covers_both_nodes_and_their_gpus(executor: RayExecutor) -> None:
+    assert await executor.inventory() == [
+        Node(name="w1", slots=2, gpus=("0", "1")),
+        Node(name="w2", slots=2, gpus=("0", "1")),
     ]
     assert await executor.ping()
     # This process, Ray's driver, talks to the cluster over loopback only.
     assert os.getpid() in tcp_pids()
     assert off_loopback({os.getpid()}) == []
-    missing = await executor.missing_images([SANDBOX_IMAGE, "ratchet/absent:1"])
-    assert missing == {"w1": ["ratchet/absent:1"], "w2": ["ratchet/absent:1"]}
+    assert await executor.has_image(SANDBOX_IMAGE) is True
+    assert await executor.has_image("ratchet/absent:1") is False
+    reports = await executor.nodes_report([SANDBOX_IMAGE, "ratchet/absent:1"])
+    assert [(r.name, r.slots, r.gpus, r.engine, r.problem) for r in reports] == [
+        ("w1", 2, ["0", "1"], True, None),
+        ("w2", 2, ["0", "1"], True, None),
+    ]
+    for report in reports:
+        assert report.gpu_route == "nvidia" and {"runc", "runsc"} <= set(report.runtimes)
+        assert report.missing_images == ["ratchet/absent:1"] and report.engine_version
 
 
 async def test_runs_spread_over_both_nodes_with_their_own_gpu_ids(
-    executor: RayExecutor, gpu_engine: FakeGpuEngine
+    executor: RayExecutor, fake_gpu_engine: FakeGpuEngine
 ) -> None:
     script = 'echo "nv=$NVIDIA_VISIBLE_DEVICES ids=$RATCHET_GPU_IDS cuda=$CUDA_VISIBLE_DEVICES"; sleep 2'
-    handles = await asyncio.gather(*(executor.prepare(_spec(script, s.gpus)) for s in executor.slots))
+    places = [(node.name, gpu) for node in await executor.inventory() for gpu in node.gpus]
+    handles = await asyncio.gather(*(executor.prepare(_spec(script, [gpu]), node) for node, gpu in places))
     # Prepared on the node that will run them, labelled with it.
-    client = gpu_engine.client()
-    for slot, handle in zip(executor.slots, handles, strict=True):
-        assert handle.node == slot.node
-        labels = client.containers.get(handle.container_id).labels
-        assert labels[LABEL_NODE] == slot.node
+    for (node, _), handle in zip(places, handles, strict=True):
+        assert handle.node == node
+        assert fake_gpu_engine.client.containers.get(handle.container_id).labels[LABEL_NODE] == node
     results = await asyncio.gather(*(_run(h) for h in handles))
-    for slot, result in zip(executor.slots, results, strict=True):
-        device = slot.gpus[0].split(":")[1]
+    for (_, gpu), result in zip(places, results, strict=True):
         assert result.exit_code == 0, result.log
-        assert f"nv={device} ids={device} cuda=0" in result.log
+        assert f"nv={gpu} ids={gpu} cuda=0" in result.log
     # All four ran at once: two per node.
     starts = [r.timings.started for r in results]
     ends = [r.timings.finished for r in results]
@@ -172,7 +181,7 @@ async def test_runs_spread_over_both_nodes_with_their_own_gpu_ids(
 
 
 async def test_live_output_arrives_while_the_run_goes_on(executor: RayExecutor) -> None:
-    handle = await executor.prepare(_spec("echo one; sleep 1.5; echo two; sleep 1.5; echo three"))
+    handle = await executor.prepare(_spec("echo one; sleep 1.5; echo two; sleep 1.5; echo three"), "w1")
     watch = _Watch()
     run = asyncio.create_task(_run(handle, watch))
     await watch.seen("one")
@@ -186,70 +195,68 @@ async def test_live_output_arrives_while_the_run_goes_on(executor: RayExecutor) 
 
 
 async def test_deadline_kills_the_container_on_its_node(
-    executor: RayExecutor, gpu_engine: FakeGpuEngine
+    executor: RayExecutor, fake_gpu_engine: FakeGpuEngine
 ) -> None:
-    handle = await executor.prepare(_spec("echo started; sleep 120", ["w2:1"], timeout_s=2))
+    handle = await executor.prepare(_spec("echo started; sleep 120", ["1"], timeout_s=2), "w2")
     result = await _run(handle)
     assert result.timed_out and not result.cancelled
     assert result.workload_seconds is not None and result.workload_seconds < 10
-    state = gpu_engine.client().api.inspect_container(handle.container_id)["State"]
+    state = fake_gpu_engine.client.api.inspect_container(handle.container_id)["State"]
     assert not state["Running"]  # killed at the deadline, before any clean-up
     await handle.cleanup()
-    assert leftovers(gpu_engine.client(), f"ratchet.sandbox={executor.instance}") == []
+    assert leftovers(fake_gpu_engine.client, f"ratchet.sandbox={executor.instance}") == []
 
 
 async def test_cancel_kills_a_running_run_and_stops_a_prepared_one(
-    executor: RayExecutor, gpu_engine: FakeGpuEngine
+    executor: RayExecutor, fake_gpu_engine: FakeGpuEngine
 ) -> None:
-    running = await executor.prepare(_spec("echo started; sleep 120", ["w1:0"]))
+    running = await executor.prepare(_spec("echo started; sleep 120", ["0"]), "w1")
     watch = _Watch()
     task = asyncio.create_task(_run(running, watch))
     await watch.seen("started")
     await running.cancel()
     result = await asyncio.wait_for(task, 30)
     assert result.cancelled and not result.timed_out
-    prepared = await executor.prepare(_spec("echo should-not-run", ["w2:0"]))
+    prepared = await executor.prepare(_spec("echo should-not-run", ["0"]), "w2")
     await prepared.cancel()
     never = await _run(prepared)
     assert never.cancelled and never.timings.started is None and "should-not-run" not in never.log
     await asyncio.gather(running.cleanup(), prepared.cleanup())
-    assert leftovers(gpu_engine.client(), f"ratchet.sandbox={executor.instance}") == []
+    assert leftovers(fake_gpu_engine.client, f"ratchet.sandbox={executor.instance}") == []
 
 
 async def test_a_spec_that_fits_no_node_is_refused(executor: RayExecutor) -> None:
     with pytest.raises(SpecError):
-        await executor.prepare(_spec("true", ["w1:0", "w2:0"]))  # GPUs of two nodes
-    with pytest.raises(SpecError):
-        await executor.prepare(_spec("true", ["w1:7"]))  # no such device
+        await executor.prepare(_spec("true", ["7"]), "w1")  # no such device there
     with pytest.raises(SandboxError) as info:
-        await executor.prepare(_spec("true", ["w9:0"]))  # no such node
+        await executor.prepare(_spec("true", ["0"]), "w9")  # no such node
     assert info.value.reason == "unreachable"
 
 
 async def test_cleanup_of_one_experiment_sweeps_every_node(executor: RayExecutor) -> None:
     handles = [
-        await executor.prepare(_spec("true", [gpu], experiment=exp))
-        for gpu, exp in (("w1:0", "a"), ("w2:0", "a"), ("w2:1", "b"))
+        await executor.prepare(_spec("true", [gpu], experiment=exp), node)
+        for node, gpu, exp in (("w1", "0", "a"), ("w2", "0", "a"), ("w2", "1", "b"))
     ]
-    assert await executor.cleanup(executor.instance, "a") == 4  # two containers, two volumes
-    assert await executor.cleanup(executor.instance) == 2
+    assert await executor.cleanup("a") == 4  # two containers, two volumes
+    assert await executor.cleanup() == 2
     for handle in handles:
         await handle.cleanup()  # already gone: nothing to do, nothing raised
 
 
 def test_a_restarted_executor_sweeps_what_a_killed_one_left(
-    cluster: LocalCluster, gpu_engine: FakeGpuEngine
+    cluster: LocalCluster, fake_gpu_engine: FakeGpuEngine
 ) -> None:
     instance = f"raytest-{uuid.uuid4().hex[:8]}"
     code = f"""
-import asyncio, sys
-from service.cluster.executor import RayExecutor
+import asyncio
+from service.runs.ray.executor import RayExecutor
 from sandbox import RunSpec
 async def main():
-    ex = RayExecutor({cluster.address!r}, {instance!r}, auth_token_path={cluster.token_path!r})
+    ex = RayExecutor({cluster.address!r}, {instance!r}, token_file={cluster.token_path!r})
     await ex.connect(nodes=2)
-    for gpu in ("w1:0", "w2:0"):
-        await ex.prepare(RunSpec(image={SANDBOX_IMAGE!r}, argv=["sleep", "60"], gpus=[gpu]))
+    for node in ("w1", "w2"):
+        await ex.prepare(RunSpec(image={SANDBOX_IMAGE!r}, argv=["sleep", "60"], gpus=["0"]), node)
     print("prepared", flush=True)
     await asyncio.sleep(600)
 asyncio.run(main())
@@ -262,12 +269,12 @@ asyncio.run(main())
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-    client = gpu_engine.client()
+    client = fake_gpu_engine.client
     found = client.containers.list(all=True, filters={"label": f"ratchet.sandbox={instance}"})
     assert sorted(c.labels[LABEL_NODE] for c in found) == ["w1", "w2"]
 
     async def restart() -> None:
-        ex = RayExecutor(cluster.address, instance, auth_token_path=cluster.token_path)
+        ex = RayExecutor(cluster.address, instance, token_file=cluster.token_path)
         await ex.connect(nodes=2)  # each node's new agent sweeps the node first
         await ex.close()
 
@@ -276,35 +283,40 @@ asyncio.run(main())
 
 
 async def test_an_agent_that_dies_is_replaced_and_its_runs_fail_over(
-    executor: RayExecutor, gpu_engine: FakeGpuEngine
+    executor: RayExecutor, fake_gpu_engine: FakeGpuEngine
 ) -> None:
     """The agent's process dies (the node stays): its run fails as an engine failure, the node
-    gets a new agent, which first removes the dead one's container."""
-    handle = await executor.prepare(_spec("echo started; sleep 300", ["w2:0"]))
+    leaves the inventory and comes back with a new agent, which first removes the dead one's
+    container."""
+    watch_nodes = executor.watch_inventory()
+    assert {n.name for n in await anext(watch_nodes)} == {"w1", "w2"}
+    handle = await executor.prepare(_spec("echo started; sleep 300", ["0"]), "w2")
     watch = _Watch()
     task = asyncio.create_task(_run(handle, watch))
     await watch.seen("started")
-    old = next(a.info.pid for a in executor._agents.values() if a.name == "w2")
+    (old,) = [a.info.pid for a in executor.agents.ready() if a.name == "w2"]
     os.kill(old, signal.SIGKILL)
     with pytest.raises(SandboxError) as info:
         await asyncio.wait_for(task, 60)
     assert info.value.reason == "unreachable"
-    deadline = time.monotonic() + 60
-    while {a.name: a.info.pid for a in executor._agents.values()}.get("w2") in (None, old):
-        assert time.monotonic() < deadline, "w2 got no new agent"
-        await executor.wait_changed(1)
-    assert [s.key for s in executor.slots] == ["w1/0", "w1/1", "w2/0", "w2/1"]
-    assert _settled(gpu_engine, executor.instance) == []
+    await _next_inventory(watch_nodes, {"w1"})
+    await _next_inventory(watch_nodes, {"w1", "w2"})
+    (new,) = [a.info.pid for a in executor.agents.ready() if a.name == "w2"]
+    assert new != old
+    assert _settled(fake_gpu_engine, executor.instance) == []
     await handle.cleanup()
+    await watch_nodes.aclose()
 
 
-async def test_a_node_killed_mid_run_fails_the_run_as_an_engine_failure(
-    executor: RayExecutor, cluster: LocalCluster, gpu_engine: FakeGpuEngine
+async def test_a_node_killed_mid_run_fails_the_run_and_leaves_the_inventory_at_once(
+    executor: RayExecutor, cluster: LocalCluster, fake_gpu_engine: FakeGpuEngine
 ) -> None:
     """The run on the killed node ends in SandboxError("unreachable") — the scheduler's retry
-    path, never a result — the retry runs on the other node, and the orphaned container is
-    removed when the node comes back."""
-    handle = await executor.prepare(_spec("echo started; sleep 300", ["w1:0"], experiment="x"))
+    path, never a result — the node leaves the inventory, the retry runs on the other node, and
+    the orphaned container is removed when the node comes back."""
+    watch_nodes = executor.watch_inventory()
+    await anext(watch_nodes)
+    handle = await executor.prepare(_spec("echo started; sleep 300", ["1"], experiment="x"), "w1")
     watch = _Watch()
     task = asyncio.create_task(_run(handle, watch))
     await watch.seen("started")
@@ -313,24 +325,20 @@ async def test_a_node_killed_mid_run_fails_the_run_as_an_engine_failure(
     with pytest.raises(SandboxError) as info:
         await asyncio.wait_for(task, 60)
     assert info.value.reason == "unreachable"
+    await _next_inventory(watch_nodes, {"w2"})
     noticed = time.monotonic() - killed
     assert noticed < 30, f"the node's loss took {noticed:.1f} s to notice"
-    assert {s.node for s in executor.slots} == {"w2"}
     # The engine still runs the orphan (the node's processes are gone, the container is not).
-    client = gpu_engine.client()
-    orphan = client.api.inspect_container(handle.container_id)
-    assert orphan["State"]["Running"]
+    client = fake_gpu_engine.client
+    assert client.api.inspect_container(handle.container_id)["State"]["Running"]
     await handle.cleanup()  # nothing to reach: must return, not raise
 
-    retry = await executor.prepare(_spec("echo retried", experiment="x"))
-    assert retry.node == "w2"
+    retry = await executor.prepare(_spec("echo retried", ["1"], experiment="x"), "w2")
     result = await _run(retry)
     assert result.exit_code == 0 and result.log == "retried\n"
     await retry.cleanup()
 
     cluster.restart("w1")
-    deadline = time.monotonic() + 60
-    while {s.node for s in executor.slots} != {"w1", "w2"}:
-        assert time.monotonic() < deadline, "w1 did not rejoin"
-        await executor.wait_changed(1)
+    await _next_inventory(watch_nodes, {"w1", "w2"})
     assert leftovers(client, f"ratchet.sandbox={executor.instance}") == []
+    await watch_nodes.aclose()

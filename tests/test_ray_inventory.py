@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
-from service.cluster.inventory import NODE_LABEL, Slot, local_gpus, nodes_from_ray, slots_of
-from service.cluster.loopback import is_loopback
+from service.runs.ray.inventory import NODE_LABEL, nodes_from_ray, slots_of
+from service.runs.ray.loopback import is_loopback
 
 
 def _node(node_id: str, name: str | None, alive: bool = True, **resources: float) -> dict:
@@ -34,25 +32,10 @@ def test_only_live_nodes_with_cpus_take_part_by_name() -> None:
 
 
 def test_slots_are_gpu_groups_or_cpu_slots() -> None:
-    assert slots_of("w1", ["0", "1", "2"], gpus_per_slot=2, cpu_slots=3) == [
-        Slot(key="w1/0", node="w1", gpus=["w1:0", "w1:1"])  # the odd GPU out makes no slot
-    ]
-    assert [s.gpus for s in slots_of("w1", ["0", "1"], 1, 3)] == [["w1:0"], ["w1:1"]]
-    assert slots_of("c", [], gpus_per_slot=1, cpu_slots=2) == [
-        Slot(key="c/0", node="c", gpus=[]),
-        Slot(key="c/1", node="c", gpus=[]),
-    ]
-    assert slots_of("c", [], 1, 0) == []
-
-
-def test_global_gpu_ids_name_one_node() -> None:
-    assert local_gpus([]) == (None, [])
-    assert local_gpus(["w1:2", "w1:3"]) == ("w1", ["2", "3"])
-    assert local_gpus(["gpu-host.example:0"]) == ("gpu-host.example", ["0"])
-    with pytest.raises(ValueError, match="one node"):
-        local_gpus(["w1:0", "w2:0"])
-    with pytest.raises(ValueError, match="one node"):
-        local_gpus(["0"])  # a bare device id: no node
+    assert slots_of(["0", "1", "2"], gpus_per_slot=2, cpu_slots=3) == 1  # the odd GPU out: none
+    assert slots_of(["0", "1"], 1, 3) == 2
+    assert slots_of([], gpus_per_slot=1, cpu_slots=2) == 2
+    assert slots_of([], 1, 0) == 0
 
 
 def test_loopback_addresses() -> None:

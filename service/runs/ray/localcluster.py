@@ -3,15 +3,15 @@
 trying Ratchet's Ray executor without a cluster:
 
     with LocalCluster([Worker(name="w1", gpus=2), Worker(name="w2", gpus=2)]) as cluster:
-        executor = RayExecutor(cluster.address, instance, auth_token_path=cluster.token_path)
+        executor = RayExecutor(cluster.address, instance, token_file=cluster.token_path)
 
 Every node, and every socket its processes hold, is checked to be on 127.0.0.1 (`verify`, run
 by `start`): Ray left alone registers nodes under the machine's network address. GPUs are
 logical (`--num-gpus`): on a machine without GPUs a worker's runs get its device ids all the same.
 `kill(name)` takes a worker down at once (every process of it, SIGKILL), `restart(name)` brings
-it back under the same name, as a new Ray node.
+it back under the same name, as a new Ray node; `add(worker)` starts another one.
 
-    python -m service.cluster.local --workers 2 --gpus 2    # runs one until Ctrl-C
+    python -m service.runs.ray.localcluster --workers 2 --gpus 2    # runs one until Ctrl-C
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class LocalCluster:
                     f"--dashboard-port={_free_port()}",
                 ],
             )
-            self._wait_nodes({"head"}, timeout)
+            self._wait_port(self.port, timeout)  # the GCS listens: workers may join (they retry)
             for worker in self.workers.values():
                 self._start_worker(worker)
             self._wait_nodes(set(self._nodes), timeout)
@@ -168,7 +168,7 @@ class LocalCluster:
         cmd = [
             sys.executable,
             "-m",
-            "service.cluster.loopback",
+            "service.runs.ray.loopback",
             "start",
             "--block",
             *ports,
@@ -190,15 +190,19 @@ class LocalCluster:
         self._nodes[name] = _Process(name=name, popen=popen, log=log, args=args, env=env or {}, tries=tries)
 
     def stop(self) -> None:
-        """Every process of every node, SIGTERM then SIGKILL; the cluster's files."""
+        """Every process of every node, SIGTERM then (a second later) SIGKILL; the cluster's files.
+        A test cluster keeps nothing worth a graceful stop, which takes Ray ten seconds."""
         for name in list(self._nodes):
             self._signal(name, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 1
         while time.monotonic() < deadline and any(self._pids(n) for n in self._nodes):
-            time.sleep(0.2)
+            time.sleep(0.1)
         for name in list(self._nodes):
             self._signal(name, signal.SIGKILL)
             self._nodes[name].popen.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(self._pids(n) for n in self._nodes):
+            time.sleep(0.1)
         self._nodes.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -212,6 +216,15 @@ class LocalCluster:
         while self._pids(name) and time.monotonic() < deadline:
             time.sleep(0.1)
         del self._nodes[name]
+
+    def add(self, worker: Worker, timeout: float = 120) -> None:
+        """A new worker node joins the running cluster."""
+        if worker.name in self.workers:
+            raise ClusterError(f"a worker named {worker.name} exists")
+        self.workers[worker.name] = worker
+        self._start_worker(worker)
+        self._wait_nodes(set(self._nodes), timeout)
+        self.verify()
 
     def restart(self, name: str, timeout: float = 120) -> None:
         """Bring a killed worker back under its name (Ray sees a new node)."""
@@ -236,13 +249,16 @@ class LocalCluster:
     # -- checks ------------------------------------------------------------------------------------
 
     def nodes(self) -> list[dict[str, Any]]:
-        """`ray.nodes()` of the cluster, read by a short-lived driver of its own."""
+        """The cluster's nodes as `ray.nodes()` lists them, asked of the GCS by a short-lived
+        process of its own (no driver: that would wait for a raylet to attach to)."""
         code = (
-            "import json, ray; from service.cluster.loopback import pin; pin(); "
-            f"ray.init(address={self.address!r}, _node_ip_address={LOOPBACK!r}, logging_level='error',"
-            " log_to_driver=False, configure_logging=False); "
-            "print('nodes:', json.dumps([{k: n[k] for k in ('NodeID', 'Alive', 'NodeManagerAddress',"
-            " 'Resources', 'Labels')} for n in ray.nodes()]))"
+            "import json; from ray._raylet import GcsClient; "
+            "from ray.core.generated.gcs_pb2 import GcsNodeInfo; "
+            f"infos = GcsClient(address={self.address!r}).get_all_node_info(timeout=20); "
+            "print('nodes:', json.dumps([{'NodeID': i.node_id.hex(), "
+            "'Alive': i.state == GcsNodeInfo.GcsNodeState.ALIVE, "
+            "'NodeManagerAddress': i.node_manager_address, 'Resources': dict(i.resources_total), "
+            "'Labels': dict(i.labels)} for i in infos.values()]))"
         )
         out = subprocess.run(
             [sys.executable, "-c", code], env=self.env(), capture_output=True, text=True, timeout=60
@@ -254,6 +270,18 @@ class LocalCluster:
         if line is None:
             raise ClusterError(f"no node list from {self.address}: {out.stdout[-2000:]}")
         return json.loads(line.removeprefix("nodes: "))
+
+    def _wait_port(self, port: int, timeout: float) -> None:
+        """Until something listens on loopback `port` (cheap: reading the nodes costs a driver)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex((LOOPBACK, port)) == 0:
+                    return
+            head = self._nodes["head"]
+            if head.popen.poll() is not None or time.monotonic() > deadline:
+                raise ClusterError(f"the head's GCS is not up on port {port}:\n{_tail(head.log)}")
+            time.sleep(0.2)
 
     def _wait_nodes(self, names: set[str], timeout: float) -> None:
         deadline = time.monotonic() + timeout

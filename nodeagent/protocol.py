@@ -1,4 +1,4 @@
-"""What an agent and the executor say to each other, as msgpack-encoded Structs.
+"""What a node's agent and the service's Ray executor say to each other, as msgpack-encoded Structs.
 
 Everything crosses Ray as bytes: an agent's failure is a `Failed` value, never a raised exception
 (a `SandboxError` pickled through Ray would lose its reason), and the run's events (output as it
@@ -20,9 +20,12 @@ __all__ = [
     "Exited",
     "Failed",
     "Finished",
+    "NodeFacts",
     "Output",
     "Prepared",
     "decode_event",
+    "decode_facts",
+    "decode_prepared",
     "decode_spec",
     "encode",
 ]
@@ -36,6 +39,19 @@ class AgentInfo(msgspec.Struct, kw_only=True, frozen=True):
     gpus: list[str]  # device ids of the node's GPUs, held by the agent for Ratchet's runs
     engine: bool  # the node's container engine answers
     pid: int
+    auth: str = ""  # Ray's authentication mode on the node ("token", "disabled")
+
+
+class NodeFacts(msgspec.Struct, kw_only=True, frozen=True):
+    """What a node's engine says about itself, for `ratchet doctor`."""
+
+    engine: bool  # the node's container engine answers
+    engine_version: str = ""
+    runtimes: list[str] = []  # OCI runtimes registered with it (runc, runsc, ...)
+    gpu_route: str = "none"  # how its containers get GPUs: "nvidia", "cdi" or "none"
+    gpu_reason: str = ""  # why that route; for "none", what to install
+    missing_images: list[str] = []  # of the images asked about, those it lacks
+    problem: str | None = None  # why the engine could not be asked
 
 
 class Prepared(msgspec.Struct, kw_only=True, frozen=True, tag="prepared"):
@@ -81,6 +97,7 @@ _encoder = msgspec.msgpack.Encoder()
 _events = msgspec.msgpack.Decoder(Event)
 _prepare_answer = msgspec.msgpack.Decoder(Prepared | Failed)
 _specs = msgspec.msgpack.Decoder(RunSpec)
+_facts = msgspec.msgpack.Decoder(NodeFacts)
 
 
 def encode(value: msgspec.Struct) -> bytes:
@@ -97,3 +114,7 @@ def decode_prepared(data: bytes) -> Prepared | Failed:
 
 def decode_spec(data: bytes) -> RunSpec:
     return _specs.decode(data)
+
+
+def decode_facts(data: bytes) -> NodeFacts:
+    return _facts.decode(data)

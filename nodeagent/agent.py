@@ -5,10 +5,13 @@ and runs `sandbox` there. It knows runs by the key the executor gave them, and n
     execute(key)       -> Output* Exited Output* (Finished | Failed)   streamed as it happens
     cancel(key) / release(key)                     any time, also before the prepare has ended
     sweep(labels)      -> count                    this node's containers and volumes with `labels`
+    images(names)      -> [missing]                the images of `names` this node lacks
+    report(images, gpu_image) -> NodeFacts         the engine, its runtimes and GPU route, missing images
 
 Every container it makes carries `ratchet.node=<its node>`: nodes may share one engine (on a test
-machine they do), and a sweep must never take another node's runs. Long calls (prepare, execute)
-and short ones (cancel, release) have thread pools of their own, so a busy node still cancels at once.
+machine they do), and a sweep must never take another node's runs. Long calls (prepare, execute),
+slow ones (release, sweep, report) and short ones (ping, cancel) have thread pools of their own, so
+a busy node still answers and cancels at once.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Iterator
 import msgspec
 import ray
 
-from sandbox import PreparedRun, RunResult, Sandbox, Timings
+from sandbox import PreparedRun, RunResult, Sandbox, SandboxError, Timings
 
 from .protocol import (
     LABEL_NODE,
@@ -30,6 +33,7 @@ from .protocol import (
     Exited,
     Failed,
     Finished,
+    NodeFacts,
     Output,
     Prepared,
     decode_spec,
@@ -39,8 +43,10 @@ from .protocol import (
 __all__ = ["CONCURRENCY", "NodeAgent"]
 
 # Threads per kind of call. "run": one per workload streaming its output (a node rarely runs more
-# than 64 at once); "prepare": engine work ahead of the gate; the default group: short calls.
-CONCURRENCY = {"run": 64, "prepare": 16}
+# than 64 at once); "prepare": engine work ahead of the gate; "clean": removals, sweeps and the
+# doctor's probe, slow under load; the default group: short calls (ping, cancel), which must never
+# wait behind a removal: the scheduler pings before it hands a slot on.
+CONCURRENCY = {"run": 64, "prepare": 16, "clean": 4}
 _CHUNK_BYTES = 256 * 1024  # output sent in one event at most
 _CHUNK_WAIT_S = 0.02  # output gathered this long after its first byte before it is sent
 _PENDING_BYTES = 8 * 1024 * 1024  # live output held for a slow reader; older output is dropped
@@ -56,6 +62,9 @@ class NodeAgent:
         self._lock = threading.Lock()
 
     def hello(self) -> bytes:
+        from ray._private.authentication.authentication_utils import get_authentication_mode_name
+        from ray._raylet import get_authentication_mode
+
         ctx = ray.get_runtime_context()
         gpus = [str(g) for g in ray.get_gpu_ids()]
         return encode(
@@ -65,6 +74,7 @@ class NodeAgent:
                 gpus=gpus,
                 engine=self.sandbox.ping(),
                 pid=os.getpid(),
+                auth=get_authentication_mode_name(get_authentication_mode()),
             )
         )
 
@@ -72,15 +82,30 @@ class NodeAgent:
         return self.sandbox.ping()
 
     def images(self, names: list[str]) -> list[str]:
-        """The images of `names` missing on this node's engine."""
-        missing = []
-        for name in names:
-            try:
-                self.sandbox.client.images.get(name)
-            except Exception:
-                missing.append(name)
-        return missing
+        """The images of `names` this node's engine lacks."""
+        return [name for name in names if self.sandbox.has_image(name) is False]
 
+    @ray.method(concurrency_group="clean")
+    def report(self, images: list[str], gpu_image: str | None) -> bytes:
+        """The node's engine as `ratchet doctor` shows it. `gpu_image`: try the nvidia driver with
+        a throw-away container of it (only asked for on a node with GPUs)."""
+        try:
+            probe = self.sandbox.gpu_probe(gpu_image) if gpu_image else self.sandbox.probe()
+            missing = self.images(images)
+        except SandboxError as exc:
+            return encode(NodeFacts(engine=False, problem=str(exc)))
+        return encode(
+            NodeFacts(
+                engine=True,
+                engine_version=probe.engine_version,
+                runtimes=sorted(probe.runtimes),
+                gpu_route=probe.route,
+                gpu_reason=probe.reason,
+                missing_images=missing,
+            )
+        )
+
+    @ray.method(concurrency_group="clean")
     def sweep(self, labels: dict[str, str]) -> int | bytes:
         try:
             return self.sandbox.remove_labelled({**labels, LABEL_NODE: self.node})
@@ -133,6 +158,7 @@ class NodeAgent:
         if run is not None:
             run.cancel()
 
+    @ray.method(concurrency_group="clean")
     def release(self, key: str) -> None:
         with self._lock:
             run = self._runs.pop(key, None)

@@ -13,10 +13,11 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from nodeagent.protocol import AgentInfo
 from sandbox import SandboxError
 
-from .inventory import Node, Slot
-from .protocol import AgentInfo
+from ..executor import Node
+from .inventory import RayNode
 
 if TYPE_CHECKING:
     from .executor import RayHandle
@@ -30,7 +31,7 @@ CALL_S = 30.0  # cancel, release, sweep: short calls
 
 class Remote:
     def __init__(
-        self, node: Node, actor: Any, info: AgentInfo, slots: list[Slot], on_lost: Callable[[Remote], None]
+        self, node: RayNode, actor: Any, info: AgentInfo, slots: int, on_lost: Callable[[Remote], None]
     ) -> None:
         self.node = node
         self.actor = actor
@@ -45,6 +46,10 @@ class Remote:
     @property
     def name(self) -> str:
         return self.node.name
+
+    def as_node(self) -> Node:
+        """This node as the scheduler sees it."""
+        return Node(name=self.name, slots=self.slots, gpus=tuple(self.info.gpus))
 
     def load(self) -> int:
         return len(self.active) + self.preparing

@@ -7,7 +7,7 @@ process: a loopback address stays what it is, every other address is resolved as
 Each process that parses such an address (the driver, each `ray start`) must call it; the
 processes those start get the address already resolved.
 
-    python -m service.cluster.loopback start --head --node-ip-address=127.0.0.1 ...
+    python -m service.runs.ray.loopback start --head --node-ip-address=127.0.0.1 ...
 
 runs Ray's own command line with the rewrite stopped.
 """
