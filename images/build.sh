@@ -2,13 +2,16 @@
 # Build every Ratchet image:
 #   ratchet/sandbox:latest   default experiment image (Python 3 + NumPy, uid 1000)
 #   ratchet/service:latest   the HTTP service (top-level Dockerfile)
+#   ratchet/service:ray      the same with Ray, for `ratchet serve --executor ray` (--with-ray)
 #
 # Two ways to get base images:
 #   public  FROM debian:bookworm-slim / python:3.11-slim (needs a reachable registry)
 #   local   ratchet/base:bookworm, made here from Debian packages with debootstrap and
 #           `docker import`; no registry needed and no network inside the image builds.
 #
-# Usage: images/build.sh [--local-base|--public-base] [--no-cache] [sandbox] [service]
+# Usage: images/build.sh [--local-base|--public-base] [--no-cache] [--with-ray] [sandbox] [service]
+#   --with-ray  build the service image from requirements/ray.txt (the service and Ray, locked)
+#               as ratchet/service:ray; the default image stays without Ray
 #
 # Environment:
 #   RATCHET_LOCAL_BASE=1|0  force local / public base images (default: auto-detect; local
@@ -33,6 +36,8 @@ LOCAL_BASE_IMAGE="ratchet/base:${SUITE}"
 BASE_PACKAGES="python3,python3-numpy,python3-venv,python3-pip,ca-certificates,git"
 SANDBOX_IMAGE="ratchet/sandbox:latest"
 SERVICE_IMAGE="ratchet/service:latest"
+SERVICE_LOCK=requirements/service.txt
+DEPS_NAME=deps  # under images/.wheels: the locked dependency wheels of SERVICE_LOCK
 PUBLIC_SANDBOX_BASE="${RATCHET_SANDBOX_BASE:-debian:bookworm-slim}"
 PUBLIC_SERVICE_BASE="${RATCHET_SERVICE_BASE:-python:3.11-slim}"
 WHEEL_DIR="$ROOT/images/.wheels"
@@ -42,7 +47,7 @@ BASE_RECIPE_VERSION=1
 
 log() { printf '==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
-usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,28p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 mode="${RATCHET_LOCAL_BASE:-auto}"
 case "$mode" in
@@ -58,6 +63,7 @@ while [ $# -gt 0 ]; do
     --local-base) mode=local ;;
     --public-base) mode=public ;;
     --no-cache) no_cache=(--no-cache) ;;
+    --with-ray) SERVICE_IMAGE="ratchet/service:ray"; SERVICE_LOCK=requirements/ray.txt; DEPS_NAME=deps-ray ;;
     sandbox|service) targets+=("$1") ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
@@ -151,7 +157,7 @@ build_wheels() {
     if [ -f "$f" ]; then cp "$f" "$src/"; fi
   done
   [ -f "$src/README.md" ] || : >"$src/README.md"
-  tar -cf - --exclude='__pycache__' --exclude='*.pyc' sandbox service | tar -C "$src" -xf -
+  tar -cf - --exclude='__pycache__' --exclude='*.pyc' client nodeagent sandbox service | tar -C "$src" -xf -
   rm -rf "$WHEEL_DIR/app"
   # SOURCE_DATE_EPOCH: identical sources give an identical wheel, hence a cached layer.
   if ! SOURCE_DATE_EPOCH=315532800 "$py" -m pip wheel -q --no-deps --no-build-isolation \
@@ -163,10 +169,11 @@ build_wheels() {
 
   # Dependencies for the image's interpreter (not the host's): exactly the locked set, hashes
   # checked here and again inside the build.
-  stamp="$(sha256sum requirements/service.txt | cut -c1-16) py$pyver $arch"
-  if [ "$(cat "$WHEEL_DIR/deps/.stamp" 2>/dev/null)" != "$stamp" ]; then
-    echo "downloading the locked dependency wheels for Python $pyver ($arch)"
-    rm -rf "$WHEEL_DIR/deps"
+  local deps="$WHEEL_DIR/$DEPS_NAME"
+  stamp="$(sha256sum "$SERVICE_LOCK" | cut -c1-16) py$pyver $arch"
+  if [ "$(cat "$deps/.stamp" 2>/dev/null)" != "$stamp" ]; then
+    echo "downloading the locked dependency wheels of $SERVICE_LOCK for Python $pyver ($arch)"
+    rm -rf "$deps"
     "$py" -m pip download -q --only-binary=:all: --require-hashes --no-deps \
       --python-version "$pyver" --implementation cp --abi "cp${pyver/./}" --abi abi3 --abi none \
       --platform "manylinux_2_36_$arch" --platform "manylinux_2_34_$arch" \
@@ -174,10 +181,10 @@ build_wheels() {
       --platform "manylinux_2_17_$arch" --platform "manylinux2014_$arch" \
       --platform "manylinux_2_12_$arch" --platform "manylinux2010_$arch" \
       --platform "manylinux_2_5_$arch" --platform "manylinux1_$arch" --platform "linux_$arch" \
-      --dest "$WHEEL_DIR/deps" -r requirements/service.txt \
-      || die "downloading the locked dependency wheels (requirements/service.txt) failed"
-    cp requirements/service.txt "$WHEEL_DIR/deps/requirements.txt"
-    printf '%s\n' "$stamp" >"$WHEEL_DIR/deps/.stamp"
+      --dest "$deps" -r "$SERVICE_LOCK" \
+      || die "downloading the locked dependency wheels ($SERVICE_LOCK) failed"
+    cp "$SERVICE_LOCK" "$deps/requirements.txt"
+    printf '%s\n' "$stamp" >"$deps/.stamp"
   fi
 }
 
@@ -357,7 +364,8 @@ if want service; then
   log "building $SERVICE_IMAGE"
   version=$(basename "$WHEEL_DIR"/app/ratchet-*.whl | cut -d- -f2)
   docker_build service -t "$SERVICE_IMAGE" -f "$ROOT/Dockerfile" \
-    --build-arg "BASE_IMAGE=$service_base" --build-arg "RATCHET_VERSION=$version" "$ROOT"
+    --build-arg "BASE_IMAGE=$service_base" --build-arg "RATCHET_VERSION=$version" \
+    --build-arg "DEPS=$DEPS_NAME" "$ROOT"
 fi
 
 log "done in $(elapsed "$T_ALL")s (${timings[*]:-nothing to build})"
