@@ -1,7 +1,13 @@
-"""Which Ray nodes run experiments and the slots they give: pure logic, no cluster."""
+"""Which Ray nodes run experiments and the slots they give, and the Ray settings `ratchet serve`
+refuses: no cluster needed."""
 
 from __future__ import annotations
 
+import os
+
+from click.testing import CliRunner
+
+from service.cli import cli
 from service.runs.ray.inventory import NODE_LABEL, nodes_from_ray, slots_of
 from service.runs.ray.loopback import is_loopback
 
@@ -41,3 +47,17 @@ def test_slots_are_gpu_groups_or_cpu_slots() -> None:
 def test_loopback_addresses() -> None:
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "localhost", "::1", "[::1]"))
     assert not any(is_loopback(h) for h in ("192.0.2.2", "10.0.0.1", "example.org", ""))
+
+
+def test_serve_refuses_a_ray_executor_set_up_wrong(monkeypatch, tmp_path) -> None:
+    for key in [k for k in os.environ if k.startswith("RATCHET_")]:
+        monkeypatch.delenv(key)
+    runner = CliRunner()
+    serve = ["serve", "--executor", "ray", "--data-dir", str(tmp_path)]
+    out = runner.invoke(cli, serve)
+    assert out.exit_code == 2 and "--executor ray needs --ray-address" in out.output
+    out = runner.invoke(cli, [*serve, "--ray-address", "127.0.0.1:1", "--slots", "4"])
+    assert out.exit_code == 2 and "--slots and --gpus are the local engine's" in out.output
+    monkeypatch.setenv("RATCHET_RAY_AUTH", "maybe")
+    out = runner.invoke(cli, [*serve, "--ray-address", "127.0.0.1:1"])
+    assert out.exit_code == 2 and "ray_auth" in out.output
