@@ -55,7 +55,7 @@ _PENDING_BYTES = 8 * 1024 * 1024  # live output held for a slow reader; older ou
 class NodeAgent:
     def __init__(self, instance: str, node: str) -> None:
         self.node = node
-        self.sandbox = Sandbox(instance=instance)
+        self.sandbox = Sandbox(instance=instance, labels={LABEL_NODE: node})
         self._runs: dict[str, PreparedRun] = {}
         self._cancelled: set[str] = set()  # cancel() came before its prepare ended
         self._abandoned: set[str] = set()  # release() came before its prepare ended
@@ -117,9 +117,7 @@ class NodeAgent:
     @ray.method(concurrency_group="prepare")
     def prepare(self, key: str, spec_data: bytes) -> bytes:
         try:
-            spec = decode_spec(spec_data)
-            spec = msgspec.structs.replace(spec, labels={**spec.labels, LABEL_NODE: self.node})
-            run = self.sandbox.prepare(spec)
+            run = self.sandbox.prepare(decode_spec(spec_data))
         except Exception as exc:
             with self._lock:
                 self._abandoned.discard(key)
