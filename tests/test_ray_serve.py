@@ -5,9 +5,11 @@ containers on the tests' fake-GPU engine, which the nodes share):
 - a loop's experiments spread over both nodes, each on GPU ids of its own node, and say where they
   ran; /metrics and the loop page show the nodes; a deadline ends as `timeout` and a cancel as
   `cancelled`, with nothing left behind;
+- a service killed with a run on each node, started again, joins the cluster, every node's agent
+  removes what the dead process left there, and the runs are run again and judged;
 - a node killed under a running experiment sends it back to the queue: it runs on the other node
   and is judged once (attempts 2); a node that joins mid-loop gets work at once; the killed node's
-  orphaned container is removed when it comes back.
+  orphaned container is removed when it comes back (this one changes the cluster: it runs last).
 """
 
 from __future__ import annotations
@@ -110,6 +112,36 @@ def test_a_loop_spreads_over_the_nodes_with_their_gpus_and_says_where_each_ran(
     assert settled_leftovers(fake_gpu_engine.client, f"ratchet.experiment={doomed}") == []
 
 
+def test_a_restarted_service_reattaches_and_sweeps_every_node(
+    ray_server, fake_gpu_engine: FakeGpuEngine
+) -> None:
+    """kill -9 with runs on both nodes: their containers outlive the service (its agents die with
+    it); started again on the same data dir, it joins the cluster, each node's new agent removes
+    what the dead process left there, and the experiments run again and are judged."""
+    srv, engine = ray_server, fake_gpu_engine.client
+    loop = make_loop(srv, image=SANDBOX_IMAGE, resources={"gpus": 1, "cpus": 0.25, "memory_mb": 256})
+    srv.wait_idle(loop["id"])
+    ids = [submit(srv, loop["id"], f"r{v}", files=train(v, 10))["id"] for v in (0.8, 0.7, 0.6, 0.5)]
+    label = f"ratchet.sandbox={srv.instance}"
+
+    def nodes_of(everything: bool) -> set[str]:
+        found = engine.containers.list(all=everything, filters={"label": label})
+        return {c.labels["ratchet.node"] for c in found}
+
+    wait_for("runs on both nodes", lambda: nodes_of(everything=False) == {"w1", "w2"})
+    time.sleep(2)  # their gates open (a gate whose agent dies closes: its container exits)
+    srv.stop(kill=True)
+    assert nodes_of(everything=True) == {"w1", "w2"}  # what it made outlives it
+    srv.start()
+    log = srv.log()
+    assert re.search(r"node w1 joined: .* removed \d+ container", log), log[-3000:]
+    assert re.search(r"node w2 joined: .* removed \d+ container", log), log[-3000:]
+    srv.wait_idle(loop["id"], timeout=300)
+    for exp_id in ids:
+        exp = srv.client.get(f"/v1/experiments/{exp_id}").json()
+        assert exp["status"] in ("keep", "discard") and exp["attempts"] == 2, exp
+
+
 def test_a_node_lost_mid_run_sends_its_experiment_elsewhere_and_a_new_node_gets_work(
     ray_server, cluster: LocalCluster, fake_gpu_engine: FakeGpuEngine
 ) -> None:
@@ -145,3 +177,4 @@ def test_a_node_lost_mid_run_sends_its_experiment_elsewhere_and_a_new_node_gets_
     cluster.restart(node)  # its new agent removes the orphaned container
     wait_for(f"{node} back", lambda: node_gauges(srv).get(("ratchet_node_slots", node)) == 2)
     assert settled_leftovers(engine, label, timeout=60) == []
+
