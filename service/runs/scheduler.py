@@ -331,7 +331,11 @@ class Scheduler:
         ready = sum(1 for r in self._running.values() if r.handle is not None and r.freed_at is None)
         budget = min(self.lookahead, ready * self.settings.prepare_ahead)
         promised = [st.placement for st in self._staged.values()]
-        holding = [r.placement for r in self._running.values() if r.freed_at is None]
+        # Each run prepared is made where a slot should free next (made on another node than the
+        # one that frees, it would be made again from scratch there): by budget from gate opening.
+        now = time.time()
+        working = [r for r in self._running.values() if r.freed_at is None]
+        holding = [r.placement for r in sorted(working, key=lambda r: r.expected_end(now))]
         for loop_id, exp_id in wanted:
             if len(self._staged) >= budget:
                 break
