@@ -124,13 +124,13 @@ class RayExecutor:
             raise SandboxError(f"node {node} is not in the Ray cluster (now)", "unreachable")
         if not set(spec.gpus) <= set(agent.info.gpus):
             raise SpecError(f"node {node} has GPUs {agent.info.gpus}, not {spec.gpus}")
-        import ray
-
-        ref = ray.put(encode(spec))  # the workspace travels to the node through the object store
+        # The workspace travels with the call: inline when small, through Ray's object store when
+        # over Ray's inline limit (100 KiB by default); a `ray.put` of its own costs a round trip.
+        data = encode(spec)
         key = uuid.uuid4().hex
         agent.preparing += 1
         try:
-            raw = await agent.call("prepare", agent.actor.prepare.remote(key, ref), timeout=None)
+            raw = await agent.call("prepare", agent.actor.prepare.remote(key, data), timeout=None)
         except asyncio.CancelledError:
             # Its caller gave up: the agent removes the run once it is made.
             with contextlib.suppress(Exception):
