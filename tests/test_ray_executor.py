@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -21,11 +22,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
+import msgspec
 import pytest
 from conftest import ROOT, SANDBOX_IMAGE, leftovers
 from fake_gpu_engine import FakeGpuEngine
 
-from sandbox import RunResult, RunSpec, SandboxError, SpecError
+from sandbox import FileEntry, RunResult, RunSpec, SandboxError, SpecError
 from service.runs.executor import Node
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -r requirements/ray.txt)")
@@ -191,6 +193,17 @@ async def test_live_output_arrives_while_the_run_goes_on(executor: RayExecutor) 
     assert watch.text == "one\ntwo\nthree\n" == result.log
     first, last = watch.chunks[0][0], watch.chunks[-1][0]
     assert last - first > 2.5  # chunks came as written, not all at the end
+    await handle.cleanup()
+
+
+async def test_a_workspace_past_rays_inline_limit_arrives_whole(executor: RayExecutor) -> None:
+    data = os.urandom(3 * 1024 * 1024)  # through Ray's object store, not inline in the call
+    spec = msgspec.structs.replace(
+        _spec("sha256sum big.bin"), files=[FileEntry(path="big.bin", data=data)]
+    )
+    handle = await executor.prepare(spec, "w2")
+    result = await _run(handle)
+    assert result.exit_code == 0 and hashlib.sha256(data).hexdigest() in result.log
     await handle.cleanup()
 
 
