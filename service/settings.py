@@ -57,6 +57,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     fault_point: str | None = None  # tests only: see service/faults.py
     # One log line per HTTP request costs more than many a request itself; /metrics counts them.
     access_log: bool = False
+    # -- operations (README "Operating it") --
+    # A service-wide webhook (every loop's events) and the policy for every webhook's destination.
+    webhook_url: Annotated[str, Meta(max_length=2048)] | None = None
+    webhook_secret: Annotated[str, Meta(min_length=16, max_length=256)] | None = None
+    webhook_events: str | None = None  # comma-separated; default: every event
+    webhook_streak: Annotated[int, Meta(ge=1, le=1000)] = 3
+    webhook_allow: str | None = None  # hosts and CIDRs a webhook may reach besides public addresses
+    webhook_allow_public: bool = True  # False: only the allow-list (and RATCHET_WEBHOOK_URL's host)
+    webhook_backoff_s: Annotated[float, Meta(ge=0.01, le=3600)] = 10.0
+    webhook_attempts: Annotated[int, Meta(ge=1, le=100)] = 10
+    webhook_timeout_s: Annotated[float, Meta(gt=0, le=300)] = 10.0
 
     def with_overrides(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **changes)
@@ -84,3 +95,4 @@ def load_settings(
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise SettingsError(f"invalid setting: {exc} (flags, or {ENV_PREFIX}<NAME> variables)") from exc
+

@@ -33,7 +33,7 @@ SUBMIT = {
     ("POST", "/v1/loops/{loop_id}/baseline"),
     ("POST", "/v1/experiments/{exp_id}/rerun"),
 }
-ADMIN_ONLY_READS = {("GET", "/v1/tokens")}
+ADMIN_ONLY_READS = {("GET", "/v1/tokens"), ("GET", "/v1/service")}
 CALLERS = ("nobody", "wrong", "read", "submit", "admin")
 
 
@@ -87,7 +87,14 @@ def secured(server_factory):
 def test_every_route_needs_its_scope(secured):
     tokens = {s: make_token(secured, f"t-{s}", [s])["secret"] for s in ("read", "submit", "admin")}
     tokens |= {"nobody": None, "wrong": "rt_" + secrets.token_urlsafe(32)}
-    ids = {"loop_id": NO_LOOP, "exp_id": NO_EXP, "token_id": NO_TOKEN, "snapshot_id": "3" * 64}
+    ids = {
+        "loop_id": NO_LOOP,
+        "exp_id": NO_EXP,
+        "token_id": NO_TOKEN,
+        "snapshot_id": "3" * 64,
+        "webhook_id": "4" * 16,
+        "delivery_id": "5" * 16,
+    }
     routes = app_routes()
     assert ("POST", "/v1/tokens") in routes and ("GET", "/loops/{loop_id}") in routes
     for method, template in routes:

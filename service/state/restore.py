@@ -10,6 +10,9 @@
 4. The start-up check of `integrity` runs on it with every blob hashed (`all`).
 5. Only then is the directory renamed into place. A target that exists and is not empty is refused.
 
+Tokens and webhooks are carried over, and webhook deliveries that were pending are sent by the
+restored service (receivers that saw one already tell by its `id`).
+
 The restored data dir gets no `instance-id`: its first start makes a new one, so its service never
 mistakes the containers of the service the backup came from (which may still be running on this
 engine) for its own.
