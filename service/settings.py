@@ -58,6 +58,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     # One log line per HTTP request costs more than many a request itself; /metrics counts them.
     access_log: bool = False
     # -- operations (README "Operating it") --
+    # Browser logins (/login): how long a session lasts, and whether its cookie is Secure: "auto"
+    # marks it Secure unless the page was asked for over plain http from a loopback host name.
+    session_max_age_s: Annotated[int, Meta(ge=60, le=90 * 24 * 3600)] = 12 * 3600
+    cookie_secure: Literal["auto", "true", "false"] = "auto"
     # A service-wide webhook (every loop's events) and the policy for every webhook's destination.
     webhook_url: Annotated[str, Meta(max_length=2048)] | None = None
     webhook_secret: Annotated[str, Meta(min_length=16, max_length=256)] | None = None

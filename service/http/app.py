@@ -35,11 +35,13 @@ from .auth import SECURITY, SECURITY_COMPONENTS, Authenticator, is_loopback
 from .errors import exception_handlers, reject_bad_utf8
 from .experiments import ExperimentController
 from .health import HealthController
+from .login import login_controller
 from .loops import LoopController
 from .operations import check_settings, open_operations
 from .pages import PageController, ProgressController
 from .service_info import ServiceController
 from .services import Services
+from .sessions import DatabaseSessions, session_config
 from .snapshots import SnapshotController
 from .tokens import TokenController
 from .webhooks import WebhookController
@@ -204,15 +206,19 @@ def create_app(settings: Settings, executor: Executor | None = None) -> Litestar
             PageController,
             WebhookController,
             ServiceController,
+            login_controller(settings),
         ],
         dependencies={
             "services": Provide(provide_services, sync_to_thread=False),
+            "guard": Provide(lambda: guard, sync_to_thread=False),
+            "settings": Provide(lambda: settings, sync_to_thread=False),
         },
         lifespan=[lifespan],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
         before_request=reject_bad_utf8,
         guards=[guard],
-        middleware=[prometheus.middleware],
+        middleware=[prometheus.middleware, session_config(settings).middleware],
+        stores={"sessions": DatabaseSessions(lambda: holder["services"].store, settings.session_max_age_s)},
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="Ratchet",

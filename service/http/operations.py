@@ -1,6 +1,6 @@
 """What the lifespan opens for operating the service besides running experiments: the service-wide
-webhook and the sender of deliveries. `create_app` calls `check_settings` before anything starts,
-`open_operations` in its lifespan."""
+webhook and the sender of deliveries, expired browser sessions swept. `create_app` calls
+`check_settings` before anything starts, `open_operations` in its lifespan."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ..ops_models import WebhookSpec
 from ..rules.webhooks import parse_events, url_problem
 from ..runs.webhook_sender import WebhookSender
 from ..settings import Settings, SettingsError
-from ..state import webhooks
+from ..state import sessions, webhooks
 from ..state.store import Store
 
 __all__ = ["check_settings", "open_operations", "service_webhook"]
@@ -43,6 +43,9 @@ async def open_operations(
     settings: Settings, store: Store, mode: str, stack: contextlib.AsyncExitStack
 ) -> WebhookSender:
     await webhooks.set_service_hook(store, service_webhook(settings))
+    swept = await sessions.purge_expired(store)
+    if swept:
+        log.info("swept %d expired browser session(s)", swept)
     sender = WebhookSender(settings, store)
     await sender.start()
     stack.push_async_callback(sender.stop)

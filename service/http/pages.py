@@ -14,12 +14,14 @@ import time
 from collections.abc import Iterable
 
 from litestar import Controller, Response, get
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.response import Redirect
 
 from ..models import ExperimentView, LoopView, Status
 from ..rules.chart import Point, progress_svg
 from ..state.store import Store
 from .common import LoopId, errors, loop_or_404
+from .login import login_required_page
 from .services import Services
 from .webhooks import webhook_notice
 
@@ -79,6 +81,11 @@ class ProgressController(Controller):
 class PageController(Controller):
     path = "/"
     include_in_schema = False
+    # without a session (or a bearer token) a page answers 401 with a link to /login, as HTML
+    exception_handlers = {
+        NotAuthorizedException: login_required_page,
+        PermissionDeniedException: login_required_page,
+    }
 
     @get("/")
     async def root(self) -> Redirect:

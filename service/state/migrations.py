@@ -169,4 +169,16 @@ MIGRATIONS: list[str] = [
     CREATE TABLE webhook_cursors (loop_id TEXT PRIMARY KEY, seen INTEGER NOT NULL) WITHOUT ROWID;
     INSERT INTO webhook_cursors (loop_id, seen) SELECT id, finished FROM loops;
     """,
+    # browser sessions (/login): only the SHA-256 of a session id is stored, with the token it
+    # was made from; revoking the token deletes its sessions
+    """
+    CREATE TABLE sessions (
+        id_hash TEXT PRIMARY KEY,
+        token_id TEXT NOT NULL,
+        data BLOB NOT NULL,
+        expires_at REAL NOT NULL,
+        created_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX sessions_token ON sessions(token_id);
+    """,
 ]

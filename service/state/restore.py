@@ -10,8 +10,9 @@
 4. The start-up check of `integrity` runs on it with every blob hashed (`all`).
 5. Only then is the directory renamed into place. A target that exists and is not empty is refused.
 
-Tokens and webhooks are carried over, and webhook deliveries that were pending are sent by the
-restored service (receivers that saw one already tell by its `id`).
+Browser sessions are not carried over (everyone logs in again); tokens and webhooks are, and
+webhook deliveries that were pending are sent by the restored service (receivers that saw one
+already tell by its `id`).
 
 The restored data dir gets no `instance-id`: its first start makes a new one, so its service never
 mistakes the containers of the service the backup came from (which may still be running on this
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import msgspec
 
-from . import transitions
+from . import sessions, transitions
 from .backup import (
     BACKUP_FORMAT,
     MANIFEST_NAME,
@@ -158,6 +159,7 @@ async def _open_and_check(work: Path, pause: bool, progress: Progress) -> tuple[
         requeued = await store.running_ids()
         for exp_id in requeued:
             await transitions.requeue(store, exp_id)
+        await sessions.delete_all(store)  # browsers log in again to a restored service
         paused: list[str] = []
         if pause:
             for loop_id, _ in await store.active_loops():
