@@ -12,6 +12,7 @@ import itertools
 import time
 
 import pytest
+from conftest import ROOT
 from test_api import HARNESS, TRAIN
 from webhook_receiver import Receiver
 
@@ -73,6 +74,19 @@ def test_signature_verifies_and_a_wrong_one_is_detected():
     assert not verify(SECRET, header, body, now + 3600)  # replayed an hour later
     assert not verify(SECRET, header.replace(f"t={now}", f"t={now + 1}"), body, now)  # time changed
     assert not verify(SECRET, "v1=abc", body, now)
+
+
+def test_the_readme_verification_snippet_works():
+    text = (ROOT / "README.md").read_text()
+    blocks = text.split("```python")[1:]
+    block = next(b for b in blocks if b.lstrip().startswith("# verify a Ratchet webhook"))
+    namespace: dict = {}
+    exec(block.split("```")[0], namespace)  # our own README's code
+    body = b'{"id":"d1","event":"keep","text":"hi"}'
+    header = sign(SECRET, int(time.time()), body)
+    assert namespace["verify"](SECRET, header, body)
+    assert not namespace["verify"]("wrong-secret-xxxxxxxxxxxx", header, body)
+    assert not namespace["verify"](SECRET, header, body + b"x")
 
 
 def test_destination_policy():
