@@ -43,7 +43,7 @@ class _Progress:
         line = f"{phase:>15}: {done}/{total}{size}  [{now - self.t0:.1f} s]"
         if self.tty:
             click.echo(f"\r{line}", nl=False, err=True)
-        elif final or not self.tty:
+        else:
             click.echo(line, err=True)
 
     def end(self) -> None:
