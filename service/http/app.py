@@ -41,7 +41,7 @@ from .operations import check_settings, open_operations
 from .pages import PageController, ProgressController
 from .service_info import ServiceController
 from .services import Services
-from .sessions import DatabaseSessions, session_config
+from .sessions import DatabaseSessions, session_middleware
 from .snapshots import SnapshotController
 from .tokens import TokenController
 from .webhooks import WebhookController
@@ -217,7 +217,7 @@ def create_app(settings: Settings, executor: Executor | None = None) -> Litestar
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
         before_request=reject_bad_utf8,
         guards=[guard],
-        middleware=[prometheus.middleware, session_config(settings).middleware],
+        middleware=[prometheus.middleware, session_middleware(settings)],
         stores={"sessions": DatabaseSessions(lambda: holder["services"].store, settings.session_max_age_s)},
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
