@@ -16,6 +16,7 @@ and name. `auth.Authenticator` checks that token on every request.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -80,8 +81,6 @@ class DatabaseSessions(LitestarStore):
         return await sessions.get_session(self._store(), key) is not None
 
     async def expires_in(self, key: str) -> int | None:
-        import time
-
         found = await sessions.get_session(self._store(), key)
         return int(found[1] - time.time()) if found else None
 
