@@ -12,6 +12,7 @@ import click
 
 from client.cli import cli, main
 
+from .backup_commands import backup_command, restore_command
 from .settings import Settings, SettingsError, load_settings
 
 __all__ = ["cli", "main"]
@@ -45,10 +46,12 @@ def serve(**flags: Any) -> None:
     if flags.get("gpus") is not None:
         flags["gpus"] = [g.strip() for g in flags["gpus"].split(",") if g.strip()]
     from .http.auth import auth_mode
+    from .http.operations import check_settings
 
     try:
         settings = load_settings(flags)
         auth_mode(settings)
+        check_settings(settings)
         if settings.executor == "ray":
             _check_ray(settings)
     except SettingsError as exc:
@@ -84,6 +87,10 @@ def _check_ray(settings: Settings) -> None:
             "--executor ray needs Ray: pip install --require-hashes -r requirements/ray.txt"
             " (the same Ray as on the cluster's nodes)"
         )
+
+
+cli.add_command(backup_command)
+cli.add_command(restore_command)
 
 
 @cli.command()
