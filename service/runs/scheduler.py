@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal
 
 import msgspec
@@ -101,7 +101,9 @@ class Scheduler:
         await self.recover()
         await self.publish_bests()
         self._task = asyncio.create_task(self._loop(), name="ratchet-scheduler")
-        self._follower = asyncio.create_task(self._follow_inventory(), name="ratchet-inventory")
+        self._follower = asyncio.create_task(
+            _follow(self.executor, self._inventory_changed), name="ratchet-inventory"
+        )
 
     async def stop(self) -> None:
         """Removes prepared runs, kills running ones and puts their experiments back in the queue
@@ -151,18 +153,9 @@ class Scheduler:
 
     # -- the inventory ---------------------------------------------------------------------------
 
-    async def _follow_inventory(self) -> None:
-        """Slots follow the executor's nodes as they join and leave, between passes."""
-        while True:
-            try:
-                async for nodes in self.executor.watch_inventory():
-                    async with self._pass_lock:
-                        self._take_inventory(nodes)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("following the executor's inventory failed; retrying")
-            await asyncio.sleep(1.0)
+    async def _inventory_changed(self, nodes: list[Node]) -> None:
+        async with self._pass_lock:  # between passes
+            self._take_inventory(nodes)
 
     def _take_inventory(self, nodes: list[Node]) -> None:
         """A node that left loses its slots and GPU ids now, and the runs prepared there (its
@@ -175,13 +168,8 @@ class Scheduler:
         m.SLOTS_TOTAL.set(self.slots.total)
         self._busy_changed()
         if self._task is not None and (joined or left):
-            log.info(
-                "slots: %d on %d node(s)%s%s",
-                self.slots.total,
-                len(self.slots.nodes),
-                f"; joined: {', '.join(joined)}" if joined else "",
-                f"; left: {', '.join(left)}" if left else "",
-            )
+            now = f"{self.slots.total} on {len(self.slots.nodes)} node(s)"
+            log.info("slots: %s; joined: %s; left: %s", now, ",".join(joined) or "-", ",".join(left) or "-")
         self.wake()
 
     async def _loop(self) -> None:
@@ -464,3 +452,14 @@ class Scheduler:
     def prepared(self) -> list[str]:
         """Queued experiments prepared (or being prepared) ahead of their turn."""
         return list(self._staged)
+
+
+async def _follow(executor: Executor, changed: Callable[[list[Node]], Awaitable[None]]) -> None:
+    """Hands every inventory the executor reports to `changed`, as nodes join and leave."""
+    while True:
+        try:
+            async for nodes in executor.watch_inventory():
+                await changed(nodes)
+        except Exception:
+            log.exception("following the executor's inventory failed; retrying")
+        await asyncio.sleep(1.0)
