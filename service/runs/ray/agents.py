@@ -66,7 +66,8 @@ class Agents:
 
     async def start(self, nodes: int | None, timeout: float) -> None:
         """Place agents (Ray is joined). `nodes`: wait until that many nodes have agents; None:
-        until every node of the cluster now has one or failed to get one (at least one must not)."""
+        until every node of the cluster now has one or failed to get one. A cluster with no node
+        to run on yet is waited for by the scheduler, not here (nodes may join any time)."""
         import ray
 
         from nodeagent.agent import CONCURRENCY, NodeAgent
@@ -78,7 +79,12 @@ class Agents:
             await self._refresh()
             if self._starting:
                 await asyncio.wait(list(self._starting.values()), timeout=timeout)
-            nodes = 1
+            if not self.ready():
+                log.warning(
+                    "no node of the Ray cluster runs experiments yet (a node takes part when it"
+                    " offers CPUs and its engine answers): nothing is dispatched until one joins"
+                )
+            nodes = 0
         self._watcher = asyncio.create_task(self._watch(), name="ratchet-ray-nodes")
         while len(self.ready()) < nodes:
             left = deadline - time.monotonic()

@@ -99,8 +99,7 @@ class RayExecutor:
 
     async def connect(self, nodes: int | None = None, timeout: float = 120.0) -> None:
         """Join the cluster and place the agents. `nodes`: wait until that many nodes have agents;
-        None: until every node of the cluster now has one, or failed to get one (at least one
-        must succeed)."""
+        None: until every node of the cluster now has one, or failed to get one."""
         await asyncio.to_thread(join, self.address, self.auth, self.token_file)
         self.connected = True
         await self.agents.start(nodes, timeout)
