@@ -74,9 +74,17 @@ def _engine(action: str) -> Iterator[None]:
 class Sandbox:
     """A handle on one container engine. Thread-safe: runs may proceed in parallel threads."""
 
-    def __init__(self, client: docker.DockerClient | None = None, instance: str = "default") -> None:
+    def __init__(
+        self,
+        client: docker.DockerClient | None = None,
+        instance: str = "default",
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        """`labels`: carried, beside the instance's, by every container and volume it makes,
+        probes included (which node made it, on an engine that several nodes share, say)."""
         self._client = client
         self.instance = instance
+        self.labels = dict(labels or {})
         self._gpu_probe: EngineProbe | None = None
         self._probe_lock = threading.Lock()
 
@@ -111,7 +119,7 @@ class Sandbox:
         """Asks the engine afresh about itself and its GPU route; with `image`, the `nvidia` device
         driver is tried with a short container of that image (see `sandbox.probe`)."""
         with _engine("probe the engine"):
-            return probe_engine(self.client, image, {LABEL_SANDBOX: self.instance})
+            return probe_engine(self.client, image, {**self.labels, LABEL_SANDBOX: self.instance})
 
     def gpu_probe(self, image: str) -> EngineProbe:
         """The probe GPU runs go by: made once, and again while it finds no route (the operator
@@ -218,6 +226,7 @@ class PreparedRun:
     def labels(self) -> dict[str, str]:
         return {
             **self.spec.labels,
+            **self.sandbox.labels,
             LABEL_SANDBOX: self.sandbox.instance,
             LABEL_RUN: self.run_id,
         }

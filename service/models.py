@@ -242,6 +242,7 @@ class ExperimentView(msgspec.Struct, kw_only=True):
     runs: int | None = None  # a candidate's successful runs so far (its own and its repeats')
     mean: float | None = None  # the mean metric over those runs: what its verdict and the ledger use
     attempts: int = 0  # times it was started: >1 after a restart or a container engine failure
+    node: str | None = None  # where it runs or ran (the executor's node; "local" on one machine)
 
 
 class RerunCreate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

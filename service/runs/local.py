@@ -8,14 +8,16 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
+
+import msgspec
 
 from sandbox import LABEL_SANDBOX, PreparedRun, Sandbox, SandboxError
 from sandbox.gpus import gpu_refusal
 
 from ..settings import Settings
-from .executor import Node, RunResult, RunSpec, Timings
+from .executor import Node, NodeReport, RunResult, RunSpec, Timings
 from .gpus import detect_gpus
 
 __all__ = ["NODE", "LocalExecutor", "LocalHandle", "local_node"]
@@ -62,6 +64,10 @@ class LocalExecutor:
             await self._tell_gpu_route()
         return [self.node]
 
+    async def watch_inventory(self) -> AsyncIterator[list[Node]]:
+        yield await self.inventory()
+        await asyncio.Event().wait()  # this machine stays what it is
+
     async def _tell_gpu_route(self) -> None:
         """Says once how containers will get their GPUs, or why they cannot (each GPU run is then
         refused with the same words). The scheduler asks for the inventory before it removes this
@@ -100,6 +106,27 @@ class LocalExecutor:
 
     async def has_image(self, image: str) -> bool | None:
         return await asyncio.to_thread(self.sandbox.has_image, image)
+
+    async def nodes_report(self, images: list[str]) -> list[NodeReport]:
+        def ask() -> NodeReport:
+            node, sandbox = self.node, self.sandbox
+            here = NodeReport(name=node.name, slots=node.slots, gpus=list(node.gpus))
+            try:  # the nvidia driver is tried (with a throw-away container) only on a GPU host
+                probe = sandbox.gpu_probe(self._settings.default_image) if node.gpus else sandbox.probe()
+                missing = [name for name in images if sandbox.has_image(name) is False]
+            except SandboxError as exc:
+                return msgspec.structs.replace(here, problem=str(exc))
+            return msgspec.structs.replace(
+                here,
+                engine=True,
+                engine_version=probe.engine_version,
+                runtimes=sorted(probe.runtimes),
+                gpu_route=probe.route,
+                gpu_reason=probe.reason,
+                missing_images=missing,
+            )
+
+        return [await asyncio.to_thread(ask)]
 
     async def close(self) -> None:
         """Waits (a bounded time) for prepares and removals still under way: a prepare cancelled

@@ -181,4 +181,8 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX sessions_token ON sessions(token_id);
     """,
+    # the node an experiment runs (or ran) on: the executor's name for it ("local" on one machine)
+    """
+    ALTER TABLE experiments ADD COLUMN node TEXT;
+    """,
 ]
