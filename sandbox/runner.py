@@ -7,8 +7,8 @@ Lifecycle of a run (each step a small method; removal always happens):
   release: remove container and volume, forced, logged on failure, never raised
 
 Three kinds of failure never mix: a bad spec raises `SpecError` before the engine is touched; an
-engine failure raises `SandboxError` (translated at one place, `_engine`); whatever the workload
-does (non-zero exit, OOM, timeout) is data in the `RunResult`.
+engine failure raises `SandboxError` (translated at one place, `engine.engine_call`); whatever the
+workload does (non-zero exit, OOM, timeout) is data in the `RunResult`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import docker
@@ -28,6 +28,7 @@ import docker.errors
 import requests.exceptions
 
 from .archive import cache_seed_tar, read_cache_tar, read_output_tar, workspace_tar
+from .engine import SandboxError, engine_call, remove_retrying
 from .gpus import EngineProbe, GpuRoute, GpuUnavailable, gpu_refusal
 from .logcap import CappedLog
 from .options import (
@@ -56,43 +57,27 @@ _LOST_GRACE_S = 5.0
 _REPORT_GRACE_S = 1.0  # after the collection, for the gate to exit
 
 
-class SandboxError(RuntimeError):
-    """The container engine failed (not the workload): unreachable, image missing, API error.
-
-    `reason` is one of a small fixed set (image_missing, refused, unreachable) so callers can count
-    failures by kind without parsing messages."""
-
-    def __init__(self, message: str, reason: str = "refused") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-@contextlib.contextmanager
-def _engine(action: str) -> Iterator[None]:
-    """The one place where engine exceptions become `SandboxError`."""
-    try:
-        yield
-    except docker.errors.ImageNotFound as exc:
-        raise SandboxError(f"{action}: image not found ({exc.explanation})", "image_missing") from exc
-    except docker.errors.APIError as exc:
-        raise SandboxError(f"{action}: engine refused: {exc.explanation or exc}") from exc
-    except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
-        raise SandboxError(f"{action}: engine unreachable: {exc}", "unreachable") from exc
-
-
 class Sandbox:
     """A handle on one container engine. Thread-safe: runs may proceed in parallel threads."""
 
-    def __init__(self, client: docker.DockerClient | None = None, instance: str = "default") -> None:
+    def __init__(
+        self,
+        client: docker.DockerClient | None = None,
+        instance: str = "default",
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        """`labels`: carried, beside the instance's, by every container and volume it makes,
+        probes included (which node made it, on an engine that several nodes share, say)."""
         self._client = client
         self.instance = instance
+        self.labels = dict(labels or {})
         self._gpu_probe: EngineProbe | None = None
         self._probe_lock = threading.Lock()
 
     @property
     def client(self) -> docker.DockerClient:
         if self._client is None:
-            with _engine("connect"):
+            with engine_call("connect"):
                 self._client = docker.from_env(timeout=60)
         return self._client
 
@@ -103,7 +88,7 @@ class Sandbox:
 
     def ping(self) -> bool:
         try:
-            with _engine("ping"):
+            with engine_call("ping"):
                 return bool(self.client.ping())
         except SandboxError:
             return False
@@ -111,7 +96,7 @@ class Sandbox:
     def has_image(self, image: str) -> bool | None:
         """Whether the engine holds `image`; None when it cannot tell (unreachable, say)."""
         try:
-            with _engine("inspect image"):
+            with engine_call("inspect image"):
                 self.client.images.get(image)
             return True
         except SandboxError as exc:
@@ -120,8 +105,8 @@ class Sandbox:
     def probe(self, image: str | None = None) -> EngineProbe:
         """Asks the engine afresh about itself and its GPU route; with `image`, the `nvidia` device
         driver is tried with a short container of that image (see `sandbox.probe`)."""
-        with _engine("probe the engine"):
-            return probe_engine(self.client, image, {LABEL_SANDBOX: self.instance})
+        with engine_call("probe the engine"):
+            return probe_engine(self.client, image, {**self.labels, LABEL_SANDBOX: self.instance})
 
     def gpu_probe(self, image: str) -> EngineProbe:
         """The probe GPU runs go by: made once, and again while it finds no route (the operator
@@ -179,31 +164,14 @@ class Sandbox:
         """Force-remove every container and volume carrying all of `labels`; returns how many."""
         filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
         removed = 0
-        with _engine("cleanup"):
+        with engine_call("cleanup"):
             for c in self.client.containers.list(all=True, filters=filters):
-                if _remove(lambda c=c: c.remove(force=True)):
+                if remove_retrying(lambda c=c: c.remove(force=True)):
                     removed += 1
             for v in self.client.volumes.list(filters=filters):
-                if _remove(lambda v=v: v.remove(force=True)):
+                if remove_retrying(lambda v=v: v.remove(force=True)):
                     removed += 1
         return removed
-
-
-def _remove(call: Callable[[], object], tries: int = 20) -> bool:
-    """Runs an engine removal; False when the object was already gone. Another removal of the same
-    container (a cleanup by label racing a run's own release) answers 409 while it is in progress,
-    and its volume stays "in use" until it is done: wait for that rather than leak the volume."""
-    for attempt in range(tries):
-        try:
-            call()
-            return True
-        except docker.errors.NotFound:
-            return False
-        except docker.errors.APIError as exc:
-            if exc.status_code != 409 or attempt == tries - 1:
-                raise
-            time.sleep(0.1)
-    return False
 
 
 class PreparedRun:
@@ -229,6 +197,7 @@ class PreparedRun:
     def labels(self) -> dict[str, str]:
         return {
             **self.spec.labels,
+            **self.sandbox.labels,
             LABEL_SANDBOX: self.sandbox.instance,
             LABEL_RUN: self.run_id,
         }
@@ -239,31 +208,31 @@ class PreparedRun:
         api = self.sandbox.client.api
         env = {**self.spec.env, "RATCHET_OUTPUT_DIR": OUTPUT_DIR, "HOME": HOME_DIR}
         self._check_volumes()
-        with _engine("create volume"):
+        with engine_call("create volume"):
             self.sandbox.client.volumes.create(**volume_options(self.spec, self.volume, self.labels))
             if self.cache_volume is not None:
                 env["RATCHET_CACHE_DIR"] = CACHE_DIR
                 opts = cache_volume_options(self.spec, self.cache_volume, self.labels)
                 self.sandbox.client.volumes.create(**opts)
         opts = container_options(self.spec, self.volume, self.labels, env, self.gpu_route, self.cache_volume)
-        with _engine("create container"):
+        with engine_call("create container"):
             self.container_id = self.sandbox.client.containers.create(**opts).id
         self.timings.created = time.time()
-        with _engine("attach"):
+        with engine_call("attach"):
             self._sock = api.attach_socket(
                 self.container_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
             )
             self._raw = getattr(self._sock, "_sock", self._sock)
-        with _engine("start"):
+        with engine_call("start"):
             api.start(self.container_id)
         # The volume is mounted (by the engine, on the host) only while the container runs, so
         # the workspace goes in after the start, while the gate holds the workload back.
-        with _engine("copy workspace"):
+        with engine_call("copy workspace"):
             if not api.put_archive(self.container_id, MOUNT_POINT, workspace_tar(self.spec.files)):
                 raise SandboxError("copy workspace: engine did not accept the archive")
         if self.spec.cache:
             uid = (run_ids(self.spec) or (0, 0))[0]
-            with _engine("copy cache"):
+            with engine_call("copy cache"):
                 if not api.put_archive(self.container_id, CACHE_DIR, cache_seed_tar(self.spec.cache, uid)):
                     raise SandboxError("copy cache: engine did not accept the archive")
         self.timings.ready = time.time()
@@ -274,7 +243,7 @@ class PreparedRun:
             if m.is_bind:
                 continue
             try:
-                with _engine("inspect volume"):
+                with engine_call("inspect volume"):
                     self.sandbox.client.volumes.get(m.source)
             except SandboxError as exc:
                 if isinstance(exc.__cause__, docker.errors.NotFound):
@@ -316,7 +285,7 @@ class PreparedRun:
         logbuf = CappedLog(self.spec.limits.log_bytes)
         frames = FrameReader()  # one per run: a chunk may hold frames on both sides of the report
         try:
-            with _engine("open gate"):
+            with engine_call("open gate"):
                 self._raw.sendall(b"go\n")
             self.timings.started = time.time()
             # The hard deadline counts from the gate opening, never from the (earlier) prepare.
@@ -407,7 +376,7 @@ class PreparedRun:
         container ends with it; one still running lost its stream to the engine (restarted, or the
         connection cut): that is the infrastructure failing, never a result of the workload."""
         try:
-            with _engine("wait"):
+            with engine_call("wait"):
                 self.sandbox.client.api.wait(self.container_id, timeout=_LOST_GRACE_S)
         except SandboxError as exc:
             self._kill()
@@ -420,13 +389,13 @@ class PreparedRun:
         api = self.sandbox.client.api
         cid = self.container_id
         try:
-            with _engine("read peak memory"):
+            with engine_call("read peak memory"):
                 stats = api.stats(cid, stream=False, one_shot=True)
             result.peak_memory_bytes = (stats.get("memory_stats") or {}).get("max_usage")
         except SandboxError as exc:
             log.warning("run %s: %s", self.run_id, exc)
         if self.spec.limits.output_bytes > 0:
-            with _engine("collect output"):
+            with engine_call("collect output"):
                 try:
                     chunks, _ = api.get_archive(cid, OUTPUT_DIR)
                 except docker.errors.NotFound:
@@ -437,7 +406,7 @@ class PreparedRun:
                 files, skipped = read_output_tar(iter(chunks), self.spec.limits.output_bytes, read_limit)
             result.output_files, result.output_skipped = files, skipped
         if self.spec.collect_cache:
-            with _engine("collect cache"):
+            with engine_call("collect cache"):
                 chunks, _ = api.get_archive(cid, CACHE_DIR)
                 cap = self.spec.limits.cache_mb * 1024 * 1024
                 result.cache, result.cache_skipped = read_cache_tar(iter(chunks), cap, 2 * cap + 1024 * 1024)
@@ -448,7 +417,7 @@ class PreparedRun:
     def _finish(self, result: RunResult) -> None:
         """Wait for the container to stop and read the engine's verdict on it."""
         api = self.sandbox.client.api
-        with _engine("wait"):
+        with engine_call("wait"):
             try:
                 api.wait(self.container_id, timeout=_EXIT_GRACE_S)
             except (requests.exceptions.ConnectionError, requests.exceptions.ReadTimeout):
@@ -488,12 +457,12 @@ class PreparedRun:
         container_id = self.container_id
         if container_id is not None:
             try:
-                _remove(lambda: client.api.remove_container(container_id, force=True, v=True))
+                remove_retrying(lambda: client.api.remove_container(container_id, force=True, v=True))
             except Exception as exc:
                 log.warning("run %s: could not remove container %s: %s", self.run_id, container_id, exc)
         for volume in filter(None, (self.volume, self.cache_volume)):
             try:
-                _remove(lambda volume=volume: client.api.remove_volume(volume, force=True))
+                remove_retrying(lambda volume=volume: client.api.remove_volume(volume, force=True))
             except Exception as exc:
                 log.warning("run %s: could not remove volume %s: %s", self.run_id, volume, exc)
         self.timings.released = time.time()

@@ -1,11 +1,12 @@
 """`ratchet doctor [--image IMG]`: whether this machine can run experiments, and what to fix.
 
 Everything is asked of the executor, as the service would: its nodes (`inventory`,
-`node_reports`: engine, runtimes, GPU route, GPUs, slots, missing images and datasets), then a few
-short runs through the same path as an experiment's (`prepare`, `start`): the smallest run under
-each runtime, `nvidia-smi -L` pinned to each GPU slot, and with `--image` a run that checks the
-image works as a sandbox. Each line is `ok`, `--` (nothing to check, or for information) or `!!`
-(a problem, with what to do); the exit code is 1 when there is any problem.
+`nodes_report`: engine, runtimes, GPU route, GPUs, slots, missing images), then a few short runs
+on each node through the same path as an experiment's (`prepare`, `start`): the smallest run under
+each runtime, `nvidia-smi -L` pinned to each GPU slot, each declared dataset read as the sandbox
+user, and with `--image` a run that checks the image works as a sandbox. Each line is `ok`, `--`
+(nothing to check, or for information) or `!!` (a problem, with what to do); the exit code is 1
+when there is any problem.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ async def _gpus(
             Line(
                 mark="--",
                 topic="GPU route",
-                text=f"{first.gpu_route} (matters only with GPUs): {first.gpu_route_reason}",
+                text=f"{first.gpu_route} (matters only with GPUs): {first.gpu_reason}",
             ),
             Line(
                 mark="--", topic="GPUs", text=f"none found (nvidia-smi, --gpus): {slots} slot(s) for CPU runs"
@@ -116,7 +117,7 @@ async def _gpus(
         groups = _slot_groups(node)
         if r.gpus and r.gpu_route == "none":
             route_bad = True
-        route_details.append(f"{_named(r.name, many)}{r.gpu_route}: {r.gpu_route_reason}")
+        route_details.append(f"{_named(r.name, many)}{r.gpu_route}: {r.gpu_reason}")
         per = len(groups[0]) if groups else 0
         gpu_details.append(
             f"{_named(r.name, many)}{len(r.gpus)} GPU(s) {', '.join(r.gpus)}: {r.slots} slot(s) of {per}"
@@ -173,21 +174,43 @@ def _images(settings: Settings, reports: list[NodeReport], image: str | None) ->
     )
 
 
-def _datasets(settings: Settings, reports: list[NodeReport]) -> Line:
+class _Seen(msgspec.Struct):
+    """What the dataset checks found on one node: name -> what a run saw, for readable ones and
+    for the rest."""
+
+    readable: dict[str, str]
+    missing: dict[str, str]
+
+
+async def _read_datasets(
+    executor: Executor, settings: Settings, reports: list[NodeReport]
+) -> dict[str, _Seen]:
+    """Each declared dataset read by a run on each node (as the sandbox user), by node name."""
+    found: dict[str, _Seen] = {}
+    for r in reports:
+        seen = found[r.name] = _Seen(readable={}, missing={})
+        for name, source in sorted(settings.datasets.items()):
+            if settings.default_image in r.missing_images:
+                seen.missing[name] = f"not checked: the default image {settings.default_image} is missing"
+                continue
+            spec = checks.dataset_spec(settings.default_image, source.removeprefix("volume:"))
+            got = await _try(executor, spec, r.name)
+            readable, what = (False, got) if isinstance(got, str) else checks.dataset_state(got)
+            (seen.readable if readable else seen.missing)[name] = what
+    return found
+
+
+def _datasets(settings: Settings, reports: list[NodeReport], seen: dict[str, _Seen]) -> Line:
     if not settings.datasets:
         return Line(mark="--", topic="datasets", text="none declared (ratchet serve --dataset NAME=PATH)")
     many, details, bad = len(reports) > 1, [], False
     for r in reports:
         for name in sorted(settings.datasets):
-            if name in r.missing_datasets:
+            what = seen[r.name].readable.get(name)
+            if what is None:
                 bad = True
-                details.append(
-                    f"{_named(r.name, many)}{name} ({settings.datasets[name]}): {r.missing_datasets[name]}"
-                )
-            elif name in r.datasets:
-                details.append(
-                    f"{_named(r.name, many)}{name} ({settings.datasets[name]}): {r.datasets[name]}"
-                )
+                what = seen[r.name].missing[name]
+            details.append(f"{_named(r.name, many)}{name} ({settings.datasets[name]}): {what}")
     return Line(
         mark="!!" if bad else "ok", topic="datasets", text="read-only, as runs see them", details=details
     )
@@ -198,19 +221,28 @@ def _runtime_names(r: NodeReport) -> list[str]:
     return sorted(n for n in r.runtimes if not n.startswith("io.containerd."))
 
 
-def _nodes(reports: list[NodeReport], required: set[str]) -> Line:
+def _engine(r: NodeReport) -> str:
+    api = f" (API {r.api_version})" if r.api_version else ""
+    return f"Docker {r.engine_version}{api}"
+
+
+def _nodes(reports: list[NodeReport], required: set[str], seen: dict[str, _Seen]) -> Line:
     """`required`: the images whose absence is a problem (the torch image is optional)."""
     details = []
     for r in reports:
         if r.problem:
             details.append(f"{r.name}: cannot be asked: {r.problem}")
             continue
-        lacks = [*r.missing_images, *r.missing_datasets]
+        lacks = [*r.missing_images, *(seen[r.name].missing if r.name in seen else {})]
+        runtimes = ", ".join(_runtime_names(r)) or "-"
         details.append(
-            f"{r.name}: {r.engine}; runtimes {', '.join(_runtime_names(r)) or '-'}; GPU route {r.gpu_route};"
+            f"{r.name}: {_engine(r)}; runtimes {runtimes}; GPU route {r.gpu_route};"
             f" GPUs {', '.join(r.gpus) or '-'}; {r.slots} slot(s); missing: {', '.join(lacks) or 'nothing'}"
         )
-    bad = any(r.problem or required & set(r.missing_images) or r.missing_datasets for r in reports)
+    bad = any(
+        r.problem or required & set(r.missing_images) or (r.name in seen and seen[r.name].missing)
+        for r in reports
+    )
     return Line(mark="!!" if bad else "ok", topic="nodes", text=f"{len(reports)} node(s)", details=details)
 
 
@@ -234,21 +266,23 @@ async def diagnose(settings: Settings, executor: Executor, image: str | None = N
     try:
         nodes = await executor.inventory()
         images = [settings.default_image, TORCH_IMAGE, *([image] if image else [])]
-        reports = await executor.node_reports(images, dict(settings.datasets))
+        reports = await executor.nodes_report(images)
     except (SandboxError, OSError) as exc:
         return [Line(mark="!!", topic="engine", text=f"cannot be asked: {exc}")]
     down = [r for r in reports if r.problem]
     engine = Line(
         mark="!!" if down else "ok",
         topic="engine",
-        text="; ".join(f"{_named(r.name, len(reports) > 1)}{r.problem or r.engine}" for r in reports),
+        text="; ".join(f"{_named(r.name, len(reports) > 1)}{r.problem or _engine(r)}" for r in reports),
     )
     if down:
-        return [engine, _nodes(reports, set())]
+        return [engine, _nodes(reports, set(), {})]
     lines = [engine, await _runtimes(executor, settings, reports)]
     lines += await _gpus(executor, settings, nodes, reports)
     required = {settings.default_image, *([image] if image else [])}
-    lines += [_images(settings, reports, image), _datasets(settings, reports), _nodes(reports, required)]
+    seen = await _read_datasets(executor, settings, reports)
+    lines += [_images(settings, reports, image), _datasets(settings, reports, seen)]
+    lines.append(_nodes(reports, required, seen))
     if image:
         lines.append(await _image(executor, reports, image))
     return lines

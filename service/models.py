@@ -8,6 +8,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from .ops_models import WebhookSpec
+
 __all__ = [
     "FAILED",
     "FINAL",
@@ -196,6 +198,8 @@ class LoopConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
 
 class LoopCreate(LoopConfig, kw_only=True, frozen=True, forbid_unknown_fields=True):
     workspace: Workspace
+    # Told of the loop's events; kept apart from its config, so no view ever shows a secret.
+    webhooks: Annotated[list[WebhookSpec], Meta(max_length=8)] = []
 
     def config(self) -> LoopConfig:
         fields = {f: getattr(self, f) for f in LoopConfig.__struct_fields__}
@@ -273,6 +277,7 @@ class ExperimentView(msgspec.Struct, kw_only=True):
     runs: int | None = None  # a candidate's successful runs so far (its own and its repeats')
     mean: float | None = None  # the mean metric over those runs: what its verdict and the ledger use
     attempts: int = 0  # times it was started: >1 after a restart or a container engine failure
+    node: str | None = None  # where it runs or ran (the executor's node; "local" on one machine)
 
 
 class RerunCreate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -77,10 +77,11 @@ def line(out: str, topic: str) -> str:
 
 
 def no_doctor_leftovers(client: docker.DockerClient) -> None:
+    # Sparse: the shared engine's other containers come and go while this lists them.
     left = [
-        c.name
-        for c in client.containers.list(all=True)
-        if c.labels.get("ratchet.sandbox", "").startswith("doctor-")
+        c["Names"]
+        for c in client.api.containers(all=True, filters={"label": "ratchet.sandbox"})
+        if c["Labels"].get("ratchet.sandbox", "").startswith("doctor-")
     ]
     assert left == [], left
 

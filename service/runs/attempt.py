@@ -107,6 +107,11 @@ class Attempt:
         self.cancel_requested = False
         self.freed_at: float | None = None
         self.workload_s = 0.0
+        self.opened_at: float | None = None  # when its gate was asked to open
+
+    def expected_end(self, now: float) -> float:
+        """When its slot should pass on: its budget after its gate opened (or opens, now)."""
+        return (self.opened_at or now) + self.loop.config.time_budget_s
 
     def __repr__(self) -> str:
         return f"<Attempt {self.exp_id} slot={self.slot.index} {self.placement} handle={self.handle}>"
@@ -199,6 +204,7 @@ class Attempt:
                 self.free()
 
         try:
+            self.opened_at = self.opened_at or time.time()
             return await handle.start(on_output=self.live.write, on_exit=exited)
         finally:
             self.host.background(handle.cleanup())

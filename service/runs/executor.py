@@ -13,20 +13,29 @@ at any time (a prepared run never starts; a running one is killed); **cleanup** 
 run left, once nobody needs it, off the critical path. `Executor.cleanup()` removes everything a
 previous process of this instance left behind (every run carries the instance label).
 
-    inventory() -> [Node]
+    inventory() -> [Node]           watch_inventory() -> [Node], [Node], ... (as nodes come and go)
     prepare(spec, node) -> Handle ──start(on_output, on_exit)──> RunResult ──cleanup()
                               └──cancel() (any time) ──────────────────────────┘
 
-`ping` and `has_image` answer readiness and the image check of a new loop; `node_reports` what
-`ratchet doctor` shows of each node. Errors follow the
+The inventory may change while the service runs (a cluster's nodes join and leave):
+`watch_inventory` yields it again each time, and the scheduler follows it at once. A node that
+leaves the inventory (or comes back with other slots or GPUs) takes its runs with it: their
+`start` raises `SandboxError(reason="unreachable")`, the engine-failure path, so the experiment is
+queued again and runs elsewhere; what they left on the node is the executor's to remove when it
+can reach the node again.
+
+`ping` and `has_image` answer readiness and the image check of a new loop; `nodes_report` is what
+`ratchet doctor` prints per node (engine, runtimes, GPU route, GPUs, missing images; its datasets
+are checked with runs, through `prepare` like any other). Errors follow the
 sandbox: `SpecError` for a spec that cannot run, `SandboxError` when the backend fails (its
 `reason` from a fixed set; `unreachable` is retried); whatever the workload does is data in the
-`RunResult`. `LocalExecutor` (`local.py`) is the local Docker engine through `sandbox`.
+`RunResult`. `LocalExecutor` (`local.py`) is the local Docker engine through `sandbox`;
+`RayExecutor` (`ray/`) the nodes of a Ray cluster, each running `sandbox` on its own engine.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 import msgspec
@@ -55,22 +64,22 @@ class Node(msgspec.Struct, kw_only=True, frozen=True):
     gpus: tuple[str, ...] = ()
 
 
-class NodeReport(msgspec.Struct, kw_only=True):
-    """What one node has for runs, as `ratchet doctor` shows it."""
+class NodeReport(msgspec.Struct, kw_only=True, frozen=True):
+    """One node as `ratchet doctor` shows it: whether runs can go there, and what is missing."""
 
     name: str
-    engine: str = ""  # the container engine and its version; "" when it did not answer
-    problem: str = ""  # why the node could not be asked (then little else is filled in)
-    runtimes: dict[str, list[str]] = {}  # registered container runtimes and their arguments
-    default_runtime: str = ""
-    gpu_route: str = "none"  # how containers get GPUs there: nvidia, cdi or none
-    gpu_route_reason: str = ""  # why that route; for none, what to install
-    gpus: list[str] = []  # GPU ids runs are given
-    gpu_uuids: dict[str, str] = {}  # id -> UUID, where the node can tell
     slots: int = 0
-    missing_images: list[str] = []  # of those asked about
-    datasets: dict[str, str] = {}  # name -> what a run saw there (readable ones)
-    missing_datasets: dict[str, str] = {}  # name -> why a run cannot read it
+    gpus: list[str] = []  # the device ids its runs may get
+    gpu_uuids: dict[str, str] = {}  # id -> UUID, where the node can tell (nvidia-smi there)
+    engine: bool = False  # its container engine answers
+    engine_version: str = ""
+    api_version: str = ""
+    runtimes: dict[str, list[str]] = {}  # OCI runtimes registered with that engine, and their arguments
+    default_runtime: str = ""
+    gpu_route: str = "none"  # how its containers get GPUs: "nvidia", "cdi" or "none"
+    gpu_reason: str = ""  # why that route; for "none", what to install
+    missing_images: list[str] = []  # of the images asked about, those its engine lacks
+    problem: str | None = None  # why the node could not be asked (the fields above are then unknown)
 
 
 class Handle(Protocol):
@@ -102,6 +111,11 @@ class Executor(Protocol):
         """The nodes runs can go to, with their slots and GPU ids."""
         ...
 
+    def watch_inventory(self) -> AsyncIterator[list[Node]]:
+        """The inventory now, then again each time it changes; an inventory that never changes is
+        yielded once, and the iterator then waits for good."""
+        ...
+
     async def prepare(self, spec: RunSpec, node: str) -> Handle:
         """Get a run ready behind its gate on `node`. A caller cancelled while waiting owes
         nothing: what was made is cleaned up when it is done."""
@@ -117,12 +131,13 @@ class Executor(Protocol):
         ...
 
     async def has_image(self, image: str) -> bool | None:
-        """Whether `image` is there to run; None when the backend cannot tell now."""
+        """Whether `image` is there to run (on a cluster: on every node); None when the backend
+        cannot tell now."""
         ...
 
-    async def node_reports(self, images: list[str], datasets: dict[str, str]) -> list[NodeReport]:
-        """Each node's engine, runtimes, GPU route, GPUs and slots, which of `images` it lacks, and
-        whether a run there can read each of `datasets` (name -> source, as declared)."""
+    async def nodes_report(self, images: list[str]) -> list[NodeReport]:
+        """Every node of the inventory, asked now: its engine, runtimes and GPU route, and which
+        of `images` it lacks. A node that cannot be asked is listed with its `problem`."""
         ...
 
     async def close(self) -> None:

@@ -8,16 +8,15 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 
 import msgspec
 
-from sandbox import LABEL_SANDBOX, PreparedRun, Sandbox, SandboxError, SpecError
+from sandbox import LABEL_SANDBOX, PreparedRun, Sandbox, SandboxError
 from sandbox.gpus import gpu_refusal
 
 from ..settings import Settings
-from .checks import dataset_spec, dataset_state
 from .executor import Node, NodeReport, RunResult, RunSpec, Timings
 from .gpus import detect_gpus, gpu_uuids
 
@@ -65,6 +64,10 @@ class LocalExecutor:
             await self._tell_gpu_route()
         return [self.node]
 
+    async def watch_inventory(self) -> AsyncIterator[list[Node]]:
+        yield await self.inventory()
+        await asyncio.Event().wait()  # this machine stays what it is
+
     async def _tell_gpu_route(self) -> None:
         """Says once how containers will get their GPUs, or why they cannot (each GPU run is then
         refused with the same words). The scheduler asks for the inventory before it removes this
@@ -104,38 +107,29 @@ class LocalExecutor:
     async def has_image(self, image: str) -> bool | None:
         return await asyncio.to_thread(self.sandbox.has_image, image)
 
-    async def node_reports(self, images: list[str], datasets: dict[str, str]) -> list[NodeReport]:
-        return [await asyncio.to_thread(self._report, images, datasets)]
+    async def nodes_report(self, images: list[str]) -> list[NodeReport]:
+        def ask() -> NodeReport:
+            node, sandbox = self.node, self.sandbox
+            here = NodeReport(name=node.name, slots=node.slots, gpus=list(node.gpus))
+            try:  # the nvidia driver is tried (with a throw-away container) only on a GPU host
+                probe = sandbox.gpu_probe(self._settings.default_image) if node.gpus else sandbox.probe()
+                missing = [name for name in images if sandbox.has_image(name) is False]
+            except SandboxError as exc:
+                return msgspec.structs.replace(here, problem=str(exc))
+            return msgspec.structs.replace(
+                here,
+                engine=True,
+                engine_version=probe.engine_version,
+                api_version=probe.api_version,
+                runtimes=dict(probe.runtimes),
+                default_runtime=probe.default_runtime,
+                gpu_route=probe.route,
+                gpu_reason=probe.reason,
+                missing_images=missing,
+                gpu_uuids={g: u for g, u in gpu_uuids().items() if g in node.gpus} if node.gpus else {},
+            )
 
-    def _report(self, images: list[str], datasets: dict[str, str]) -> NodeReport:
-        """This machine: the engine as the GPU probe sees it (with a container of the default image
-        when there is one), the images it lacks, and a run reading each dataset."""
-        node = self.node
-        report = NodeReport(name=node.name, gpus=list(node.gpus), slots=node.slots)
-        image = self._settings.default_image
-        try:
-            usable = self.sandbox.has_image(image)
-            probe = self.sandbox.probe(image if usable else None)
-        except SandboxError as exc:
-            report.problem = str(exc)
-            return report
-        report.engine = f"Docker {probe.engine_version} (API {probe.api_version})"
-        report.runtimes, report.default_runtime = probe.runtimes, probe.default_runtime
-        report.gpu_route, report.gpu_route_reason = probe.route, probe.reason
-        report.gpu_uuids = {g: u for g, u in gpu_uuids().items() if g in node.gpus}
-        report.missing_images = [i for i in images if self.sandbox.has_image(i) is False]
-        for name, source in sorted(datasets.items()):
-            if not usable:
-                report.missing_datasets[name] = f"not checked: the default image {image} is missing"
-                continue
-            spec = dataset_spec(image, source.removeprefix("volume:"))
-            spec = msgspec.structs.replace(spec, labels={**spec.labels, "ratchet.instance": self.instance})
-            try:
-                readable, seen = dataset_state(self.sandbox.run(spec))
-            except (SpecError, SandboxError) as exc:
-                readable, seen = False, str(exc)
-            (report.datasets if readable else report.missing_datasets)[name] = seen
-        return report
+        return [await asyncio.to_thread(ask)]
 
     async def close(self) -> None:
         """Waits (a bounded time) for prepares and removals still under way: a prepare cancelled

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +35,7 @@ from ..state.snapshots import SnapshotStore
 from ..state.store import Store
 from .attempt import Attempt, Prepared, prepare
 from .engine import EngineWatch
-from .executor import Executor
+from .executor import Executor, Node
 from .logs import RunLogs
 from .slots import Placement, Slot, Slots, dispatch_order
 
@@ -88,6 +88,7 @@ class Scheduler:
         self._rotation: dict[str, float] = {}  # loop id -> last dispatch, for round-robin
         self._remeasures: set[str] = set()  # idle-time runs of a best: first to give a slot back
         self._task: asyncio.Task[None] | None = None
+        self._follower: asyncio.Task[None] | None = None
         self.stopping = False
         self.dispatched = 0
         self.prepared_hits = 0  # dispatches that found their run already prepared
@@ -101,23 +102,24 @@ class Scheduler:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.slots = Slots(await self.executor.inventory())
-        self.lookahead = self.slots.total * self.settings.prepare_ahead
-        m.SLOTS_TOTAL.set(self.slots.total)
-        self._busy_changed()
+        self._take_inventory(await self.executor.inventory())
         await self.recover()
         await self.publish_bests()
         self._task = asyncio.create_task(self._loop(), name="ratchet-scheduler")
+        self._follower = asyncio.create_task(
+            _follow(self.executor, self._inventory_changed), name="ratchet-inventory"
+        )
 
     async def stop(self) -> None:
         """Removes prepared runs, kills running ones and puts their experiments back in the queue
         for the next start."""
         self.stopping = True
         self.logs.end_streams()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._follower, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         async with self._pass_lock:
             for exp_id in list(self._staged):
                 self._discard(exp_id)
@@ -153,6 +155,27 @@ class Scheduler:
 
     def wake(self) -> None:
         self._wake.set()
+
+    # -- the inventory ---------------------------------------------------------------------------
+
+    async def _inventory_changed(self, nodes: list[Node]) -> None:
+        async with self._pass_lock:  # between passes
+            self._take_inventory(nodes)
+
+    def _take_inventory(self, nodes: list[Node]) -> None:
+        """A node that left loses its slots and GPU ids now, and the runs prepared there (its
+        running ones fail in the executor and are retried elsewhere); one that joined takes work
+        from the next pass."""
+        joined, left = self.slots.update(nodes)
+        for exp_id in [e for e, st in self._staged.items() if st.placement.node in left]:
+            self._discard(exp_id)
+        self.lookahead = self.slots.total * self.settings.prepare_ahead
+        m.SLOTS_TOTAL.set(self.slots.total)
+        self._busy_changed()
+        if self._task is not None and (joined or left):
+            now = f"{self.slots.total} on {len(self.slots.nodes)} node(s)"
+            log.info("slots: %s; joined: %s; left: %s", now, ",".join(joined) or "-", ",".join(left) or "-")
+        self.wake()
 
     async def _loop(self) -> None:
         while True:
@@ -261,7 +284,7 @@ class Scheduler:
     async def _launch(self, claims: list[_Claim]) -> int:
         """Starts the claimed experiments: their `start` transitions commit together, then each one
         whose transition went through (the rest were cancelled meanwhile) begins its attempt."""
-        moves = [(c.exp_id, list(c.placement.gpus)) for c in claims]
+        moves = [(c.exp_id, list(c.placement.gpus), c.placement.node) for c in claims]
         try:
             started = await transitions.start_many(self.store, moves) if moves else []
         except BaseException:
@@ -271,7 +294,7 @@ class Scheduler:
             for c, ok in zip(claims, started, strict=True):
                 if not ok:
                     c.slot.exp_id = None
-                    self.slots.release(c.placement)
+                    self.slots.release(c.slot, c.placement)
                     self._forget(c.staged)
         for c, ok in zip(claims, started, strict=True):
             if not ok:
@@ -300,8 +323,12 @@ class Scheduler:
         # room for the next ones (its prepare's end starts a new pass).
         ready = sum(1 for r in self._running.values() if r.handle is not None and r.freed_at is None)
         budget = min(self.lookahead, ready * self.settings.prepare_ahead)
-        promised = {(st.placement.node, g) for st in self._staged.values() for g in st.placement.gpus}
-        holding = [r.placement for r in self._running.values() if r.freed_at is None]
+        promised = [st.placement for st in self._staged.values()]
+        # Each run prepared is made where a slot should free next (made on another node than the
+        # one that frees, it would be made again from scratch there): by budget from gate opening.
+        now = time.time()
+        working = [r for r in self._running.values() if r.freed_at is None]
+        holding = [r.placement for r in sorted(working, key=lambda r: r.expected_end(now))]
         for loop_id, exp_id in wanted:
             if len(self._staged) >= budget:
                 break
@@ -313,7 +340,7 @@ class Scheduler:
             placement = self.slots.bindable(loop.config.resources.gpus, promised, holding)
             if placement is None:
                 continue
-            promised |= {(placement.node, g) for g in placement.gpus}
+            promised.append(placement)
             task = asyncio.create_task(
                 prepare(self, exp_id, loop, placement, ahead=True), name=f"prepare-{exp_id}"
             )
@@ -382,7 +409,7 @@ class Scheduler:
             self.background(self._pass())
 
     def slot_freed(self, attempt: Attempt) -> None:
-        self.slots.release(attempt.placement)
+        self.slots.release(attempt.slot, attempt.placement)
         self._busy_changed()
         if not self.stopping:
             self.pass_soon()
@@ -394,6 +421,7 @@ class Scheduler:
     def _busy_changed(self) -> None:
         m.SLOTS_BUSY.set(self.busy)
         m.RUNNING.set(self.busy)
+        m.publish_nodes(self.slots.per_node())
 
     # -- control ---------------------------------------------------------------------------------
 
@@ -429,3 +457,14 @@ class Scheduler:
     def prepared(self) -> list[str]:
         """Queued experiments prepared (or being prepared) ahead of their turn."""
         return list(self._staged)
+
+
+async def _follow(executor: Executor, changed: Callable[[list[Node]], Awaitable[None]]) -> None:
+    """Hands every inventory the executor reports to `changed`, as nodes join and leave."""
+    while True:
+        try:
+            async for nodes in executor.watch_inventory():
+                await changed(nodes)
+        except Exception:
+            log.exception("following the executor's inventory failed; retrying")
+        await asyncio.sleep(1.0)
