@@ -47,9 +47,9 @@ class Journal:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: RunRecord) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"{record.run_id}.json"
         tmp = path.with_suffix(".json.tmp")
         tmp.write_bytes(msgspec.json.encode(record))
@@ -97,6 +97,8 @@ class Journal:
 
     def sweep(self, keep: set[str]) -> int:
         """Removes the files of every run not in `keep`; returns how many runs that was."""
+        if not self.directory.is_dir():
+            return 0
         gone = {p.name.split(".", 1)[0] for p in self.directory.iterdir()} - keep
         for run_id in gone:
             self.remove(run_id)

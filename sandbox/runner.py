@@ -214,7 +214,6 @@ class PreparedRun:
         with _engine("create container"):
             self.container_id = self.sandbox.client.containers.create(**opts).id
         self.timings.created = time.time()
-        self._journal()
         with _engine("attach"):
             self._sock = api.attach_socket(
                 self.container_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
@@ -228,6 +227,7 @@ class PreparedRun:
             if not api.put_archive(self.container_id, MOUNT_POINT, workspace_tar(self.spec.files)):
                 raise SandboxError("copy workspace: engine did not accept the archive")
         self.timings.ready = time.time()
+        self._journal()  # only a run whose workspace is in can be taken over
 
     # -- execute -------------------------------------------------------------------------------
 

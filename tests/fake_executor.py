@@ -76,6 +76,10 @@ class FakeExecutor:
         self.prepared.append(handle)
         return handle
 
+    async def reattach(self) -> list[FakeHandle]:
+        """Nothing outlives the fake's process: like a backend that cannot take runs over."""
+        return []
+
     async def cleanup(self, experiment: str | None = None) -> int:
         if not self.up:
             raise SandboxError("cleanup: engine unreachable (fake)", "unreachable")

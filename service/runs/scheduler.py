@@ -31,9 +31,10 @@ from ..settings import Settings
 from ..state import enqueue, transitions
 from ..state.snapshots import SnapshotStore
 from ..state.store import Store
-from .attempt import Attempt, Prepared, prepare
+from .adoption import take_over
+from .attempt import Attempt, Prepared, prepare, taken_over
 from .engine import EngineWatch
-from .executor import Executor
+from .executor import Executor, Handle, SandboxError
 from .logs import RunLogs
 from .slots import Placement, Slot, Slots, dispatch_order
 
@@ -126,19 +127,44 @@ class Scheduler:
         await self.executor.close()
 
     async def recover(self) -> None:
-        """Experiments left `running` by a previous process: remove every run that process made,
-        prepared ones included (they carry this data dir's instance label), then queue those
-        experiments again."""
+        """Experiments left `running` by a previous process: their runs still alive are taken over
+        (`adoption`; with `reattach` off, removed); every other run that process made (they carry
+        this data dir's instance label) is removed, and the experiments without a run go back to
+        the queue."""
         running = await self.store.running_ids()
-        removed = await self.engine.recover()
-        for exp_id in running:
+        taken, removed = [], 0
+        if not self.settings.reattach:
+            removed = await self.engine.recover()
+        else:
+            try:
+                taken = await take_over(self, running)
+            except SandboxError as exc:
+                log.warning("recover: the engine did not say which runs are alive: %s", exc)
+                self.engine.leftover(None)  # every run is removed before anything new starts
+        requeued = [exp_id for exp_id in running if exp_id not in taken]
+        for exp_id in requeued:
             await transitions.requeue(self.store, exp_id)
         if running or removed:
-            log.info(
-                "recovered: %d experiment(s) requeued, %d container(s)/volume(s) removed",
-                len(running),
-                removed,
-            )
+            log.info("recovered: %d run(s) taken over, %d requeued", len(taken), len(requeued))
+
+    def resume(self, handle: Handle, exp_id: str, loop: LoopView) -> bool:
+        """A run taken over gets the slot and GPU ids it holds, and an attempt; False when they are
+        not free here (fewer slots or other GPUs since the restart)."""
+        held = Placement(handle.node, tuple(handle.spec.gpus))
+        claim = self.slots.claim(len(held.gpus), held)
+        if claim is None or not claim[2]:
+            if claim is not None:
+                self.slots.release(claim[1])
+            return False
+        claim[0].exp_id = exp_id
+        attempt = self._running[exp_id] = Attempt(self, exp_id, loop, claim[0], held, time.time())
+        attempt.taken_over = True
+        attempt.begin(asyncio.create_task(taken_over(self, handle, exp_id, loop, held)))
+        self._busy_changed()
+        return True
+
+    def background_cleanup(self, handle: Handle) -> None:
+        self.background(handle.cleanup())
 
     async def publish_bests(self) -> None:
         """Gauges live only in this process: a restarted service rebuilds the best metrics from the
