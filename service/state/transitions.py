@@ -110,12 +110,22 @@ async def start(store: Store, exp_id: str, gpus: list[str]) -> bool:
 
 async def start_many(store: Store, moves: list[tuple[str, list[str]]]) -> list[bool]:
     """queued -> running for each (experiment, its GPU ids), committed together: one guarded
-    write per experiment; False for one that was not queued any more (cancelled meanwhile)."""
+    write per experiment; False for one that was not queued any more (cancelled meanwhile) or
+    whose loop is not active any more (paused or stopped after the scheduler read its queue)."""
 
     def write(db: sqlite3.Connection) -> list[bool]:
         started, now = [], time.time()
         for exp_id, gpus in moves:
-            moved = _move(db, exp_id, Status.queued, Status.running, started_at=now, gpus=",".join(gpus))
+            loop = fetch(
+                db,
+                "SELECT l.state FROM loops l JOIN experiments e ON e.loop_id = l.id WHERE e.id = ?",
+                (exp_id,),
+                first=True,
+            )
+            active = loop is not None and loop[0] == LoopState.active
+            moved = active and _move(
+                db, exp_id, Status.queued, Status.running, started_at=now, gpus=",".join(gpus)
+            )
             if moved:
                 db.execute("UPDATE experiments SET attempts = attempts + 1 WHERE id = ?", (exp_id,))
             started.append(moved)
