@@ -11,7 +11,10 @@ import docker
 import docker.errors
 import requests.exceptions
 
-__all__ = ["SandboxError", "engine_call", "remove", "remove_labelled"]
+__all__ = ["PING_TIMEOUT_S", "SandboxError", "engine_call", "ping", "remove", "remove_labelled"]
+
+# A hung engine must flip readiness in seconds, not after the client's timeout for long calls.
+PING_TIMEOUT_S = 3.0
 
 
 class SandboxError(RuntimeError):
@@ -70,3 +73,13 @@ def remove_labelled(
             if v.name not in keep and remove(lambda v=v: v.remove(force=True)):
                 removed += 1
     return removed
+
+
+def ping(client: docker.DockerClient, timeout: float = PING_TIMEOUT_S) -> bool:
+    """Whether the engine answers its `/_ping` within `timeout` seconds."""
+    try:
+        with engine_call("ping"):
+            api = client.api
+            return bool(api._result(api._get(api._url("/_ping"), timeout=timeout)) == "OK")
+    except SandboxError:
+        return False

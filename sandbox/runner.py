@@ -30,7 +30,7 @@ import msgspec
 import requests.exceptions
 
 from .archive import read_output_tar, workspace_tar
-from .engine import SandboxError, remove_labelled
+from .engine import SandboxError, ping, remove_labelled
 from .engine import engine_call as _engine
 from .engine import remove as _remove
 from .gpus import EngineProbe, GpuRoute, GpuUnavailable, gpu_refusal
@@ -89,10 +89,10 @@ class Sandbox:
         return self._client
 
     def ping(self) -> bool:
+        """Whether the engine answers within a few seconds (`engine.PING_TIMEOUT_S`)."""
         try:
-            with _engine("ping"):
-                return bool(self.client.ping())
-        except SandboxError:
+            return ping(self.client)
+        except SandboxError:  # no client could be made
             return False
 
     def has_image(self, image: str) -> bool | None:
