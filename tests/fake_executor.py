@@ -55,6 +55,9 @@ class FakeHandle:
     async def cleanup(self) -> None:
         self.cleaned = True
 
+    async def detach(self) -> None:
+        self.cancelled.set()  # nothing outlives the fake's process: it stops, as the interface allows
+
 
 class FakeExecutor:
     instance = "fake"

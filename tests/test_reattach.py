@@ -175,3 +175,22 @@ def test_with_reattach_off_a_restart_runs_them_again(server_factory):
     final = srv.wait_final(exp_id)
     assert final["status"] == "keep" and final["attempts"] == 2, final
     lines_once_in_order(printed(srv, exp_id), 12)
+
+
+def test_with_detach_on_stop_a_graceful_stop_leaves_runs_for_the_next_start(server_factory, docker_client):
+    """An upgrade: SIGTERM, then the new version on the same data dir. The training run goes on
+    through the stop and is taken over, instead of being killed and run again."""
+    srv = server_factory(slots=1, name="upgrade", env={"RATCHET_DETACH_ON_STOP": "true"})
+    loop = make_loop(srv, name="upgrade", workspace={"files": ticking(1.0, n=2)})
+    srv.wait_idle(loop["id"])
+    exp_id = submit(srv, loop["id"], "v", files=ticking(0.5, n=16))["id"]
+    wait_for("it to print", lambda: "line 2" in printed(srv, exp_id))
+    srv.stop()  # graceful
+    assert "left running for the next start" in srv.log()
+    label = f"ratchet.experiment={exp_id}"
+    assert docker_client.api.containers(filters={"label": label, "status": "running"})
+    srv.start()
+    final = srv.wait_final(exp_id)
+    assert final["status"] == "keep" and final["attempts"] == 1, final
+    assert 3.9 <= final["workload_seconds"] < 6.0, final
+    lines_once_in_order(printed(srv, exp_id), 16)

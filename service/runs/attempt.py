@@ -23,7 +23,7 @@ from ..state.snapshots import SnapshotStore, decode_manifest
 from ..state.store import Store
 from . import runspec
 from .engine import EngineWatch
-from .executor import Executor, Handle, RunResult, RunSpec, SandboxError, SpecError, Timings
+from .executor import Executor, Handle, RunDetached, RunResult, RunSpec, SandboxError, SpecError, Timings
 from .logs import LiveLog, RunLogs
 from .recording import record
 from .slots import Placement, Slot
@@ -123,6 +123,8 @@ class Attempt:
         self.freed_at: float | None = None
         self.workload_s = 0.0
         self.taken_over = False  # its run was started by a previous process of this service
+        self.evaluating = False  # its training run is over; the evaluation's is under way
+        self.detached = False  # let go at a stop: its run goes on for the next start
 
     def __repr__(self) -> str:
         return f"<Attempt {self.exp_id} slot={self.slot.index} {self.placement} handle={self.handle}>"
@@ -135,6 +137,15 @@ class Attempt:
         self.cancel_requested = True
         if self.handle is not None:
             await self.handle.cancel()
+
+    async def detach(self) -> bool:
+        """At a stop: a training run under way is let go, not killed (see `Handle.detach`); False
+        when there is none (not started, evaluating, or over), for the caller to `kill` instead."""
+        if self.handle is None or self.freed_at is not None or self.evaluating or self.cancel_requested:
+            return False
+        self.detached = True
+        await self.handle.detach()
+        return True
 
     def free(self) -> None:
         """The workload is over: the slot and its GPUs go to the next experiment now."""
@@ -166,6 +177,7 @@ class Attempt:
             result = await self._phase(ready.handle, free_after=not has_eval)
             evaluation: RunResult | None = None
             if has_eval and runspec.succeeded(result) and not self.cancel_requested:
+                self.evaluating = True
                 self.live.write(f"\n{EVAL_SEPARATOR}\n".encode())
                 spec = runspec.eval_spec(ready.spec, loop.config, ready.tree, result)
                 self.handle = await host.executor.prepare(spec, self.placement.node)
@@ -184,6 +196,8 @@ class Attempt:
                 evaluation,
                 stopping=host.stopping,
             )
+        except RunDetached:
+            log.info("experiment %s: left running; the next start takes it over", self.exp_id)
         except (SandboxError, SpecError, OSError) as exc:
             kind = "container engine" if isinstance(exc, SandboxError) else "sandbox setup"
             m.ENGINE_ERRORS.labels(reason=m.engine_error_reason(exc)).inc()
@@ -221,9 +235,14 @@ class Attempt:
                 self.free()
 
         try:
-            return await handle.start(on_output=output, on_exit=exited)
-        finally:
+            result = await handle.start(on_output=output, on_exit=exited)
+        except RunDetached:
+            raise  # it goes on: nothing to remove
+        except BaseException:
             self.host.background(handle.cleanup())
+            raise
+        self.host.background(handle.cleanup())
+        return result
 
     async def _retry(self, exc: Exception, reason: str) -> str | None:
         """An engine that stopped answering broke this run, not the candidate: queue it again after a

@@ -32,12 +32,13 @@ from typing import Protocol
 
 import msgspec
 
-from sandbox import RunResult, RunSpec, SandboxError, SpecError, Timings
+from sandbox import RunDetached, RunResult, RunSpec, SandboxError, SpecError, Timings
 
 __all__ = [
     "Executor",
     "Handle",
     "Node",
+    "RunDetached",
     "RunResult",
     "RunSpec",
     "SandboxError",
@@ -74,6 +75,12 @@ class Handle(Protocol):
 
     async def cleanup(self) -> None:
         """Remove what the run left (container, volume). Idempotent; never raises."""
+        ...
+
+    async def detach(self) -> None:
+        """Let go of the run without stopping it (the service is stopping): `start` raises
+        `RunDetached` and the run goes on, for the next process's `Executor.reattach()`. A backend
+        that cannot take runs over stops it instead, as `cancel` does."""
         ...
 
 

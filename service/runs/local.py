@@ -162,6 +162,9 @@ class LocalHandle:
     async def cancel(self) -> None:
         await asyncio.to_thread(self._run.cancel)
 
+    async def detach(self) -> None:
+        self._run.detach()
+
     async def cleanup(self) -> None:
         try:
             await _in(self._cleaners, self._run.release)

@@ -107,7 +107,8 @@ class Scheduler:
 
     async def stop(self) -> None:
         """Removes prepared runs, kills running ones and puts their experiments back in the queue
-        for the next start."""
+        for the next start; with `detach_on_stop`, training runs under way go on instead, and the
+        next start takes them over."""
         self.stopping = True
         self.logs.end_streams()
         if self._task is not None:
@@ -117,8 +118,14 @@ class Scheduler:
         async with self._pass_lock:
             for exp_id in list(self._staged):
                 self._discard(exp_id)
+        left = 0
         for attempt in list(self._running.values()):
-            await attempt.kill()
+            if self.settings.detach_on_stop and await attempt.detach():
+                left += 1
+            else:
+                await attempt.kill()
+        if left:
+            log.info("stopping: %d experiment(s) left running for the next start to take over", left)
         tasks = [r.task for r in self._running.values() if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=30)
@@ -180,6 +187,7 @@ class Scheduler:
             self._wake.clear()  # before the pass: a wake-up during it is never lost
             try:
                 await self._pass()
+                await self.engine.watch()
             except asyncio.CancelledError:
                 raise
             except Exception:
