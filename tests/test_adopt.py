@@ -53,8 +53,18 @@ def instance(docker_client: docker.DockerClient) -> Iterator[str]:
     assert not left, f"left behind by {name}: {left}"
 
 
-def spec(n: int, pause: float, timeout_s: float = 60, log_bytes: int = 4 * 1024 * 1024) -> RunSpec:
+@pytest.fixture(params=["runc", pytest.param("runsc", marks=pytest.mark.runsc)])
+def runtime(request: pytest.FixtureRequest, docker_client: docker.DockerClient) -> str:
+    if request.param not in docker_client.info().get("Runtimes", {}):
+        pytest.skip(f"the engine has no {request.param} runtime")
+    return request.param
+
+
+def spec(
+    n: int, pause: float, timeout_s: float = 60, log_bytes: int = 4 * 1024 * 1024, runtime: str = "runc"
+) -> RunSpec:
     return RunSpec(
+        runtime=runtime,
         image=SANDBOX_IMAGE,
         argv=["python3", "-c", TICKER, str(n), str(pause)],
         timeout_s=timeout_s,
@@ -100,9 +110,11 @@ def expected(n: int) -> list[str]:
     return out
 
 
-def test_a_run_goes_on_across_its_runner_and_is_read_back_whole(docker_client, instance, journal_dir):
+def test_a_run_goes_on_across_its_runner_and_is_read_back_whole(
+    docker_client, instance, journal_dir, runtime
+):
     box = Sandbox(client=docker_client, instance=instance, journal=journal_dir)
-    first, seen = run_then_detach(box, spec(12, 0.25), after=1.0)
+    first, seen = run_then_detach(box, spec(12, 0.25, runtime=runtime), after=1.0)
     assert b"out 0" in seen and b"out 11" not in seen  # it was cut off mid-run
     time.sleep(0.5)
     run = take_over(docker_client, instance, journal_dir)

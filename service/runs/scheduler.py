@@ -139,7 +139,8 @@ class Scheduler:
         this data dir's instance label) is removed, and the experiments without a run go back to
         the queue."""
         running = await self.store.running_ids()
-        taken, removed = [], 0
+        taken: list[str] = []
+        removed = 0
         if not self.settings.reattach:
             removed = await self.engine.recover()
         else:
