@@ -12,6 +12,7 @@ import platform
 import secrets
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,16 @@ from .auth import SECURITY, SECURITY_COMPONENTS, Authenticator, is_loopback
 from .errors import exception_handlers, reject_bad_utf8
 from .experiments import ExperimentController
 from .health import HealthController
+from .login import login_controller
 from .loops import LoopController
+from .operations import check_settings, open_operations
 from .pages import PageController, ProgressController
+from .service_info import ServiceController
 from .services import Services
+from .sessions import DatabaseSessions, session_middleware
 from .snapshots import SnapshotController
 from .tokens import TokenController
+from .webhooks import WebhookController
 
 __all__ = ["create_app"]
 
@@ -99,7 +105,7 @@ def _log_auth(settings: Settings, mode: str) -> None:
     if mode == "tokens" and settings.admin_token:
         log.info("auth: bearer tokens; a bootstrap admin token is set")
     elif mode == "tokens":
-        log.warning("auth: bearer tokens, no RATCHET_ADMIN_TOKEN: only tokens made earlier can log in")
+        log.warning("auth: bearer tokens, no RATCHET_ADMIN_TOKEN: only tokens in the database log in")
     elif not is_loopback(settings.host):
         log.warning(
             "!!! AUTH IS OFF on %s (RATCHET_AUTH=none, RATCHET_AUTH_NONE_ON_NETWORK=1): anyone who can"
@@ -163,9 +169,13 @@ def create_app(settings: Settings, executor: Executor | None = None) -> Litestar
             runner = executor or LocalExecutor(settings, instance)
             logs = RunLogs(data_dir / "logs")
             scheduler = Scheduler(settings, store, snapshots, runner, logs)
-            holder["services"] = Services(settings, store, snapshots, runner, scheduler, logs)
+            services = Services(settings, store, snapshots, runner, scheduler, logs)
+            services.version, services.data_dir, services.auth = VERSION, str(data_dir.resolve()), guard.mode
+            services.started_at = time.time()
+            holder["services"] = services
             await scheduler.start()
             stack.push_async_callback(scheduler.stop)
+            services.webhooks = await open_operations(settings, store, guard.mode, stack)
             stack.enter_context(on_exit_signals(logs.end_streams))
             log.info("ratchet %s ready: %r, data in %s", VERSION, scheduler, data_dir)
             _log_auth(settings, guard.mode)
@@ -175,6 +185,7 @@ def create_app(settings: Settings, executor: Executor | None = None) -> Litestar
         return holder["services"]
 
     guard = Authenticator(settings, provide_services)
+    check_settings(settings)
 
     prometheus = PrometheusConfig(
         app_name="ratchet",
@@ -193,13 +204,21 @@ def create_app(settings: Settings, executor: Executor | None = None) -> Litestar
             MetricsController,
             ProgressController,
             PageController,
+            WebhookController,
+            ServiceController,
+            login_controller(settings),
         ],
-        dependencies={"services": Provide(provide_services, sync_to_thread=False)},
+        dependencies={
+            "services": Provide(provide_services, sync_to_thread=False),
+            "guard": Provide(lambda: guard, sync_to_thread=False),
+            "settings": Provide(lambda: settings, sync_to_thread=False),
+        },
         lifespan=[lifespan],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
         before_request=reject_bad_utf8,
         guards=[guard],
-        middleware=[prometheus.middleware],
+        middleware=[prometheus.middleware, session_middleware(settings)],
+        stores={"sessions": DatabaseSessions(lambda: holder["services"].store, settings.session_max_age_s)},
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="Ratchet",

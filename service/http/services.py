@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from ..runs.executor import Executor
 from ..runs.logs import RunLogs
 from ..runs.scheduler import Scheduler
+from ..runs.webhook_sender import WebhookSender
 from ..settings import Settings
 from ..state.ledger_cache import LedgerCache
 from ..state.snapshots import SnapshotStore
@@ -22,6 +23,12 @@ class Services:
     scheduler: Scheduler
     logs: RunLogs
     ledger: LedgerCache = field(init=False)
+    # operations (set by the lifespan once they are open)
+    webhooks: WebhookSender = field(init=False)
+    version: str = ""
+    data_dir: str = ""
+    auth: str = ""
+    started_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.ledger = LedgerCache(self.store)
