@@ -15,6 +15,7 @@ __all__ = [
     "FileEntry",
     "Limits",
     "Mount",
+    "RunDetached",
     "RunResult",
     "RunSpec",
     "SpecError",
@@ -25,6 +26,10 @@ _SAFE_PATH = re.compile(r"^[A-Za-z0-9._+@=,-]+(/[A-Za-z0-9._+@=,-]+)*$")
 _LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 RUNTIMES = ("runc", "runsc")
 RUNSC_MIN_PIDS = 128  # gVisor's own sandbox threads count against the pids limit
+
+
+class RunDetached(Exception):
+    """`execute` let go of a run that goes on (see `PreparedRun.detach`)."""
 
 
 class SpecError(ValueError):
