@@ -6,12 +6,13 @@
 Errors: `SpecError` (bad spec, no container made; its `GpuUnavailable` when the engine has no way
 to attach the GPUs a spec asks for), `SandboxError` (the engine failed). What the workload does —
 exit codes, OOM, timeout — is data in `RunResult`, never an exception. `Sandbox.probe()` says what
-the engine is and how it attaches GPUs (an `EngineProbe`).
+the engine is and how it attaches GPUs (an `EngineProbe`). With a journal directory, a run outlives
+the process that started it: `Sandbox.reattach()` in the next one takes it over (`sandbox.adopt`).
 """
 
 from .gpus import EngineProbe, GpuRoute, GpuUnavailable
 from .options import CACHE_DIR, HOME_DIR, OUTPUT_DIR, WORKSPACE_DIR, container_options
-from .runner import LABEL_RUN, LABEL_SANDBOX, PreparedRun, Sandbox, SandboxError
+from .runner import LABEL_RUN, LABEL_SANDBOX, PreparedRun, RunDetached, Sandbox, SandboxError
 from .spec import RUNSC_MIN_PIDS, FileEntry, Limits, Mount, RunResult, RunSpec, SpecError, Timings
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "Limits",
     "Mount",
     "PreparedRun",
+    "RunDetached",
     "RunResult",
     "RunSpec",
     "Sandbox",

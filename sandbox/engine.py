@@ -1,6 +1,5 @@
-"""The engine's failures as the sandbox reports them: `SandboxError`, with a reason from a small
-fixed set, made from docker-py's exceptions at one place (`engine_call`); and removals that wait
-out a racing removal of the same object instead of leaking it."""
+"""The container engine's failures, translated at one place into `SandboxError`, and removal that
+waits out a removal already under way."""
 
 from __future__ import annotations
 
@@ -8,10 +7,14 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 
+import docker
 import docker.errors
 import requests.exceptions
 
-__all__ = ["SandboxError", "engine_call", "remove_retrying"]
+__all__ = ["PING_TIMEOUT_S", "SandboxError", "engine_call", "ping", "remove", "remove_labelled"]
+
+# A hung engine must flip readiness in seconds, not after the client's timeout for long calls.
+PING_TIMEOUT_S = 3.0
 
 
 class SandboxError(RuntimeError):
@@ -38,7 +41,7 @@ def engine_call(action: str) -> Iterator[None]:
         raise SandboxError(f"{action}: engine unreachable: {exc}", "unreachable") from exc
 
 
-def remove_retrying(call: Callable[[], object], tries: int = 20) -> bool:
+def remove(call: Callable[[], object], tries: int = 20) -> bool:
     """Runs an engine removal; False when the object was already gone. Another removal of the same
     container (a cleanup by label racing a run's own release) answers 409 while it is in progress,
     and its volume stays "in use" until it is done: wait for that rather than leak the volume."""
@@ -53,3 +56,30 @@ def remove_retrying(call: Callable[[], object], tries: int = 20) -> bool:
                 raise
             time.sleep(0.1)
     return False
+
+
+def remove_labelled(
+    client: docker.DockerClient, labels: dict[str, str], keep: frozenset[str] = frozenset()
+) -> int:
+    """Force-removes every container and volume carrying all of `labels`, except those named (by
+    container id or volume name) in `keep`; returns how many."""
+    filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
+    removed = 0
+    with engine_call("cleanup"):
+        for c in client.containers.list(all=True, filters=filters):
+            if c.id not in keep and remove(lambda c=c: c.remove(force=True)):
+                removed += 1
+        for v in client.volumes.list(filters=filters):
+            if v.name not in keep and remove(lambda v=v: v.remove(force=True)):
+                removed += 1
+    return removed
+
+
+def ping(client: docker.DockerClient, timeout: float = PING_TIMEOUT_S) -> bool:
+    """Whether the engine answers its `/_ping` within `timeout` seconds."""
+    try:
+        with engine_call("ping"):
+            api = client.api
+            return bool(api._result(api._get(api._url("/_ping"), timeout=timeout)) == "OK")
+    except SandboxError:
+        return False

@@ -7,8 +7,8 @@ Lifecycle of a run (each step a small method; removal always happens):
   release: remove container and volume, forced, logged on failure, never raised
 
 Three kinds of failure never mix: a bad spec raises `SpecError` before the engine is touched; an
-engine failure raises `SandboxError` (translated at one place, `engine.engine_call`); whatever the
-workload does (non-zero exit, OOM, timeout) is data in the `RunResult`.
+engine failure raises `SandboxError` (translated at one place, `_engine`); whatever the workload
+does (non-zero exit, OOM, timeout) is data in the `RunResult`.
 """
 
 from __future__ import annotations
@@ -21,31 +21,32 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import docker
 import docker.errors
+import msgspec
 import requests.exceptions
 
-from .archive import cache_seed_tar, read_cache_tar, read_output_tar, workspace_tar
-from .engine import SandboxError, engine_call, remove_retrying
+from .archive import workspace_tar
+from .collect import collect
+from .engine import SandboxError, ping, remove_labelled
+from .engine import engine_call as _engine
+from .engine import remove as _remove
 from .gpus import EngineProbe, GpuRoute, GpuUnavailable, gpu_refusal
+from .journal import HeadWriter, Journal, RunRecord
 from .logcap import CappedLog
-from .options import (
-    CACHE_DIR,
-    HOME_DIR,
-    MOUNT_POINT,
-    OUTPUT_DIR,
-    cache_volume_options,
-    container_options,
-    run_ids,
-    volume_options,
-)
+from .mounts import cache_volume_name, check_mounts, make_cache_volume, seed_cache
+from .options import CACHE_DIR, HOME_DIR, MOUNT_POINT, OUTPUT_DIR, container_options, volume_options
 from .probe import probe_engine
-from .spec import RunResult, RunSpec, SpecError, Timings
+from .spec import RunDetached, RunResult, RunSpec, Timings
 from .stream import ExitHook, FrameReader, OutputTap, Reports, strip_marker
 
-__all__ = ["LABEL_RUN", "LABEL_SANDBOX", "PreparedRun", "Sandbox", "SandboxError"]
+if TYPE_CHECKING:
+    from .adopt import AdoptedRun
+
+__all__ = ["LABEL_RUN", "LABEL_SANDBOX", "PreparedRun", "RunDetached", "Sandbox", "SandboxError"]
 
 log = logging.getLogger("ratchet.sandbox")
 
@@ -65,19 +66,22 @@ class Sandbox:
         client: docker.DockerClient | None = None,
         instance: str = "default",
         labels: dict[str, str] | None = None,
+        journal: Path | None = None,
     ) -> None:
         """`labels`: carried, beside the instance's, by every container and volume it makes,
         probes included (which node made it, on an engine that several nodes share, say)."""
         self._client = client
         self.instance = instance
         self.labels = dict(labels or {})
+        # Where runs record what a later process needs to take them over (`reattach`); None: nowhere.
+        self.journal = Journal(journal) if journal is not None else None
         self._gpu_probe: EngineProbe | None = None
         self._probe_lock = threading.Lock()
 
     @property
     def client(self) -> docker.DockerClient:
         if self._client is None:
-            with engine_call("connect"):
+            with _engine("connect"):
                 self._client = docker.from_env(timeout=60)
         return self._client
 
@@ -87,16 +91,16 @@ class Sandbox:
         return self._client
 
     def ping(self) -> bool:
+        """Whether the engine answers within a few seconds (`engine.PING_TIMEOUT_S`)."""
         try:
-            with engine_call("ping"):
-                return bool(self.client.ping())
-        except SandboxError:
+            return ping(self.client)
+        except SandboxError:  # no client could be made
             return False
 
     def has_image(self, image: str) -> bool | None:
         """Whether the engine holds `image`; None when it cannot tell (unreachable, say)."""
         try:
-            with engine_call("inspect image"):
+            with _engine("inspect image"):
                 self.client.images.get(image)
             return True
         except SandboxError as exc:
@@ -105,7 +109,7 @@ class Sandbox:
     def probe(self, image: str | None = None) -> EngineProbe:
         """Asks the engine afresh about itself and its GPU route; with `image`, the `nvidia` device
         driver is tried with a short container of that image (see `sandbox.probe`)."""
-        with engine_call("probe the engine"):
+        with _engine("probe the engine"):
             return probe_engine(self.client, image, {**self.labels, LABEL_SANDBOX: self.instance})
 
     def gpu_probe(self, image: str) -> EngineProbe:
@@ -160,18 +164,16 @@ class Sandbox:
                 raise
         return run.execute(on_output=on_output)
 
+    def reattach(self) -> list[AdoptedRun]:
+        """The runs of this instance that a previous process (with the same journal) left alive,
+        taken over; everything else it left is removed. See `sandbox.adopt`."""
+        from .adopt import reattach
+
+        return reattach(self)
+
     def remove_labelled(self, labels: dict[str, str]) -> int:
         """Force-remove every container and volume carrying all of `labels`; returns how many."""
-        filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
-        removed = 0
-        with engine_call("cleanup"):
-            for c in self.client.containers.list(all=True, filters=filters):
-                if remove_retrying(lambda c=c: c.remove(force=True)):
-                    removed += 1
-            for v in self.client.volumes.list(filters=filters):
-                if remove_retrying(lambda v=v: v.remove(force=True)):
-                    removed += 1
-        return removed
+        return remove_labelled(self.client, labels)
 
 
 class PreparedRun:
@@ -183,12 +185,15 @@ class PreparedRun:
         self.gpu_route = gpu_route
         self.run_id = uuid.uuid4().hex[:16]
         self.volume = f"ratchet-run-{self.run_id}"
-        self.cache_volume = f"ratchet-cache-{self.run_id}" if spec.limits.cache_mb else None
+        self.cache_volume = cache_volume_name(self.run_id, spec)
         self.container_id: str | None = None
         self.timings = Timings()
         self._sock: Any = None
         self._raw: socket.socket | None = None
         self._cancel = threading.Event()
+        self._detach = threading.Event()
+        self._head: HeadWriter | None = None  # the output's head, journalled as it arrives
+        self._ended_at: float | None = None  # when the workload ended, if known better than "now"
         self._reports = Reports()
         self._released = False
         self._lock = threading.Lock()
@@ -207,48 +212,31 @@ class PreparedRun:
     def _prepare(self) -> None:
         api = self.sandbox.client.api
         env = {**self.spec.env, "RATCHET_OUTPUT_DIR": OUTPUT_DIR, "HOME": HOME_DIR}
-        self._check_volumes()
-        with engine_call("create volume"):
+        check_mounts(self.sandbox.client, self.spec)
+        with _engine("create volume"):
             self.sandbox.client.volumes.create(**volume_options(self.spec, self.volume, self.labels))
-            if self.cache_volume is not None:
-                env["RATCHET_CACHE_DIR"] = CACHE_DIR
-                opts = cache_volume_options(self.spec, self.cache_volume, self.labels)
-                self.sandbox.client.volumes.create(**opts)
+        if self.cache_volume is not None:
+            env["RATCHET_CACHE_DIR"] = CACHE_DIR
+            make_cache_volume(self.sandbox.client, self.spec, self.cache_volume, self.labels)
         opts = container_options(self.spec, self.volume, self.labels, env, self.gpu_route, self.cache_volume)
-        with engine_call("create container"):
+        with _engine("create container"):
             self.container_id = self.sandbox.client.containers.create(**opts).id
         self.timings.created = time.time()
-        with engine_call("attach"):
+        with _engine("attach"):
             self._sock = api.attach_socket(
                 self.container_id, params={"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1}
             )
             self._raw = getattr(self._sock, "_sock", self._sock)
-        with engine_call("start"):
+        with _engine("start"):
             api.start(self.container_id)
         # The volume is mounted (by the engine, on the host) only while the container runs, so
         # the workspace goes in after the start, while the gate holds the workload back.
-        with engine_call("copy workspace"):
+        with _engine("copy workspace"):
             if not api.put_archive(self.container_id, MOUNT_POINT, workspace_tar(self.spec.files)):
                 raise SandboxError("copy workspace: engine did not accept the archive")
-        if self.spec.cache:
-            uid = (run_ids(self.spec) or (0, 0))[0]
-            with engine_call("copy cache"):
-                if not api.put_archive(self.container_id, CACHE_DIR, cache_seed_tar(self.spec.cache, uid)):
-                    raise SandboxError("copy cache: engine did not accept the archive")
+        seed_cache(api, self.container_id, self.spec)
         self.timings.ready = time.time()
-
-    def _check_volumes(self) -> None:
-        """A volume mount names an existing volume: the engine would make an empty one instead."""
-        for m in self.spec.mounts:
-            if m.is_bind:
-                continue
-            try:
-                with engine_call("inspect volume"):
-                    self.sandbox.client.volumes.get(m.source)
-            except SandboxError as exc:
-                if isinstance(exc.__cause__, docker.errors.NotFound):
-                    raise SpecError(f"volume {m.source!r} (to mount at {m.target}) does not exist") from None
-                raise
+        self._journal()  # only a run whose workspace is in can be taken over
 
     # -- execute -------------------------------------------------------------------------------
 
@@ -271,9 +259,27 @@ class PreparedRun:
                 OutputTap(on_output, self.run_id) if on_output is not None else None,
                 ExitHook(on_exit, self.run_id, self.timings),
             )
+        except RunDetached:
+            release = False  # it goes on: another process takes it over
+            self._disconnect()  # unread, the engine would hold the workload's output back
+            raise
         finally:
             if release:
                 self.release()
+
+    def _journal(self, opened_at: float | None = None) -> None:
+        """Records what a later process needs to take this run over (nothing without a journal)."""
+        if self.sandbox.journal is not None and self.container_id is not None:
+            record = RunRecord(
+                run_id=self.run_id,
+                container_id=self.container_id,
+                volume=self.volume,
+                cache_volume=self.cache_volume,
+                spec=msgspec.structs.replace(self.spec, files=[], cache=b""),
+                gpu_route=self.gpu_route,
+                opened_at=opened_at,
+            )
+            self._head = self.sandbox.journal.record(record, self.spec.limits.log_bytes // 2)
 
     def _execute(self, tap: OutputTap | None, exited: ExitHook) -> RunResult:
         if self._cancel.is_set():
@@ -285,15 +291,34 @@ class PreparedRun:
         logbuf = CappedLog(self.spec.limits.log_bytes)
         frames = FrameReader()  # one per run: a chunk may hold frames on both sides of the report
         try:
-            with engine_call("open gate"):
-                self._raw.sendall(b"go\n")
-            self.timings.started = time.time()
-            # The hard deadline counts from the gate opening, never from the (earlier) prepare.
-            deadline = time.monotonic() + self.spec.timeout_s
-            outcome = self._pump(frames, logbuf, deadline, until_marker=True, tap=tap)
+            outcome, deadline = self._run_workload(frames, logbuf, tap)
         finally:
-            self.timings.finished = time.time()
+            self.timings.finished = self._ended_at or time.time()
             exited.fire()
+            if self._head is not None:
+                self._head.close()
+        if outcome == "detached":
+            raise RunDetached(f"run {self.run_id} goes on in container {self.container_id}")
+        return self._conclude(outcome, deadline, frames, logbuf, tap)
+
+    def _run_workload(
+        self, frames: FrameReader, logbuf: CappedLog, tap: OutputTap | None
+    ) -> tuple[str, float]:
+        """Opens the gate and follows the workload to its end: (how it ended, the monotonic deadline)."""
+        assert self._raw is not None
+        # Recorded before the gate opens: a restart knows the deadline of a run that may have begun.
+        self._journal(opened_at=time.time())
+        with _engine("open gate"):
+            self._raw.sendall(b"go\n")
+        self.timings.started = time.time()
+        # The hard deadline counts from the gate opening, never from the (earlier) prepare.
+        deadline = time.monotonic() + self.spec.timeout_s
+        return self._pump(frames, logbuf, deadline, until_marker=True, tap=tap), deadline
+
+    def _conclude(
+        self, outcome: str, deadline: float, frames: FrameReader, logbuf: CappedLog, tap: OutputTap | None
+    ) -> RunResult:
+        """The workload has ended: its outputs collected, the gate let go, the result put together."""
         result = RunResult(
             exit_code=None,
             timed_out=outcome == "timeout",
@@ -337,24 +362,21 @@ class PreparedRun:
         until_marker: bool,
         tap: OutputTap | None = None,
     ) -> str:
-        """Copy the attach stream into the log until the gate reports (if `until_marker`), the
-        stream ends, the deadline passes or a cancel arrives."""
-        assert self._raw is not None
+        """Copy the output stream into the log until the gate reports (if `until_marker`), the
+        stream ends, the deadline passes, a cancel arrives or the caller detaches."""
         while True:
             if self._cancel.is_set():
                 self._kill()
                 return "cancelled"
+            if self._detach.is_set():
+                return "detached"
             left = deadline - time.monotonic()
             if left <= 0:
                 self._kill()
                 return "timeout"
-            ready, _, _ = select.select([self._raw], [], [], min(left, 0.1))
-            if not ready:
+            data = self._receive(min(left, 0.1))
+            if data is None:
                 continue
-            try:
-                data = self._raw.recv(65536)
-            except OSError:
-                data = b""
             if not data:
                 # The stream ended without the gate's report: a kill (ours, when cancelled) or
                 # the OOM killer taking PID 1.
@@ -362,6 +384,8 @@ class PreparedRun:
             reported = False
             for stream, payload in frames.feed(data):  # the whole chunk: nothing after the report is lost
                 logbuf.write(payload)
+                if self._head is not None:
+                    self._head.feed(stream, payload)
                 if tap is not None:
                     tap.feed(stream, payload)
                 if stream == 2 and self._reports.feed(payload):
@@ -371,12 +395,23 @@ class PreparedRun:
             if reported:
                 return "done"
 
+    def _receive(self, timeout: float) -> bytes | None:
+        """The next bytes of the output stream: None when none came within `timeout`, b"" at its end."""
+        assert self._raw is not None
+        ready, _, _ = select.select([self._raw], [], [], timeout)
+        if not ready:
+            return None
+        try:
+            return self._raw.recv(65536)
+        except OSError:
+            return b""
+
     def _check_stream_lost(self) -> None:
         """The output stream ended without the gate's report. When the OOM killer takes PID 1 the
         container ends with it; one still running lost its stream to the engine (restarted, or the
         connection cut): that is the infrastructure failing, never a result of the workload."""
         try:
-            with engine_call("wait"):
+            with _engine("wait"):
                 self.sandbox.client.api.wait(self.container_id, timeout=_LOST_GRACE_S)
         except SandboxError as exc:
             self._kill()
@@ -385,39 +420,17 @@ class PreparedRun:
             ) from exc
 
     def _collect(self, result: RunResult) -> None:
-        """Output files and peak memory, read while the gate keeps the container (and volume) alive."""
-        api = self.sandbox.client.api
-        cid = self.container_id
-        try:
-            with engine_call("read peak memory"):
-                stats = api.stats(cid, stream=False, one_shot=True)
-            result.peak_memory_bytes = (stats.get("memory_stats") or {}).get("max_usage")
-        except SandboxError as exc:
-            log.warning("run %s: %s", self.run_id, exc)
-        if self.spec.limits.output_bytes > 0:
-            with engine_call("collect output"):
-                try:
-                    chunks, _ = api.get_archive(cid, OUTPUT_DIR)
-                except docker.errors.NotFound:
-                    chunks = iter(())
-                # The output directory cannot outgrow the run's disk: read that far at most, so
-                # files after a skipped large one still arrive.
-                read_limit = (self.spec.limits.disk_mb + 1) * 1024 * 1024
-                files, skipped = read_output_tar(iter(chunks), self.spec.limits.output_bytes, read_limit)
-            result.output_files, result.output_skipped = files, skipped
-        if self.spec.collect_cache:
-            with engine_call("collect cache"):
-                chunks, _ = api.get_archive(cid, CACHE_DIR)
-                cap = self.spec.limits.cache_mb * 1024 * 1024
-                result.cache, result.cache_skipped = read_cache_tar(iter(chunks), cap, 2 * cap + 1024 * 1024)
+        """Outputs read while the gate keeps the container (and volumes) alive; then it may exit."""
+        assert self.container_id is not None
+        collect(self.sandbox.client.api, self.container_id, self.spec, result, self.run_id)
         with contextlib.suppress(OSError):
-            assert self._raw is not None
-            self._raw.sendall(b"collected\n")
+            if self._raw is not None:
+                self._raw.sendall(b"collected\n")
 
     def _finish(self, result: RunResult) -> None:
         """Wait for the container to stop and read the engine's verdict on it."""
         api = self.sandbox.client.api
-        with engine_call("wait"):
+        with _engine("wait"):
             try:
                 api.wait(self.container_id, timeout=_EXIT_GRACE_S)
             except (requests.exceptions.ConnectionError, requests.exceptions.ReadTimeout):
@@ -434,6 +447,12 @@ class PreparedRun:
         self._cancel.set()
         self._kill()
 
+    def detach(self) -> None:
+        """Let go of the run without stopping it, from any thread: `execute` raises `RunDetached`
+        and the container goes on behind its gate, for a later `Sandbox.reattach` to take over.
+        The caller must not `release` it."""
+        self._detach.set()
+
     def _kill(self) -> None:
         if self.container_id is None:
             return
@@ -442,27 +461,32 @@ class PreparedRun:
         except Exception as exc:  # already gone is fine; anything else is logged, not raised
             log.debug("run %s: kill: %s", self.run_id, exc)
 
+    def _disconnect(self) -> None:
+        for sock in (self._raw, self._sock):  # the raw socket stays open while its wrapper is
+            with contextlib.suppress(Exception):
+                sock.close()
+
     def release(self) -> None:
-        """Remove container and volume. Idempotent; a failed removal is logged, never raised."""
+        """Remove container and volumes. Idempotent; a failed removal is logged, never raised."""
         with self._lock:
             if self._released:
                 return
             self._released = True
-        if self._sock is not None:
-            with contextlib.suppress(Exception):
-                self._sock.close()
+        self._disconnect()
         client = self.sandbox.connected
         if client is None:
             return
         container_id = self.container_id
         if container_id is not None:
             try:
-                remove_retrying(lambda: client.api.remove_container(container_id, force=True, v=True))
+                _remove(lambda: client.api.remove_container(container_id, force=True, v=True))
             except Exception as exc:
                 log.warning("run %s: could not remove container %s: %s", self.run_id, container_id, exc)
         for volume in filter(None, (self.volume, self.cache_volume)):
             try:
-                remove_retrying(lambda volume=volume: client.api.remove_volume(volume, force=True))
+                _remove(lambda volume=volume: client.api.remove_volume(volume, force=True))
             except Exception as exc:
                 log.warning("run %s: could not remove volume %s: %s", self.run_id, volume, exc)
+        if self.sandbox.journal is not None:
+            self.sandbox.journal.remove(self.run_id)
         self.timings.released = time.time()

@@ -17,6 +17,7 @@ __all__ = [
     "FileEntry",
     "Limits",
     "Mount",
+    "RunDetached",
     "RunResult",
     "RunSpec",
     "SpecError",
@@ -33,6 +34,10 @@ _RESERVED = ("/sandbox", "/tmp", "/proc", "/dev", "/sys")
 _LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 RUNTIMES = ("runc", "runsc")
 RUNSC_MIN_PIDS = 128  # gVisor's own sandbox threads count against the pids limit
+
+
+class RunDetached(Exception):
+    """`execute` let go of a run that goes on (see `PreparedRun.detach`)."""
 
 
 class SpecError(ValueError):

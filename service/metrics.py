@@ -19,6 +19,7 @@ __all__ = [
     "DURATION",
     "ENGINE_ERRORS",
     "ENGINE_ERROR_REASONS",
+    "ENGINE_UP",
     "EXPERIMENTS",
     "FAILED",
     "FAILURES",
@@ -97,6 +98,7 @@ SLOTS_BUSY = Gauge("ratchet_slots_busy", "Slots holding an experiment")
 NODE_SLOTS = Gauge("ratchet_node_slots", "Experiment slots on the node", ["node"])
 NODE_SLOTS_BUSY = Gauge("ratchet_node_slots_busy", "Slots on the node holding an experiment", ["node"])
 RUNNING = Gauge("ratchet_experiments_running", "Experiments running now")
+ENGINE_UP = Gauge("ratchet_engine_up", "1 when the container engine answered its last ping in time, else 0")
 BEST_METRIC = Gauge("ratchet_loop_best_metric", "The loop's best metric so far", ["loop", "metric"])
 FAILURES = Counter(
     "ratchet_experiment_failures",

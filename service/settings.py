@@ -54,6 +54,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     # engine_backoff_s, then twice that, and so on; after that it ends as `error`.
     engine_retries: Annotated[int, Meta(ge=0, le=100)] = 3
     engine_backoff_s: Annotated[float, Meta(ge=0, le=3600)] = 5.0
+    # At start, take over the runs a previous process of this data dir left alive (they go on,
+    # judged once, on their original deadline) instead of removing them and running them again.
+    reattach: bool = True
+    # A stop (SIGTERM, Ctrl-C) leaves training runs under way running, for the next start to take
+    # over (an upgrade loses no GPU time); off: they are stopped and run again after the next start.
+    detach_on_stop: bool = False
     # Start-up check of the snapshot blobs: "exists" (every referenced blob is there), "best" (and
     # each loop's best and root snapshot hash right), "all" (every blob hashed), "off".
     verify_blobs: Literal["off", "exists", "best", "all"] = "best"

@@ -61,6 +61,9 @@ class FakeHandle:
     async def cleanup(self) -> None:
         self.cleaned = True
 
+    async def detach(self) -> None:
+        self.cancelled.set()  # nothing outlives the fake's process: it stops, as the interface allows
+
 
 class FakeExecutor:
     instance = "fake"
@@ -99,6 +102,10 @@ class FakeExecutor:
         handle = FakeHandle(self, spec.validate(), node)
         self.prepared.append(handle)
         return handle
+
+    async def reattach(self) -> list[FakeHandle]:
+        """Nothing outlives the fake's process: like a backend that cannot take runs over."""
+        return []
 
     async def cleanup(self, experiment: str | None = None) -> int:
         if not self.up:

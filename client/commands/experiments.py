@@ -14,6 +14,7 @@ import click
 
 from service.models import FAILED, Status
 
+from ..terminal import SafeStream, echo, safe
 from .common import FAILED_OR_ERROR, CliError, CliState, fmt_metric, pass_state, resolve_loop
 
 __all__ = ["EXIT_CODES", "diff", "logs", "submit"]
@@ -57,12 +58,12 @@ def _spinner(state: CliState, message: str) -> Iterator[None]:
 
 def _report(exp: dict[str, Any], metric_name: str) -> None:
     metric = f"  {metric_name} {fmt_metric(exp.get('metric'))}" if exp.get("metric") is not None else ""
-    click.echo(f"experiment {exp['id']} (#{exp['number']}): {exp['status']}{metric}")
+    echo(f"experiment {exp['id']} (#{exp['number']}): {exp['status']}{metric}")
     if exp.get("reason"):
-        click.echo(f"reason: {exp['reason']}")
+        echo(f"reason: {exp['reason']}")
     if exp["status"] in FAILED_OR_ERROR and exp.get("log_tail"):
-        tail = exp["log_tail"].rstrip("\n").splitlines()[-TAIL_LINES:]
-        click.echo(f"log tail (full log: ratchet logs {exp['id']}):")
+        tail = safe(exp["log_tail"]).rstrip("\n").splitlines()[-TAIL_LINES:]
+        echo(f"log tail (full log: ratchet logs {exp['id']}):")
         for line in tail:
             click.echo(f"  {line}")
 
@@ -116,7 +117,7 @@ def submit(
     if quiet and not wait:
         click.echo(exp["id"])
         return
-    click.echo(f"submitted experiment {exp['id']} (#{exp['number']}) to loop {lp['name']}: {exp['status']}")
+    echo(f"submitted experiment {exp['id']} (#{exp['number']}) to loop {lp['name']}: {exp['status']}")
     if not wait:
         return
     with _spinner(state, f"waiting for experiment #{exp['number']}"):
@@ -134,14 +135,15 @@ def logs(state: CliState, exp_id: str, follow: bool) -> None:
 
     With -f, keep printing while EXP runs, until it ends."""
     if not follow:
-        click.echo(state.client.logs(exp_id), nl=False)
+        echo(state.client.logs(exp_id), nl=False)
         return
+    stream = SafeStream()
     for chunk in state.client.follow_logs(exp_id):
-        click.echo(chunk, nl=False)
+        click.echo(stream.feed(chunk), nl=False)
         sys.stdout.flush()
     exp = state.client.experiment(exp_id)
     reason = f" ({exp['reason']})" if exp.get("reason") else ""
-    click.echo(f"-- experiment {exp_id} ended: {exp['status']}{reason}", err=True)
+    echo(f"-- experiment {exp_id} ended: {exp['status']}{reason}", err=True)
 
 
 @click.command()
@@ -151,4 +153,4 @@ def diff(state: CliState, exp_id: str) -> None:
     """Print an experiment's diff.
 
     The unified diff of EXP against its parent; empty for a baseline."""
-    click.echo(state.client.diff(exp_id), nl=False)
+    echo(state.client.diff(exp_id), nl=False)

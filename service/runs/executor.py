@@ -11,11 +11,13 @@ collected, so the scheduler can hand the slot to the next prepared run at once; 
 complete `RunResult` afterwards (its `timeout_s` says which hard timeout applied). **cancel** works
 at any time (a prepared run never starts; a running one is killed); **cleanup** removes what the
 run left, once nobody needs it, off the critical path. `Executor.cleanup()` removes everything a
-previous process of this instance left behind (every run carries the instance label).
+previous process of this instance left behind (every run carries the instance label);
+`Executor.reattach()` instead takes over the runs of that process that are still alive, prepared or
+running, and removes the rest: a restart then loses no run that is inside its deadline.
 
     inventory() -> [Node]           watch_inventory() -> [Node], [Node], ... (as nodes come and go)
     prepare(spec, node) -> Handle ──start(on_output, on_exit)──> RunResult ──cleanup()
-                              └──cancel() (any time) ──────────────────────────┘
+    reattach() -> [Handle] ─┘    └──cancel() (any time) ─────────────────────────┘
 
 The inventory may change while the service runs (a cluster's nodes join and leave):
 `watch_inventory` yields it again each time, and the scheduler follows it at once. A node that
@@ -40,13 +42,14 @@ from typing import Protocol
 
 import msgspec
 
-from sandbox import RunResult, RunSpec, SandboxError, SpecError, Timings
+from sandbox import RunDetached, RunResult, RunSpec, SandboxError, SpecError, Timings
 
 __all__ = [
     "Executor",
     "Handle",
     "Node",
     "NodeReport",
+    "RunDetached",
     "RunResult",
     "RunSpec",
     "SandboxError",
@@ -103,6 +106,12 @@ class Handle(Protocol):
         """Remove what the run left (container, volume). Idempotent; never raises."""
         ...
 
+    async def detach(self) -> None:
+        """Let go of the run without stopping it (the service is stopping): `start` raises
+        `RunDetached` and the run goes on, for the next process's `Executor.reattach()`. A backend
+        that cannot take runs over stops it instead, as `cancel` does."""
+        ...
+
 
 class Executor(Protocol):
     instance: str  # every run made carries it, so a restarted service finds its own leftovers
@@ -119,6 +128,16 @@ class Executor(Protocol):
     async def prepare(self, spec: RunSpec, node: str) -> Handle:
         """Get a run ready behind its gate on `node`. A caller cancelled while waiting owes
         nothing: what was made is cleaned up when it is done."""
+        ...
+
+    async def reattach(self) -> list[Handle]:
+        """The runs a previous process of this instance left alive, taken over, and everything
+        else it left removed. A handle's `spec` says what it runs (its labels name the experiment
+        and attempt; without files); `start` sees it through as for a run just prepared: a run whose
+        gate never opened is let go then, one already going is followed on with its original hard
+        deadline, its whole output passed to `on_output` from the beginning, its `RunResult`
+        complete. A handle nobody wants is cancelled and cleaned up. Raises SandboxError when the
+        backend does not answer; [] from a backend that cannot take runs over (after `cleanup`)."""
         ...
 
     async def cleanup(self, experiment: str | None = None) -> int:

@@ -10,6 +10,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from functools import partial
+from pathlib import Path
 
 import msgspec
 
@@ -45,7 +46,8 @@ class LocalExecutor:
 
     def __init__(self, settings: Settings, instance: str, sandbox: Sandbox | None = None) -> None:
         self.instance = instance
-        self.sandbox = sandbox or Sandbox(instance=instance)
+        # The journal lets the next process of this data dir take over runs that outlive this one.
+        self.sandbox = sandbox or Sandbox(instance=instance, journal=Path(settings.data_dir) / "runs")
         self.node = local_node(settings)
         self._settings = settings
         self._route_told = False
@@ -94,6 +96,10 @@ class LocalExecutor:
             future.add_done_callback(_release_orphan)
             raise
         return LocalHandle(run, self._threads, self._cleaners)
+
+    async def reattach(self) -> list[LocalHandle]:
+        runs = await asyncio.to_thread(self.sandbox.reattach)
+        return [LocalHandle(run, self._threads, self._cleaners) for run in runs]
 
     async def cleanup(self, experiment: str | None = None) -> int:
         labels = {LABEL_SANDBOX: self.instance}
@@ -185,6 +191,9 @@ class LocalHandle:
 
     async def cancel(self) -> None:
         await asyncio.to_thread(self._run.cancel)
+
+    async def detach(self) -> None:
+        self._run.detach()
 
     async def cleanup(self) -> None:
         try:

@@ -33,9 +33,10 @@ from ..state import enqueue, transitions
 from ..state.caches import CacheStore
 from ..state.snapshots import SnapshotStore
 from ..state.store import Store
-from .attempt import Attempt, Prepared, prepare
+from .adoption import recover
+from .attempt import Attempt, Prepared, prepare, taken_over
 from .engine import EngineWatch
-from .executor import Executor, Node
+from .executor import Executor, Handle, Node
 from .logs import RunLogs
 from .slots import Placement, Slot, Slots, dispatch_order
 
@@ -103,7 +104,7 @@ class Scheduler:
 
     async def start(self) -> None:
         self._take_inventory(await self.executor.inventory())
-        await self.recover()
+        await recover(self)
         await self.publish_bests()
         self._task = asyncio.create_task(self._loop(), name="ratchet-scheduler")
         self._follower = asyncio.create_task(
@@ -112,7 +113,8 @@ class Scheduler:
 
     async def stop(self) -> None:
         """Removes prepared runs, kills running ones and puts their experiments back in the queue
-        for the next start."""
+        for the next start; with `detach_on_stop`, training runs under way go on instead, and the
+        next start takes them over."""
         self.stopping = True
         self.logs.end_streams()
         for task in (self._follower, self._task):
@@ -123,8 +125,7 @@ class Scheduler:
         async with self._pass_lock:
             for exp_id in list(self._staged):
                 self._discard(exp_id)
-        for attempt in list(self._running.values()):
-            await attempt.kill()
+        await _end_runs(list(self._running.values()), self.settings.detach_on_stop)
         tasks = [r.task for r in self._running.values() if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=30)
@@ -132,20 +133,24 @@ class Scheduler:
             await asyncio.wait(list(self._cleanups), timeout=30)
         await self.executor.close()
 
-    async def recover(self) -> None:
-        """Experiments left `running` by a previous process: remove every run that process made,
-        prepared ones included (they carry this data dir's instance label), then queue those
-        experiments again."""
-        running = await self.store.running_ids()
-        removed = await self.engine.recover()
-        for exp_id in running:
-            await transitions.requeue(self.store, exp_id)
-        if running or removed:
-            log.info(
-                "recovered: %d experiment(s) requeued, %d container(s)/volume(s) removed",
-                len(running),
-                removed,
-            )
+    def resume(self, handle: Handle, exp_id: str, loop: LoopView) -> bool:
+        """A run taken over gets the slot and GPU ids it holds, and an attempt; False when they are
+        not free here (fewer slots or other GPUs since the restart)."""
+        held = Placement(handle.node, tuple(handle.spec.gpus))
+        claim = self.slots.claim(len(held.gpus), held)
+        if claim is None or not claim[2]:
+            if claim is not None:
+                self.slots.release(claim[1])
+            return False
+        claim[0].exp_id = exp_id
+        attempt = self._running[exp_id] = Attempt(self, exp_id, loop, claim[0], held, time.time())
+        attempt.taken_over = True
+        attempt.begin(asyncio.create_task(taken_over(self, handle, exp_id, loop, held)))
+        self._busy_changed()
+        return True
+
+    def background_cleanup(self, handle: Handle) -> None:
+        self.background(handle.cleanup())
 
     async def publish_bests(self) -> None:
         """Gauges live only in this process: a restarted service rebuilds the best metrics from the
@@ -182,6 +187,7 @@ class Scheduler:
             self._wake.clear()  # before the pass: a wake-up during it is never lost
             try:
                 await self._pass()
+                await self.engine.watch()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -457,6 +463,18 @@ class Scheduler:
     def prepared(self) -> list[str]:
         """Queued experiments prepared (or being prepared) ahead of their turn."""
         return list(self._staged)
+
+
+async def _end_runs(attempts: list[Attempt], detach: bool) -> None:
+    """At a stop: kills every run, or with `detach` lets training runs go on for the next start."""
+    left = 0
+    for attempt in attempts:
+        if detach and await attempt.detach():
+            left += 1
+        else:
+            await attempt.kill()
+    if left:
+        log.info("stopping: %d experiment(s) left running for the next start to take over", left)
 
 
 async def _follow(executor: Executor, changed: Callable[[list[Node]], Awaitable[None]]) -> None:

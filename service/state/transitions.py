@@ -111,12 +111,20 @@ async def start(store: Store, exp_id: str, gpus: list[str], node: str | None = N
 async def start_many(store: Store, moves: list[tuple[str, list[str], str | None]]) -> list[bool]:
     """queued -> running for each (experiment, its GPU ids, the node it runs on), committed
     together: one guarded write per experiment; False for one that was not queued any more
-    (cancelled meanwhile)."""
+    (cancelled meanwhile) or whose loop is not active any more (paused or stopped after the
+    scheduler read its queue)."""
 
     def write(db: sqlite3.Connection) -> list[bool]:
         started, now = [], time.time()
         for exp_id, gpus, node in moves:
-            moved = _move(
+            loop = fetch(
+                db,
+                "SELECT l.state FROM loops l JOIN experiments e ON e.loop_id = l.id WHERE e.id = ?",
+                (exp_id,),
+                first=True,
+            )
+            active = loop is not None and loop[0] == LoopState.active
+            moved = active and _move(
                 db, exp_id, Status.queued, Status.running, started_at=now, gpus=",".join(gpus), node=node
             )
             if moved:

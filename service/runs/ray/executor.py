@@ -145,6 +145,13 @@ class RayExecutor:
         self.dispatched += 1
         return handle
 
+    async def reattach(self) -> list[RayHandle]:
+        """Runs are not taken over on a cluster (each node's agent lives and dies with the driver
+        that made it): everything the previous process left is removed, and its experiments run
+        again."""
+        await self.cleanup()
+        return []
+
     async def cleanup(self, experiment: str | None = None) -> int:
         """Removes the runs of this instance (or of one experiment) on every node that answers; a
         node that does not is cleaned by its next agent when it comes back."""

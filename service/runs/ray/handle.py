@@ -75,6 +75,11 @@ class RayHandle:
         with contextlib.suppress(SandboxError):
             await agent.call("cancel", agent.actor.cancel.remote(self._key), timeout=CALL_S)
 
+    async def detach(self) -> None:
+        """A run on a cluster node is not taken over by the next process (its agent goes with this
+        driver), so a stop ends it, as `cancel` does."""
+        await self.cancel()
+
     async def cleanup(self) -> None:
         if self._released:
             return
