@@ -12,10 +12,10 @@ import posixpath
 import re
 from collections.abc import Collection, Mapping
 
-from ..models import DatasetMount, EvaluateSpec
+from ..models import DatasetMount, EvaluateSpec, LoopConfig
 from .patches import CandidateError
 
-__all__ = ["FLAG", "HOME", "check_datasets", "check_evaluate_datasets", "source_of"]
+__all__ = ["FLAG", "HOME", "check_datasets", "check_evaluate_datasets", "mounted", "nowhere", "source_of"]
 
 FLAG = "`ratchet serve --dataset NAME=PATH` (or RATCHET_DATASETS)"
 HOME = "/home/sandbox"  # the sandbox user's home: `~/.cache/NAME` is a target under it
@@ -94,3 +94,28 @@ def source_of(declared: Mapping[str, str], name: str) -> str | None:
     if source is None:
         return None
     return source.removeprefix("volume:")
+
+
+def mounted(config: LoopConfig) -> set[str]:
+    """Every dataset a loop's experiments mount: its training's and its evaluation's (both phases
+    of an experiment run on the node it was given)."""
+    names = {d.name for d in config.datasets}
+    if config.evaluate is not None:
+        names |= {d.name for d in config.evaluate.datasets}
+    return names
+
+
+def nowhere(wanted: Collection[str], nodes: Mapping[str, frozenset[str] | None]) -> str | None:
+    """Why no node can run a loop mounting `wanted`, or None. `nodes`: each node's datasets (None:
+    not checked there). No nodes at all is no refusal: they may join later."""
+    if not wanted or not nodes or any(has is None or has >= set(wanted) for has in nodes.values()):
+        return None
+    lacks = "; ".join(
+        f"{node} lacks {', '.join(sorted(set(wanted) - (has or frozenset())))}"
+        for node, has in sorted(nodes.items())
+    )
+    return (
+        f"no node has every dataset this loop names ({', '.join(sorted(wanted))}): {lacks}. Put"
+        " the data there under the path or volume the operator declared (`ratchet doctor` checks"
+        " each node); runs go only to nodes that have all of it"
+    )

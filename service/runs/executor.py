@@ -65,6 +65,10 @@ class Node(msgspec.Struct, kw_only=True, frozen=True):
     name: str
     slots: int
     gpus: tuple[str, ...] = ()
+    # The declared datasets a run there can mount, by name: a loop's runs go only to nodes that
+    # have every dataset it names. None: not checked (runs may go there; one whose dataset is
+    # missing fails, saying so). A change of datasets alone is not the node leaving.
+    datasets: frozenset[str] | None = None
 
 
 class NodeReport(msgspec.Struct, kw_only=True, frozen=True):
