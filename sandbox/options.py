@@ -16,6 +16,7 @@ __all__ = [
     "WORKSPACE_DIR",
     "cache_volume_options",
     "container_options",
+    "engine_mount",
     "run_ids",
     "volume_options",
 ]
@@ -89,7 +90,7 @@ def _tmpfs(spec: RunSpec) -> dict[str, str]:
     return mounts
 
 
-def _mount(m: Mount) -> dict[str, Any]:
+def engine_mount(m: Mount) -> dict[str, Any]:
     """An extra mount in the engine's structured form: a missing host path is an error there (the
     short form would create it, empty), and a volume is never filled from the image (NoCopy)."""
     if m.is_bind:
@@ -157,7 +158,7 @@ def container_options(
     if cache_volume is not None:
         opts["volumes"][cache_volume] = {"bind": CACHE_DIR, "mode": "rw"}
     if spec.mounts:
-        opts["mounts"] = [_mount(m) for m in spec.mounts]
+        opts["mounts"] = [engine_mount(m) for m in spec.mounts]
     if spec.gpus:
         opts["device_requests"] = device_requests(gpu_route, spec.gpus)
     return opts

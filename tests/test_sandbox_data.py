@@ -17,6 +17,7 @@ from test_sandbox import Sbx, report
 
 from sandbox import CACHE_DIR, HOME_DIR, Limits, Mount, SandboxError, SpecError
 from sandbox.archive import cache_seed_tar, read_cache_tar
+from sandbox.mounts import mount_problem
 
 pytestmark = pytest.mark.docker
 # test_sandbox's fixtures: each test's own instance, checked for leftovers; both runtimes
@@ -170,6 +171,30 @@ def test_a_missing_host_path_is_an_engine_refusal_not_an_empty_directory(sbx: Sb
     with pytest.raises(SandboxError, match="nothing-here"):
         sbx.run(["true"], mounts=[Mount(source=str(missing), target="/data")])
     assert not missing.exists()
+
+
+def test_an_engine_says_which_sources_it_can_mount(
+    sbx: Sbx, docker_client: docker.DockerClient, dataset: Path, tmp_path: Path
+) -> None:
+    """What a cluster node is asked about each dataset: a path is tried as a run's mount is made
+    (a container that never starts, removed at once), a volume looked up; nothing else is made."""
+    labels = {"ratchet.sandbox": sbx.instance, "ratchet.test": sbx.test_id}
+    client, image = sbx.sandbox.client, "ratchet/sandbox:latest"
+    name = f"ratchet-test-ds-{uuid.uuid4().hex[:8]}"
+    volume = docker_client.volumes.create(name, labels={"ratchet.test": sbx.test_id})
+    try:
+        assert mount_problem(client, str(dataset), image, labels) is None
+        assert mount_problem(client, name, image, labels) is None
+        gone = mount_problem(client, str(tmp_path / "nothing-here"), image, labels)
+        assert gone is not None and "bind source path does not exist" in gone, gone
+        missing = f"{name}-missing"
+        assert mount_problem(client, missing, image, labels) == f"volume '{missing}' does not exist"
+        assert not (tmp_path / "nothing-here").exists()
+        with pytest.raises(SandboxError):  # no image to try a path with: it cannot tell
+            mount_problem(client, str(dataset), "ratchet-test/never-built:0", labels)
+        assert docker_client.api.containers(all=True, filters={"label": f"ratchet.test={sbx.test_id}"}) == []
+    finally:
+        volume.remove(force=True)
 
 
 CACHE_PROBE = r"""
