@@ -111,8 +111,11 @@ cli.add_command(restore_command)
 )
 @click.option("--gpus", help="as for serve (default: detect with nvidia-smi)")
 @click.option("--runtime", type=click.Choice(["runc", "runsc"]), help="as for serve")
+@click.option("--executor", type=click.Choice(["local", "ray"]), help="as for serve: ray checks every node")
+@click.option("--ray-address", help="as for serve (env RATCHET_RAY_ADDRESS)")
 def doctor(image: str | None, **flags: Any) -> None:
-    """Check the engine, runtimes, GPUs, images and datasets: what experiments need here.
+    """Check the engine, runtimes, GPUs, images and datasets: what experiments need here (with
+    --executor ray: on every node of the cluster).
 
     Reads the same settings as `ratchet serve` (flags and RATCHET_* variables); exits 1 when
     something is wrong, saying what to fix."""
@@ -121,15 +124,16 @@ def doctor(image: str | None, **flags: Any) -> None:
     try:
         flags["datasets"] = parse_datasets(flags["datasets"]) if flags.get("datasets") else None
         settings = load_settings(flags)
+        if settings.executor == "ray":
+            _check_ray(settings)
     except SettingsError as exc:
         click.echo(f"ratchet: {exc}", err=True)
         sys.exit(2)
     from .doctor import run_doctor
 
     logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
-    click.echo(
-        f"ratchet doctor: can this machine run experiments? (default image {settings.default_image})\n"
-    )
+    where = f"the Ray cluster at {settings.ray_address}" if settings.executor == "ray" else "this machine"
+    click.echo(f"ratchet doctor: can {where} run experiments? (default image {settings.default_image})\n")
     report, code = run_doctor(settings, image)
     click.echo(report)
     sys.exit(code)

@@ -1,10 +1,11 @@
 """`ratchet doctor [--image IMG]`: whether this machine can run experiments, and what to fix.
 
-Everything is asked of the executor, as the service would: its nodes (`inventory`,
-`nodes_report`: engine, runtimes, GPU route, GPUs, slots, missing images), then a few short runs
-on each node through the same path as an experiment's (`prepare`, `start`): the smallest run under
-each runtime, `nvidia-smi -L` pinned to each GPU slot, each declared dataset read as the sandbox
-user, and with `--image` a run that checks the image works as a sandbox. Each line is `ok`, `--`
+Everything is asked of the executor the settings name (this machine's engine, or every node of a
+Ray cluster), as the service would: its nodes (`nodes_report`: engine, runtimes, GPU route, GPUs,
+slots, missing images), then a few short runs on each node that answers, through the same path as
+an experiment's (`prepare`, `start`): the smallest run under each runtime, `nvidia-smi -L` pinned
+to each GPU slot, each declared dataset read as the sandbox user, and with `--image` a run that
+checks the image works as a sandbox. Each line is `ok`, `--`
 (nothing to check, or for information) or `!!` (a problem, with what to do); the exit code is 1
 when there is any problem.
 """
@@ -20,7 +21,7 @@ import msgspec
 
 from .runs import checks
 from .runs.executor import Executor, Node, NodeReport, RunResult, RunSpec, SandboxError, SpecError
-from .runs.local import LocalExecutor
+from .runs.executors import open_executor
 from .settings import Settings
 
 __all__ = ["TORCH_IMAGE", "Line", "diagnose", "render", "run_doctor"]
@@ -81,11 +82,18 @@ async def _runtimes(executor: Executor, settings: Settings, reports: list[NodeRe
                 why = got if isinstance(got, str) else f"exited {got.exit_code}: {got.log.strip()[-200:]}"
                 details.append(f"{_named(r.name, many)}{rt}: a sandbox did not run: {why}")
             else:
-                took = (got.timings.released or 0) - (got.timings.created or 0)
                 extra = f" ({' '.join(args)})" if args else ""
-                details.append(f"{_named(r.name, many)}{rt}{extra}: a sandbox ran ({took:.1f} s)")
+                details.append(f"{_named(r.name, many)}{rt}{extra}: a sandbox ran{_took(got)}")
     text = f"loops run under {settings.runtime} unless they name another"
     return Line(mark="!!" if bad else "ok", topic="runtimes", text=text, details=details)
+
+
+def _took(result: RunResult) -> str:
+    """From the container made to it removed (on a cluster's node, removed only after the result
+    came back: to the workload's end)."""
+    t = result.timings
+    end = t.released or t.finished
+    return f" ({end - t.created:.1f} s)" if t.created and end else ""
 
 
 def _slot_groups(node: Node) -> list[list[str]]:
@@ -95,12 +103,10 @@ def _slot_groups(node: Node) -> list[list[str]]:
     return [list(node.gpus[i * per : (i + 1) * per]) for i in range(min(node.slots, len(node.gpus) // per))]
 
 
-async def _gpus(
-    executor: Executor, settings: Settings, nodes: list[Node], reports: list[NodeReport]
-) -> list[Line]:
+async def _gpus(executor: Executor, settings: Settings, reports: list[NodeReport]) -> list[Line]:
     many = len(reports) > 1
     if not any(r.gpus for r in reports):
-        slots = sum(n.slots for n in nodes)
+        slots = sum(r.slots for r in reports)
         first = reports[0]
         return [
             Line(
@@ -113,10 +119,14 @@ async def _gpus(
             ),
         ]
     route_details, gpu_details, route_bad, gpu_bad = [], [], False, False
-    for node, r in zip(nodes, reports, strict=True):
-        groups = _slot_groups(node)
+    for r in reports:
+        groups = _slot_groups(Node(name=r.name, slots=r.slots, gpus=tuple(r.gpus)))
         if r.gpus and r.gpu_route == "none":
             route_bad = True
+        if not r.gpus:  # a CPU node of a cluster that has GPU nodes too
+            route_details.append(f"{_named(r.name, many)}{r.gpu_route} (no GPUs there)")
+            gpu_details.append(f"{_named(r.name, many)}no GPUs: {r.slots} slot(s) for CPU runs")
+            continue
         route_details.append(f"{_named(r.name, many)}{r.gpu_route}: {r.gpu_reason}")
         per = len(groups[0]) if groups else 0
         gpu_details.append(
@@ -211,9 +221,10 @@ def _datasets(settings: Settings, reports: list[NodeReport], seen: dict[str, _Se
                 bad = True
                 what = seen[r.name].missing[name]
             details.append(f"{_named(r.name, many)}{name} ({settings.datasets[name]}): {what}")
-    return Line(
-        mark="!!" if bad else "ok", topic="datasets", text="read-only, as runs see them", details=details
-    )
+    text = "read-only, as runs see them"
+    if many:
+        text += "; a loop's runs go only to the nodes that have all it names"
+    return Line(mark="!!" if bad else "ok", topic="datasets", text=text, details=details)
 
 
 def _runtime_names(r: NodeReport) -> list[str]:
@@ -263,28 +274,32 @@ async def _image(executor: Executor, reports: list[NodeReport], image: str) -> L
 
 
 async def diagnose(settings: Settings, executor: Executor, image: str | None = None) -> list[Line]:
+    """Every node the executor has is reported; the checks run on those that answer (a node that
+    cannot be asked is a problem of its own)."""
     try:
-        nodes = await executor.inventory()
         images = [settings.default_image, TORCH_IMAGE, *([image] if image else [])]
         reports = await executor.nodes_report(images)
     except (SandboxError, OSError) as exc:
         return [Line(mark="!!", topic="engine", text=f"cannot be asked: {exc}")]
-    down = [r for r in reports if r.problem]
+    if not reports:
+        why = "no node runs experiments (a Ray node takes part once it offers CPUs and its engine answers)"
+        return [Line(mark="!!", topic="nodes", text=why)]
+    up = [r for r in reports if not r.problem]
     engine = Line(
-        mark="!!" if down else "ok",
+        mark="!!" if len(up) < len(reports) else "ok",
         topic="engine",
         text="; ".join(f"{_named(r.name, len(reports) > 1)}{r.problem or _engine(r)}" for r in reports),
     )
-    if down:
+    if not up:
         return [engine, _nodes(reports, set(), {})]
-    lines = [engine, await _runtimes(executor, settings, reports)]
-    lines += await _gpus(executor, settings, nodes, reports)
+    lines = [engine, await _runtimes(executor, settings, up)]
+    lines += await _gpus(executor, settings, up)
     required = {settings.default_image, *([image] if image else [])}
-    seen = await _read_datasets(executor, settings, reports)
-    lines += [_images(settings, reports, image), _datasets(settings, reports, seen)]
+    seen = await _read_datasets(executor, settings, up)
+    lines += [_images(settings, up, image), _datasets(settings, up, seen)]
     lines.append(_nodes(reports, required, seen))
     if image:
-        lines.append(await _image(executor, reports, image))
+        lines.append(await _image(executor, up, image))
     return lines
 
 
@@ -303,7 +318,10 @@ def run_doctor(settings: Settings, image: str | None = None) -> tuple[str, int]:
     """The report and the exit code (1 when there is a problem)."""
 
     async def main() -> list[Line]:
-        executor = LocalExecutor(settings, f"doctor-{secrets.token_hex(4)}")
+        try:
+            executor = await open_executor(settings, f"doctor-{secrets.token_hex(4)}")
+        except SandboxError as exc:
+            return [Line(mark="!!", topic="engine", text=f"cannot be reached: {exc}")]
         try:
             return await diagnose(settings, executor, image)
         finally:
