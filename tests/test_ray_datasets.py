@@ -1,4 +1,4 @@
-"""Datasets and `ratchet doctor` on a real Ray cluster: a head and two worker nodes on loopback
+"""Datasets, caches and `ratchet doctor` on a real Ray cluster: a head and two worker nodes on loopback
 (token authentication on) whose engines differ, as two machines' do: w1 runs on the shared engine
 (no GPUs, one CPU slot), w2 on the tests' fake-GPU engine (two logical GPUs). Two datasets are
 declared: `tokens`, a host directory both engines can mount, and `heldout`, a named volume that
@@ -7,6 +7,7 @@ exists only on w1's engine.
 - each node's inventory says which datasets its engine can mount; a volume made on w2's engine
   later is seen at the next check, and w2 keeps its slots meanwhile; a run sent to w2 anyway fails
   with the engine's reason;
+- a run's cache travels with it: seeded on the node before the gate opens, collected after;
 - `ratchet doctor --executor ray` checks every node (engine, runtimes, GPUs per slot with
   `nvidia-smi -L`, images, datasets read as the sandbox user) and names what w2 lacks;
 - through the service, a loop naming `heldout` runs only on w1 while w2 is idle, and a loop naming
@@ -16,10 +17,12 @@ exists only on w1's engine.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import re
 import subprocess
 import sys
+import tarfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -32,7 +35,7 @@ from conftest import ROOT, SANDBOX_IMAGE, leftovers, settled_leftovers
 from fake_gpu_engine import FakeGpuEngine
 from test_api import make_loop, submit
 
-from sandbox import Mount, RunSpec, SpecError
+from sandbox import Limits, Mount, RunSpec, SpecError
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -r requirements/ray.txt)")
 
@@ -127,6 +130,35 @@ async def test_each_node_says_which_datasets_its_engine_can_mount(
     # The mount checks leave nothing behind on either engine.
     label = f"ratchet.sandbox={executor.instance}"
     assert leftovers(fake_gpu_engine.client, label) == [] and leftovers(docker.from_env(), label) == []
+
+
+async def test_a_runs_cache_is_seeded_and_collected_on_its_node(executor: RayExecutor) -> None:
+    seed = io.BytesIO()
+    with tarfile.open(fileobj=seed, mode="w") as tar:
+        folder = tarfile.TarInfo("kernels")
+        folder.type, folder.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(folder)
+        info = tarfile.TarInfo("kernels/a.so")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"abc"))
+    script = 'cat "$RATCHET_CACHE_DIR/kernels/a.so"; echo; echo new > "$RATCHET_CACHE_DIR/kernels/b.so"'
+    spec = RunSpec(
+        image=SANDBOX_IMAGE,
+        argv=["sh", "-c", script],
+        limits=Limits(cache_mb=8),
+        cache=seed.getvalue(),
+        collect_cache=True,
+        labels={"ratchet.experiment": "cache"},
+    )
+    handle = await executor.prepare(spec, "w2")
+    try:
+        result = await handle.start(on_output=lambda _: None, on_exit=lambda _: None)
+    finally:
+        await handle.cleanup()
+    assert result.exit_code == 0 and result.log.startswith("abc"), result.log
+    assert result.cache is not None
+    with tarfile.open(fileobj=io.BytesIO(result.cache)) as tar:
+        assert sorted(tar.getnames()) == ["kernels", "kernels/a.so", "kernels/b.so"]
 
 
 def _line(out: str, topic: str) -> str:
