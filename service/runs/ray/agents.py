@@ -11,7 +11,7 @@ Each node says which of the declared datasets its engine can mount, when its age
 every `datasets_poll_s` after: runs of a loop go only to nodes with all of the loop's datasets, so
 a dataset copied onto a node is used from the next check on, and one removed stops drawing runs.
 A node that cannot say (its engine lacks the default image, which the check of a path needs) keeps
-what it said last.
+what it said last, or, when it never said, is taken to have none.
 """
 
 from __future__ import annotations
@@ -255,6 +255,8 @@ class Agents:
             answer = Failed(message=str(exc))
         if isinstance(answer, Failed):
             log.warning("node %s: its datasets could not be checked (%s)", agent.name, answer.message)
+            if agent.datasets is None:
+                agent.datasets = frozenset()  # not known to be there: no run that needs one
             return
         present = frozenset(answer.present)
         if first or present != agent.datasets:
@@ -262,7 +264,7 @@ class Agents:
                 log.warning(
                     "node %s lacks dataset %s (%s): loops naming it run on other nodes", agent.name, name, why
                 )
-            if gained := (present - agent.datasets if not first else frozenset()):
+            if gained := (present - (agent.datasets or frozenset()) if not first else frozenset()):
                 log.info("node %s now has dataset(s) %s", agent.name, ", ".join(sorted(gained)))
         agent.datasets = present
 

@@ -39,7 +39,8 @@ class Remote:
         self.slots = slots
         self.active: set[RayHandle] = set()  # prepared or running, not yet cleaned up
         self.preparing = 0
-        self.datasets: frozenset[str] = frozenset()  # the declared ones its engine can mount
+        # The declared datasets its engine can mount; None: none declared (nothing to check).
+        self.datasets: frozenset[str] | None = None
         self.lost = asyncio.Event()
         self.why = ""
         self._on_lost = on_lost
