@@ -312,11 +312,12 @@ def test_charlm_eval_runs_charlm_s_own_files():
     )
 
 
-def test_a_checkpoint_over_the_output_cap_is_left_out_and_the_reason_says_so(server, heldout):
+def test_a_checkpoint_over_the_output_cap_is_left_out_and_the_reason_says_so(eval_server):
     """The training output reaches the evaluation only up to the output cap (16 MiB in all): a
     bigger checkpoint is left out, the evaluation fails for want of it, and the verdict's reason
     and the log name it, rather than leave the operator guessing why a good run crashed."""
-    loop = server.wait_idle(_loop(server, heldout)["id"])
+    server = eval_server
+    loop = server.wait_idle(_loop(server)["id"])
     assert loop["baseline"] == "ok", loop
     padded = "f.write(json.dumps({'v': 1.0}) + ' ' * (17 * 2**20))"  # 17 MiB of valid JSON
     exp_id = _submit(server, loop["id"], "big checkpoint", TRAIN.replace("json.dump({'v': V}, f)", padded))
