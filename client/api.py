@@ -130,6 +130,17 @@ class RatchetClient:
         """`pause`, `resume` or `stop`; returns the loop afterwards."""
         return self._call("POST", f"/v1/loops/{loop_id}/{action}").json()
 
+    def clear_cache(self, loop_id: str) -> dict[str, Any]:
+        """Forget the loop's cache; returns the loop."""
+        return self._call("DELETE", f"/v1/loops/{loop_id}/cache").json()
+
+    def fill_cache(self, loop_id: str) -> dict[str, Any]:
+        """Clear the loop's cache and queue the baseline run that fills it; returns that experiment."""
+        return self._call("POST", f"/v1/loops/{loop_id}/cache/fill").json()
+
+    def datasets(self) -> list[dict[str, Any]]:
+        return self._call("GET", "/v1/datasets").json()
+
     def experiments(
         self, loop_id: str, *, status: Iterable[str] = (), after: int = 0, limit: int = 100
     ) -> dict[str, Any]:

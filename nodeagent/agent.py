@@ -6,6 +6,7 @@ and runs `sandbox` there. It knows runs by the key the executor gave them, and n
     cancel(key) / release(key)                     any time, also before the prepare has ended
     sweep(labels)      -> count                    this node's containers and volumes with `labels`
     images(names)      -> [missing]                the images of `names` this node lacks
+    datasets(sources, image) -> Mountable | Failed which datasets this node's engine can mount
     report(images, gpu_image) -> NodeFacts         the engine, its runtimes and GPU route, missing images
 
 Every container it makes carries `ratchet.node=<its node>`: nodes may share one engine (on a test
@@ -25,7 +26,8 @@ from collections.abc import Iterator
 import msgspec
 import ray
 
-from sandbox import PreparedRun, RunResult, Sandbox, SandboxError, Timings
+from sandbox import LABEL_SANDBOX, PreparedRun, RunResult, Sandbox, SandboxError, Timings
+from sandbox.mounts import mount_problem
 
 from .protocol import (
     LABEL_NODE,
@@ -33,6 +35,7 @@ from .protocol import (
     Exited,
     Failed,
     Finished,
+    Mountable,
     NodeFacts,
     Output,
     Prepared,
@@ -98,12 +101,32 @@ class NodeAgent:
             NodeFacts(
                 engine=True,
                 engine_version=probe.engine_version,
-                runtimes=sorted(probe.runtimes),
+                api_version=probe.api_version,
+                runtimes=dict(probe.runtimes),
+                default_runtime=probe.default_runtime,
                 gpu_route=probe.route,
                 gpu_reason=probe.reason,
                 missing_images=missing,
             )
         )
+
+    @ray.method(concurrency_group="clean")
+    def datasets(self, sources: dict[str, str], image: str) -> bytes:
+        """Which datasets (name -> the engine's source: a host path, or a volume's name) a run on
+        this node could mount, as its engine sees them (a path there may not be one here); a bind
+        is tried with a container of `image` that never starts."""
+        labels = {**self.sandbox.labels, LABEL_SANDBOX: self.sandbox.instance, "ratchet.phase": "check"}
+        present, missing = [], {}
+        try:
+            for name, source in sorted(sources.items()):
+                why = mount_problem(self.sandbox.client, source, image, labels)
+                if why is None:
+                    present.append(name)
+                else:
+                    missing[name] = why
+        except Exception as exc:
+            return encode(Failed.of(exc))
+        return encode(Mountable(present=present, missing=missing))
 
     @ray.method(concurrency_group="clean")
     def sweep(self, labels: dict[str, str]) -> int | bytes:

@@ -20,11 +20,13 @@ __all__ = [
     "Exited",
     "Failed",
     "Finished",
+    "Mountable",
     "NodeFacts",
     "Output",
     "Prepared",
     "decode_event",
     "decode_facts",
+    "decode_mountable",
     "decode_prepared",
     "decode_spec",
     "encode",
@@ -47,11 +49,21 @@ class NodeFacts(msgspec.Struct, kw_only=True, frozen=True):
 
     engine: bool  # the node's container engine answers
     engine_version: str = ""
-    runtimes: list[str] = []  # OCI runtimes registered with it (runc, runsc, ...)
+    api_version: str = ""
+    runtimes: dict[str, list[str]] = {}  # OCI runtimes registered with it, and their arguments
+    default_runtime: str = ""
     gpu_route: str = "none"  # how its containers get GPUs: "nvidia", "cdi" or "none"
     gpu_reason: str = ""  # why that route; for "none", what to install
     missing_images: list[str] = []  # of the images asked about, those it lacks
     problem: str | None = None  # why the engine could not be asked
+
+
+class Mountable(msgspec.Struct, kw_only=True, frozen=True, tag="mountable"):
+    """Which of the datasets asked about the node's engine can mount (by name), and why not the
+    others."""
+
+    present: list[str]
+    missing: dict[str, str] = {}
 
 
 class Prepared(msgspec.Struct, kw_only=True, frozen=True, tag="prepared"):
@@ -98,6 +110,7 @@ _events = msgspec.msgpack.Decoder(Event)
 _prepare_answer = msgspec.msgpack.Decoder(Prepared | Failed)
 _specs = msgspec.msgpack.Decoder(RunSpec)
 _facts = msgspec.msgpack.Decoder(NodeFacts)
+_mountable = msgspec.msgpack.Decoder(Mountable | Failed)
 
 
 def encode(value: msgspec.Struct) -> bytes:
@@ -118,3 +131,7 @@ def decode_spec(data: bytes) -> RunSpec:
 
 def decode_facts(data: bytes) -> NodeFacts:
     return _facts.decode(data)
+
+
+def decode_mountable(data: bytes) -> Mountable | Failed:
+    return _mountable.decode(data)

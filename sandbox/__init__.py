@@ -11,11 +11,13 @@ the process that started it: `Sandbox.reattach()` in the next one takes it over 
 """
 
 from .gpus import EngineProbe, GpuRoute, GpuUnavailable
-from .options import OUTPUT_DIR, WORKSPACE_DIR, container_options
+from .options import CACHE_DIR, HOME_DIR, OUTPUT_DIR, WORKSPACE_DIR, container_options
 from .runner import LABEL_RUN, LABEL_SANDBOX, PreparedRun, RunDetached, Sandbox, SandboxError
 from .spec import RUNSC_MIN_PIDS, FileEntry, Limits, Mount, RunResult, RunSpec, SpecError, Timings
 
 __all__ = [
+    "CACHE_DIR",
+    "HOME_DIR",
     "LABEL_RUN",
     "LABEL_SANDBOX",
     "OUTPUT_DIR",

@@ -71,7 +71,9 @@ def reattach(sandbox: Sandbox) -> list[AdoptedRun]:
             log.warning("run %s: cannot take it over (%s); it is removed", run_id, exc)
             continue
         runs.append(run)
-    keep = frozenset({r.container_id or "" for r in runs} | {r.volume for r in runs})
+    keep = frozenset(
+        {r.container_id or "" for r in runs} | {v for r in runs for v in (r.volume, r.cache_volume) if v}
+    )
     removed = remove_labelled(sandbox.client, {LABEL_SANDBOX: sandbox.instance}, keep)
     if sandbox.journal is not None:
         sandbox.journal.sweep({r.run_id for r in runs})
@@ -86,6 +88,7 @@ class AdoptedRun(PreparedRun):
     def __init__(self, sandbox: Sandbox, record: RunRecord) -> None:
         super().__init__(sandbox, record.spec, record.gpu_route)  # type: ignore[arg-type]
         self.run_id, self.volume, self.container_id = record.run_id, record.volume, record.container_id
+        self.cache_volume = record.cache_volume
         self.opened_at = record.opened_at  # None: never let go
         self.timings.started = record.opened_at
         self._follower: _LogFollower | None = None

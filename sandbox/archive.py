@@ -116,3 +116,74 @@ def read_output_tar(
     except tarfile.TarError:
         skipped.append("(output archive cut short at the size cap)")
     return files, skipped
+
+
+def _cache_name(name: str, prefix: str = "") -> str | None:
+    """A member's path inside the cache directory, or None when it is unsafe or outside."""
+    if prefix:
+        if name.rstrip("/") == prefix.rstrip("/"):
+            return ""
+        if not name.startswith(prefix):
+            return None
+        name = name[len(prefix) :]
+    name = name.removeprefix("./").rstrip("/")
+    parts = name.split("/")
+    if not name or name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        return None
+    return name
+
+
+def _copy_tree(src: tarfile.TarFile, uid: int, prefix: str, cap: int) -> tuple[bytes, int]:
+    """Directories, regular files and symbolic links of `src` (under `prefix`) into a new tar,
+    owned by `uid`, without set-id bits; nothing through a link. Returns it and its content bytes
+    (-1 past `cap`)."""
+    buf = io.BytesIO()
+    links: set[str] = set()
+    used = 0
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as out:
+        for member in src:
+            name = _cache_name(member.name, prefix)
+            if not name or not (member.isdir() or member.isfile() or member.issym()):
+                continue
+            parts = name.split("/")
+            if any("/".join(parts[:i]) in links for i in range(1, len(parts))):
+                continue  # a path through a link could land anywhere
+            info = tarfile.TarInfo(name)
+            info.type, info.mtime, info.mode = member.type, member.mtime, member.mode & 0o777
+            info.uid = info.gid = uid
+            if member.issym():
+                info.linkname = member.linkname
+                links.add(name)
+                out.addfile(info)
+            elif member.isdir():
+                out.addfile(info)
+            else:
+                used += member.size
+                if used > cap:
+                    return b"", -1
+                info.size = member.size
+                out.addfile(info, src.extractfile(member))
+    return buf.getvalue(), used
+
+
+def cache_seed_tar(seed: bytes, uid: int = SANDBOX_UID) -> bytes:
+    """A cache's starting content as the run gets it: every entry owned by the run's user."""
+    with tarfile.open(fileobj=io.BytesIO(seed), mode="r|*") as src:
+        data, _ = _copy_tree(src, uid, "", len(seed))
+    return data
+
+
+def read_cache_tar(
+    chunks: Iterator[bytes], cap: int, read_limit: int, prefix: str = "cache/"
+) -> tuple[bytes | None, str]:
+    """The cache directory from a tar stream of it, as a tar of its own (paths relative to it), or
+    None and why: more than `cap` bytes of content, or a stream cut short at `read_limit`."""
+    reader = _ChunkReader(chunks, read_limit)
+    try:
+        with tarfile.open(fileobj=io.BufferedReader(reader), mode="r|") as src:
+            data, used = _copy_tree(src, SANDBOX_UID, prefix, cap)
+    except tarfile.TarError as exc:
+        return None, f"the cache's archive could not be read ({exc})"
+    if used < 0:
+        return None, f"the cache holds more than {cap} bytes"
+    return data, ""

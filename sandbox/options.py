@@ -5,14 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 from .gpus import GpuRoute, device_requests, gpu_env, strip_toolkit_env
-from .spec import RunSpec
+from .spec import CACHE_DIR, HOME_DIR, Mount, RunSpec, home_dirs
 
 __all__ = [
+    "CACHE_DIR",
+    "HOME_DIR",
     "MOUNT_POINT",
     "OUTPUT_DIR",
     "RUNSC_HOST_PIDS_PER_TASK",
     "WORKSPACE_DIR",
+    "cache_volume_options",
     "container_options",
+    "engine_mount",
+    "run_ids",
     "volume_options",
 ]
 
@@ -54,16 +59,68 @@ def volume_options(spec: RunSpec, name: str, labels: dict[str, str]) -> dict[str
     }
 
 
+def run_ids(spec: RunSpec) -> tuple[int, int] | None:
+    """The numeric uid and gid the run's user has (None for a user given by name)."""
+    uid, _, gid = spec.user.partition(":")
+    return (int(uid), int(gid or uid)) if uid.isdigit() and (gid or uid).isdigit() else None
+
+
+def cache_volume_options(spec: RunSpec, name: str, labels: dict[str, str]) -> dict[str, Any]:
+    """The run's cache directory: a tmpfs-backed volume of `cache_mb`, owned by the run's user and,
+    unlike /tmp and the home, not `noexec` (compiled kernels are shared objects loaded from it)."""
+    uid, gid = run_ids(spec) or (0, 0)
+    size = f"size={spec.limits.cache_mb}m,mode=0755,uid={uid},gid={gid}"
+    return {
+        "name": name,
+        "driver": "local",
+        "driver_opts": {"type": "tmpfs", "device": "tmpfs", "o": size},
+        "labels": labels,
+    }
+
+
+def _tmpfs(spec: RunSpec) -> dict[str, str]:
+    """/tmp, and the home with the directories leading to mounts under it (see `home_dirs`)."""
+    lim = spec.limits
+    mounts = {"/tmp": f"size={lim.tmp_mb}m,mode=1777,nosuid,nodev"}
+    ids = run_ids(spec)
+    owner = f",uid={ids[0]},gid={ids[1]}" if ids else ""
+    for d in home_dirs(spec.mounts):
+        mode = "0700" if d == HOME_DIR else "0755"
+        mounts[d] = f"size={lim.tmp_mb}m,mode={mode}{owner},nosuid,nodev"
+    return mounts
+
+
+def engine_mount(m: Mount) -> dict[str, Any]:
+    """An extra mount in the engine's structured form: a missing host path is an error there (the
+    short form would create it, empty), and a volume is never filled from the image (NoCopy)."""
+    if m.is_bind:
+        return {
+            "Type": "bind",
+            "Source": m.source,
+            "Target": m.target,
+            "ReadOnly": True,
+            "BindOptions": {"Propagation": "rprivate"},
+        }
+    return {
+        "Type": "volume",
+        "Source": m.source,
+        "Target": m.target,
+        "ReadOnly": True,
+        "VolumeOptions": {"NoCopy": True},
+    }
+
+
 def container_options(
     spec: RunSpec,
     volume: str,
     labels: dict[str, str],
     env: dict[str, str],
     gpu_route: GpuRoute = "none",
+    cache_volume: str | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for docker-py's `containers.create`; every limit is set, nothing inherited.
     `gpu_route` is how this engine attaches GPUs (`sandbox.gpus`); a spec with GPUs on an engine
-    without a route raises `GpuUnavailable`."""
+    without a route raises `GpuUnavailable`. `cache_volume` is mounted at CACHE_DIR."""
     lim = spec.limits
     pids_limit = lim.pids
     ulimits = [{"Name": "nofile", "Soft": lim.nofile, "Hard": lim.nofile}]
@@ -89,7 +146,7 @@ def container_options(
         "memswap_limit": f"{lim.memory_mb}m",
         "nano_cpus": int(lim.cpus * 1e9),
         "ulimits": ulimits,
-        "tmpfs": {"/tmp": f"size={lim.tmp_mb}m,mode=1777,nosuid,nodev"},
+        "tmpfs": _tmpfs(spec),
         "shm_size": f"{min(lim.tmp_mb, 64)}m",
         "volumes": {volume: {"bind": MOUNT_POINT, "mode": "rw"}},
         "stdin_open": True,
@@ -98,8 +155,10 @@ def container_options(
         "runtime": spec.runtime,
         "detach": True,
     }
-    for m in spec.mounts:
-        opts["volumes"][m.source] = {"bind": m.target, "mode": "ro"}
+    if cache_volume is not None:
+        opts["volumes"][cache_volume] = {"bind": CACHE_DIR, "mode": "rw"}
+    if spec.mounts:
+        opts["mounts"] = [engine_mount(m) for m in spec.mounts]
     if spec.gpus:
         opts["device_requests"] = device_requests(gpu_route, spec.gpus)
     return opts

@@ -29,14 +29,16 @@ import docker.errors
 import msgspec
 import requests.exceptions
 
-from .archive import read_output_tar, workspace_tar
+from .archive import workspace_tar
+from .collect import collect
 from .engine import SandboxError, ping, remove_labelled
 from .engine import engine_call as _engine
 from .engine import remove as _remove
 from .gpus import EngineProbe, GpuRoute, GpuUnavailable, gpu_refusal
 from .journal import HeadWriter, Journal, RunRecord
 from .logcap import CappedLog
-from .options import MOUNT_POINT, OUTPUT_DIR, container_options, volume_options
+from .mounts import cache_volume_name, check_mounts, make_cache_volume, seed_cache
+from .options import CACHE_DIR, HOME_DIR, MOUNT_POINT, OUTPUT_DIR, container_options, volume_options
 from .probe import probe_engine
 from .spec import RunDetached, RunResult, RunSpec, Timings
 from .stream import ExitHook, FrameReader, OutputTap, Reports, strip_marker
@@ -183,6 +185,7 @@ class PreparedRun:
         self.gpu_route = gpu_route
         self.run_id = uuid.uuid4().hex[:16]
         self.volume = f"ratchet-run-{self.run_id}"
+        self.cache_volume = cache_volume_name(self.run_id, spec)
         self.container_id: str | None = None
         self.timings = Timings()
         self._sock: Any = None
@@ -208,10 +211,14 @@ class PreparedRun:
 
     def _prepare(self) -> None:
         api = self.sandbox.client.api
-        env = {**self.spec.env, "RATCHET_OUTPUT_DIR": OUTPUT_DIR, "HOME": "/tmp"}
+        env = {**self.spec.env, "RATCHET_OUTPUT_DIR": OUTPUT_DIR, "HOME": HOME_DIR}
+        check_mounts(self.sandbox.client, self.spec)
         with _engine("create volume"):
             self.sandbox.client.volumes.create(**volume_options(self.spec, self.volume, self.labels))
-        opts = container_options(self.spec, self.volume, self.labels, env, self.gpu_route)
+        if self.cache_volume is not None:
+            env["RATCHET_CACHE_DIR"] = CACHE_DIR
+            make_cache_volume(self.sandbox.client, self.spec, self.cache_volume, self.labels)
+        opts = container_options(self.spec, self.volume, self.labels, env, self.gpu_route, self.cache_volume)
         with _engine("create container"):
             self.container_id = self.sandbox.client.containers.create(**opts).id
         self.timings.created = time.time()
@@ -227,6 +234,7 @@ class PreparedRun:
         with _engine("copy workspace"):
             if not api.put_archive(self.container_id, MOUNT_POINT, workspace_tar(self.spec.files)):
                 raise SandboxError("copy workspace: engine did not accept the archive")
+        seed_cache(api, self.container_id, self.spec)
         self.timings.ready = time.time()
         self._journal()  # only a run whose workspace is in can be taken over
 
@@ -266,7 +274,8 @@ class PreparedRun:
                 run_id=self.run_id,
                 container_id=self.container_id,
                 volume=self.volume,
-                spec=msgspec.structs.replace(self.spec, files=[]),
+                cache_volume=self.cache_volume,
+                spec=msgspec.structs.replace(self.spec, files=[], cache=b""),
                 gpu_route=self.gpu_route,
                 opened_at=opened_at,
             )
@@ -411,26 +420,9 @@ class PreparedRun:
             ) from exc
 
     def _collect(self, result: RunResult) -> None:
-        """Output files and peak memory, read while the gate keeps the container (and volume) alive."""
-        api = self.sandbox.client.api
-        cid = self.container_id
-        try:
-            with _engine("read peak memory"):
-                stats = api.stats(cid, stream=False, one_shot=True)
-            result.peak_memory_bytes = (stats.get("memory_stats") or {}).get("max_usage")
-        except SandboxError as exc:
-            log.warning("run %s: %s", self.run_id, exc)
-        if self.spec.limits.output_bytes > 0:
-            with _engine("collect output"):
-                try:
-                    chunks, _ = api.get_archive(cid, OUTPUT_DIR)
-                except docker.errors.NotFound:
-                    chunks = iter(())
-                # The output directory cannot outgrow the run's disk: read that far at most, so
-                # files after a skipped large one still arrive.
-                read_limit = (self.spec.limits.disk_mb + 1) * 1024 * 1024
-                files, skipped = read_output_tar(iter(chunks), self.spec.limits.output_bytes, read_limit)
-            result.output_files, result.output_skipped = files, skipped
+        """Outputs read while the gate keeps the container (and volumes) alive; then it may exit."""
+        assert self.container_id is not None
+        collect(self.sandbox.client.api, self.container_id, self.spec, result, self.run_id)
         with contextlib.suppress(OSError):
             if self._raw is not None:
                 self._raw.sendall(b"collected\n")
@@ -475,7 +467,7 @@ class PreparedRun:
                 sock.close()
 
     def release(self) -> None:
-        """Remove container and volume. Idempotent; a failed removal is logged, never raised."""
+        """Remove container and volumes. Idempotent; a failed removal is logged, never raised."""
         with self._lock:
             if self._released:
                 return
@@ -490,10 +482,11 @@ class PreparedRun:
                 _remove(lambda: client.api.remove_container(container_id, force=True, v=True))
             except Exception as exc:
                 log.warning("run %s: could not remove container %s: %s", self.run_id, container_id, exc)
-        try:
-            _remove(lambda: client.api.remove_volume(self.volume, force=True))
-        except Exception as exc:
-            log.warning("run %s: could not remove volume %s: %s", self.run_id, self.volume, exc)
+        for volume in filter(None, (self.volume, self.cache_volume)):
+            try:
+                _remove(lambda volume=volume: client.api.remove_volume(volume, force=True))
+            except Exception as exc:
+                log.warning("run %s: could not remove volume %s: %s", self.run_id, volume, exc)
         if self.sandbox.journal is not None:
             self.sandbox.journal.remove(self.run_id)
         self.timings.released = time.time()

@@ -12,6 +12,8 @@ import re
 import msgspec
 
 __all__ = [
+    "CACHE_DIR",
+    "HOME_DIR",
     "FileEntry",
     "Limits",
     "Mount",
@@ -23,6 +25,12 @@ __all__ = [
 ]
 
 _SAFE_PATH = re.compile(r"^[A-Za-z0-9._+@=,-]+(/[A-Za-z0-9._+@=,-]+)*$")
+_SAFE_TARGET = re.compile(r"^(/[A-Za-z0-9._+@=,-]+)+$")
+_VOLUME_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+HOME_DIR = "/home/sandbox"  # HOME of every run: a private writable tmpfs, dataset mounts may sit inside
+CACHE_DIR = "/sandbox/cache"  # a run's writable cache directory (its own volume), when it has one
+# Mount targets never allowed at or under these: the run's volume, /tmp, the kernel's file systems.
+_RESERVED = ("/sandbox", "/tmp", "/proc", "/dev", "/sys")
 _LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 RUNTIMES = ("runc", "runsc")
 RUNSC_MIN_PIDS = 128  # gVisor's own sandbox threads count against the pids limit
@@ -47,6 +55,7 @@ class Limits(msgspec.Struct, kw_only=True, frozen=True):
     tmp_mb: int = 256  # size of the tmpfs at /tmp
     log_bytes: int = 4 * 1024 * 1024  # log kept; the rest is dropped with a marker
     output_bytes: int = 16 * 1024 * 1024  # files collected from the output directory
+    cache_mb: int = 0  # size of the run's own cache volume at CACHE_DIR; 0: no cache directory
 
 
 class FileEntry(msgspec.Struct, kw_only=True, frozen=True):
@@ -59,10 +68,16 @@ class FileEntry(msgspec.Struct, kw_only=True, frozen=True):
 
 
 class Mount(msgspec.Struct, kw_only=True, frozen=True):
-    """An extra mount, always read-only: a named volume or a host path, at `target`."""
+    """An extra mount, always read-only: a host path (absolute `source`) or a named volume, at
+    `target`. A target may sit under the sandbox user's home; never over it, the run's volume
+    (/sandbox: workspace, output, cache), /tmp, or another mount."""
 
     source: str
     target: str
+
+    @property
+    def is_bind(self) -> bool:
+        return self.source.startswith("/")
 
 
 class RunSpec(msgspec.Struct, kw_only=True, frozen=True):
@@ -77,6 +92,10 @@ class RunSpec(msgspec.Struct, kw_only=True, frozen=True):
     timeout_s: float = 600.0  # hard wall-clock kill, counted from the workload's start
     labels: dict[str, str] = {}
     user: str = "1000:1000"
+    # The cache directory's starting content: a tar whose members are placed under CACHE_DIR, owned
+    # by the run's user (it is the run's private copy: what it writes there stays there).
+    cache: bytes = b""
+    collect_cache: bool = False  # return the cache directory as it is after the run (RunResult.cache)
 
     def validate(self) -> RunSpec:
         """Refuse a spec that cannot run safely; returns self so calls chain."""
@@ -103,13 +122,11 @@ class RunSpec(msgspec.Struct, kw_only=True, frozen=True):
             if f.path in seen:
                 raise SpecError(f"duplicate workspace path {f.path!r}")
             seen.add(f.path)
-        for m in self.mounts:
-            # normpath keeps a leading "//"; collapse it so "//sandbox" is seen as "/sandbox"
-            target = "/" + posixpath.normpath(m.target).lstrip("/") if m.target.startswith("/") else ""
-            if target in ("", "/") or any(
-                target == p or target.startswith(p + "/") for p in ("/sandbox", "/tmp")
-            ):
-                raise SpecError(f"mount target {m.target!r} must be an absolute path of its own")
+        _validate_mounts(self.mounts)
+        if (self.cache or self.collect_cache) and self.limits.cache_mb == 0:
+            raise SpecError("a cache needs limits.cache_mb > 0 (the size of its volume)")
+        if len(self.cache) > self.limits.cache_mb * 1024 * 1024:
+            raise SpecError(f"the cache ({len(self.cache)} bytes) does not fit limits.cache_mb")
         for key in self.labels:
             if not _LABEL_KEY.match(key):
                 raise SpecError(f"label key {key!r} must be lowercase letters, digits, '.', '_', '-'")
@@ -126,10 +143,54 @@ class RunSpec(msgspec.Struct, kw_only=True, frozen=True):
             "tmp_mb": 1 <= lim.tmp_mb <= 1024 * 1024,
             "log_bytes": 1024 <= lim.log_bytes <= 1024**3,
             "output_bytes": 0 <= lim.output_bytes <= 1024**3,
+            "cache_mb": 0 <= lim.cache_mb <= 1024 * 1024,
         }
         for name, ok in checks.items():
             if not ok:
                 raise SpecError(f"limit {name}={getattr(lim, name)} is out of range")
+
+
+def mount_target(target: str) -> str:
+    """The path the engine mounts at: normalised, with a leading "//" collapsed ("" if relative)."""
+    return "/" + posixpath.normpath(target).lstrip("/") if target.startswith("/") else ""
+
+
+def _validate_mounts(mounts: list[Mount]) -> None:
+    seen: list[str] = []
+    for m in mounts:
+        target = mount_target(m.target)
+        if target in ("", "/") or any(target == p or target.startswith(p + "/") for p in _RESERVED):
+            raise SpecError(f"mount target {m.target!r} must be an absolute path of its own")
+        if not _SAFE_TARGET.match(target):
+            raise SpecError(
+                f"mount target {m.target!r} may hold only letters, digits and ._+@=,- between slashes"
+            )
+        if target == HOME_DIR or HOME_DIR.startswith(target + "/"):
+            raise SpecError(
+                f"mount target {m.target!r} would hide the home {HOME_DIR}; mount under it instead"
+            )
+        if not (m.is_bind and mount_target(m.source) == m.source) and not (
+            not m.is_bind and _VOLUME_NAME.match(m.source)
+        ):
+            raise SpecError(f"mount source {m.source!r} must be an absolute host path or a volume name")
+        for other in seen:
+            if target == other or target.startswith(other + "/") or other.startswith(target + "/"):
+                raise SpecError(f"mount targets {other!r} and {target!r} overlap")
+        seen.append(target)
+
+
+def home_dirs(mounts: list[Mount]) -> list[str]:
+    """The home and each directory between it and a mount target under it, parents first. Each
+    gets a tmpfs of its own, owned by the run's user: the engine would otherwise create the
+    missing ones as root's, and `~/.cache` beside a dataset at `~/.cache/NAME` would not be
+    writable."""
+    dirs = {HOME_DIR}
+    for m in mounts:
+        target = mount_target(m.target)
+        if target.startswith(HOME_DIR + "/"):
+            parts = target[len(HOME_DIR) + 1 :].split("/")[:-1]
+            dirs.update(posixpath.join(HOME_DIR, *parts[:i]) for i in range(1, len(parts) + 1))
+    return sorted(dirs, key=lambda d: (d.count("/"), d))
 
 
 class Timings(msgspec.Struct, kw_only=True):
@@ -159,6 +220,8 @@ class RunResult(msgspec.Struct, kw_only=True):
     output_files: dict[str, bytes] = {}
     output_skipped: list[str] = []  # output files left out: too large, not regular, over the cap
     peak_memory_bytes: int | None = None
+    cache: bytes | None = None  # the cache directory after the run, as a tar (collect_cache only)
+    cache_skipped: str = ""  # why it was not collected
     timings: Timings = msgspec.field(default_factory=Timings)
 
     @property

@@ -11,6 +11,8 @@
 #   5. images/build.sh (ratchet/sandbox:latest, ratchet/service:latest, ratchet/torch:latest: the
 #      tests run examples/gpt in it; its torch is the CPU build unless a GPU is there, see
 #      RATCHET_TORCH_FLAVOUR in images/build.sh)
+#   6. `ratchet doctor`: the engine, runtimes, GPUs, images as experiments will use them (a
+#      problem is reported as a warning; skipped with --no-images)
 #
 # Usage: scripts/setup.sh [--no-images]
 # Environment: PYTHON (interpreter for .venv, default python3), RATCHET_LOCAL_BASE (see
@@ -27,7 +29,7 @@ build_images=1
 for arg in "$@"; do
   case "$arg" in
     --no-images) build_images=0 ;;
-    -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -229,6 +231,14 @@ fi
 # ---------------------------------------------------------------------------
 if [ "$build_images" = 1 ]; then
   bash images/build.sh sandbox service torch
+fi
+
+# ---------------------------------------------------------------------------
+# 6. Check it as experiments will use it
+# ---------------------------------------------------------------------------
+if [ "$build_images" = 1 ]; then
+  log "ratchet doctor"
+  .venv/bin/ratchet doctor | sed 's/^/    /' || warn "ratchet doctor found a problem (above)"
 fi
 
 log "setup done in $(( $(date +%s) - T0 ))s"

@@ -13,7 +13,7 @@ import click
 from client.cli import cli, main
 
 from .backup_commands import backup_command, restore_command
-from .settings import Settings, SettingsError, load_settings
+from .settings import Settings, SettingsError, load_settings, parse_datasets
 
 __all__ = ["cli", "main"]
 
@@ -36,6 +36,14 @@ _DEFAULTS = Settings()
 )
 @click.option("--admin-token", help="bootstrap admin token, 16+ characters (env RATCHET_ADMIN_TOKEN)")
 @click.option(
+    "--dataset",
+    "datasets",
+    multiple=True,
+    metavar="NAME=PATH",
+    help="read-only data loops may name; repeat for more; NAME=volume:VOLUME for a named volume"
+    " (env RATCHET_DATASETS=NAME=PATH,...)",
+)
+@click.option(
     "--executor",
     type=click.Choice(["local", "ray"]),
     help="where experiments run: the local engine (default) or a Ray cluster (env RATCHET_EXECUTOR)",
@@ -49,6 +57,7 @@ def serve(**flags: Any) -> None:
     from .http.operations import check_settings
 
     try:
+        flags["datasets"] = parse_datasets(flags["datasets"]) if flags.get("datasets") else None
         settings = load_settings(flags)
         auth_mode(settings)
         check_settings(settings)
@@ -64,6 +73,8 @@ def serve(**flags: Any) -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for name, source in sorted(settings.datasets.items()):
+        logging.getLogger("ratchet").info("dataset %s: %s (read-only)", name, source)
     uvicorn.run(
         create_app(settings),
         host=settings.host,
@@ -91,6 +102,41 @@ def _check_ray(settings: Settings) -> None:
 
 cli.add_command(backup_command)
 cli.add_command(restore_command)
+
+
+@cli.command()
+@click.option("--image", "image", metavar="IMG", help="also check that IMG runs as a sandbox")
+@click.option(
+    "--dataset", "datasets", multiple=True, metavar="NAME=PATH", help="as for serve (env RATCHET_DATASETS)"
+)
+@click.option("--gpus", help="as for serve (default: detect with nvidia-smi)")
+@click.option("--runtime", type=click.Choice(["runc", "runsc"]), help="as for serve")
+@click.option("--executor", type=click.Choice(["local", "ray"]), help="as for serve: ray checks every node")
+@click.option("--ray-address", help="as for serve (env RATCHET_RAY_ADDRESS)")
+def doctor(image: str | None, **flags: Any) -> None:
+    """Check the engine, runtimes, GPUs, images and datasets: what experiments need here (with
+    --executor ray: on every node of the cluster).
+
+    Reads the same settings as `ratchet serve` (flags and RATCHET_* variables); exits 1 when
+    something is wrong, saying what to fix."""
+    if flags.get("gpus") is not None:
+        flags["gpus"] = [g.strip() for g in flags["gpus"].split(",") if g.strip()]
+    try:
+        flags["datasets"] = parse_datasets(flags["datasets"]) if flags.get("datasets") else None
+        settings = load_settings(flags)
+        if settings.executor == "ray":
+            _check_ray(settings)
+    except SettingsError as exc:
+        click.echo(f"ratchet: {exc}", err=True)
+        sys.exit(2)
+    from .doctor import run_doctor
+
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    where = f"the Ray cluster at {settings.ray_address}" if settings.executor == "ray" else "this machine"
+    click.echo(f"ratchet doctor: can {where} run experiments? (default image {settings.default_image})\n")
+    report, code = run_doctor(settings, image)
+    click.echo(report)
+    sys.exit(code)
 
 
 @cli.command()

@@ -15,7 +15,10 @@ __all__ = [
     "FINAL",
     "RUN_OVER",
     "AcceptanceSpec",
+    "CacheView",
     "CandidateCreate",
+    "DatasetMount",
+    "DatasetView",
     "ErrorBody",
     "EvalMount",
     "EvaluateSpec",
@@ -126,19 +129,32 @@ class Workspace(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields
 
 
 class EvalMount(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """A read-only mount for the evaluation only: a named volume or a host path, at `target`."""
+    """Removed: a host path or volume named in the API body. Refused in new loops (422); kept so
+    loops stored before can still be read. Use `datasets`."""
 
     source: Annotated[str, Meta(min_length=1, max_length=4096)]
     target: Annotated[str, Meta(min_length=2, max_length=4096, pattern=r"^/")]
 
 
+class DatasetMount(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Read-only data the operator declared (`ratchet serve --dataset NAME=PATH`), by name, and
+    where the run sees it: an absolute path, e.g. under the sandbox user's home
+    (`/home/sandbox/.cache/NAME`, which `~/.cache/NAME` finds). Never over /sandbox (workspace,
+    output, harness files), /tmp, the home itself or a system directory."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=4096)]
+    target: Annotated[str, Meta(min_length=1, max_length=4096)]
+
+
 class EvaluateSpec(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """A trusted evaluation phase: after a successful training run, `command` runs in a second
     container holding only the non-editable files, the training output (read-only, under
-    `train_output/`) and `mounts`. The loop's metric comes from this phase alone."""
+    `train_output/`) and its own `datasets` (training never gets them). The loop's metric comes from
+    this phase alone."""
 
     command: Annotated[list[Arg], Meta(min_length=1, max_length=256)]
-    mounts: Annotated[list[EvalMount], Meta(max_length=16)] = []
+    datasets: Annotated[list[DatasetMount], Meta(max_length=16)] = []  # the evaluation's own
+    mounts: Annotated[list[EvalMount], Meta(max_length=16)] = []  # removed: see EvalMount
     timeout_s: Seconds = 300.0
 
 
@@ -173,6 +189,7 @@ class LoopConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     runtime: Runtime | None = None  # default: the service's setting
     evaluate: EvaluateSpec | None = None  # a trusted evaluation phase; the metric comes from it
     acceptance: AcceptanceSpec = AcceptanceSpec()
+    datasets: Annotated[list[DatasetMount], Meta(max_length=16)] = []  # read-only, for training runs
 
     @property
     def hard_timeout_s(self) -> float:
@@ -187,6 +204,23 @@ class LoopCreate(LoopConfig, kw_only=True, frozen=True, forbid_unknown_fields=Tr
     def config(self) -> LoopConfig:
         fields = {f: getattr(self, f) for f in LoopConfig.__struct_fields__}
         return LoopConfig(**fields)
+
+
+class CacheView(msgspec.Struct, kw_only=True):
+    """A loop's cache: what its trusted baseline run left in its cache directory (compile caches,
+    downloads), stored by the service; every run gets a private writable copy of it."""
+
+    state: Literal["filled", "too_large"]  # too_large: the run left more than RATCHET_CACHE_MAX_MB
+    bytes: int  # content size
+    files: int
+    experiment: str  # the baseline run that filled it
+    filled_at: float
+
+
+class DatasetView(msgspec.Struct, kw_only=True):
+    """A dataset the operator declared; loops name it in `datasets`."""
+
+    name: str
 
 
 class LoopView(msgspec.Struct, kw_only=True):
@@ -204,6 +238,7 @@ class LoopView(msgspec.Struct, kw_only=True):
     noise_sd: float | None = None  # run-to-run standard deviation, pooled over repeated runs
     counts: dict[str, int] = {}
     created_at: float
+    cache: CacheView | None = None  # none yet (filled by the first successful baseline run)
 
 
 class CandidateCreate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

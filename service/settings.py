@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
 
-__all__ = ["Settings", "SettingsError", "load_settings"]
+__all__ = ["Settings", "SettingsError", "load_settings", "parse_datasets"]
 
 ENV_PREFIX = "RATCHET_"
+_DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_VOLUME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class SettingsError(ValueError):
@@ -88,6 +91,12 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     webhook_backoff_s: Annotated[float, Meta(ge=0.01, le=3600)] = 10.0
     webhook_attempts: Annotated[int, Meta(ge=1, le=100)] = 10
     webhook_timeout_s: Annotated[float, Meta(gt=0, le=300)] = 10.0
+    # -- data (README "Datasets", "Caches") --
+    # Read-only data loops may name (`--dataset NAME=PATH`): name -> absolute host path, or
+    # "volume:VOLUME" for a named volume of the engine. Loops see names only, never the paths.
+    datasets: dict[str, str] = {}
+    # Largest cache kept per loop (compile caches, downloads), in MiB; 0: no caches at all.
+    cache_max_mb: Annotated[int, Meta(ge=0, le=1024 * 1024)] = 1024
 
     def with_overrides(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **changes)
@@ -109,8 +118,34 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
                 continue
             if field == "gpus":
                 value = [g.strip() for g in value.split(",") if g.strip()]
+            if field == "datasets":
+                value = parse_datasets(value.split(","), key)
             raw[field] = value
     return raw
+
+
+def parse_datasets(items: Iterable[str], where: str = "--dataset") -> dict[str, str]:
+    """`NAME=PATH` or `NAME=volume:VOLUME` items -> {name: source}; a relative PATH is taken from
+    the current directory. Fails naming `where` (the flag or variable) and the bad item."""
+    found: dict[str, str] = {}
+    for item in (i.strip() for i in items):
+        if not item:
+            continue
+        name, eq, source = item.partition("=")
+        name, source = name.strip(), source.strip()
+        problem = None
+        if not eq or not source:
+            problem = "expected NAME=PATH or NAME=volume:VOLUME"
+        elif not _DATASET_NAME.match(name):
+            problem = "a name is 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+        elif name in found:
+            problem = f"{name!r} is declared twice"
+        elif source.startswith("volume:") and not _VOLUME.match(source[len("volume:") :]):
+            problem = "not a volume name"
+        if problem:
+            raise SettingsError(f"invalid dataset {item!r} ({where}): {problem}")
+        found[name] = source if source.startswith("volume:") else os.path.abspath(source)
+    return found
 
 
 def load_settings(

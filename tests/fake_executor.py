@@ -87,8 +87,10 @@ class FakeExecutor:
                 await self._changed.wait_for(lambda seen=seen: self.nodes is not seen)
 
     async def set_nodes(self, nodes: list[Node]) -> None:
-        """The inventory changes: runs on a node that left (or changed) fail as unreachable."""
-        kept = {n.name for n in nodes} & {n.name for n in self.nodes if n in nodes}
+        """The inventory changes: runs on a node that left (or changed its slots or GPUs) fail as
+        unreachable; a node whose datasets alone changed keeps its runs."""
+        shape = {(n.name, n.slots, n.gpus) for n in nodes}
+        kept = {n.name for n in self.nodes if (n.name, n.slots, n.gpus) in shape}
         for handle in self.prepared:
             if handle.node not in kept:
                 handle.lost.set()
@@ -119,8 +121,18 @@ class FakeExecutor:
         return True
 
     async def nodes_report(self, images: list[str]) -> list[NodeReport]:
+        """Every node has every image; GPUs attach by the nvidia driver, `GPU-fake-<id>` each."""
         return [
-            NodeReport(name=n.name, slots=n.slots, gpus=list(n.gpus), engine=self.up, runtimes=["runc"])
+            NodeReport(
+                name=n.name,
+                slots=n.slots,
+                gpus=list(n.gpus),
+                gpu_uuids={g: f"GPU-fake-{g}" for g in n.gpus},
+                engine=self.up,
+                engine_version="fake",
+                runtimes={"runc": []},
+                gpu_route="nvidia" if n.gpus else "none",
+            )
             for n in self.nodes
         ]
 

@@ -5,8 +5,10 @@ once and in order, the original deadline, the outputs collected, the container r
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
+import tarfile
 import textwrap
 import threading
 import time
@@ -210,6 +212,37 @@ def test_a_prepared_run_is_taken_over_and_its_gate_opens_then(docker_client, ins
     result = run.execute()
     assert result.exit_code == 3 and len([x for x in lines(result) if x[:3] in ("out", "err")]) == 4
     assert result.timings.started is not None and result.timings.started >= began
+
+
+def test_a_run_with_a_cache_is_taken_over_with_it(docker_client, instance, journal_dir):
+    """The cache volume is the run's too: reattach keeps it, the cache is collected from it, and
+    the release removes it; the journal holds no copy of the cache's starting content."""
+    seed = io.BytesIO()
+    with tarfile.open(fileobj=seed, mode="w") as tar:
+        info = tarfile.TarInfo("seed.txt")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"seed\n"))
+    script = 'cat "$RATCHET_CACHE_DIR/seed.txt"; sleep 2; echo more > "$RATCHET_CACHE_DIR/added.txt"'
+    run_spec = RunSpec(
+        image=SANDBOX_IMAGE,
+        argv=["sh", "-c", script],
+        limits=Limits(cache_mb=8),
+        cache=seed.getvalue(),
+        collect_cache=True,
+    )
+    box = Sandbox(client=docker_client, instance=instance, journal=journal_dir)
+    first, _ = run_then_detach(box, run_spec, after=0.5)
+    assert first.cache_volume is not None
+    record = Journal(journal_dir).read(first.run_id)
+    assert record is not None and record.spec.cache == b"" and record.cache_volume == first.cache_volume
+    run = take_over(docker_client, instance, journal_dir)
+    assert run.cache_volume == first.cache_volume
+    result = run.execute()
+    assert result.exit_code == 0 and "seed" in result.log, result.log
+    assert result.cache is not None
+    with tarfile.open(fileobj=io.BytesIO(result.cache)) as tar:
+        assert sorted(tar.getnames()) == ["added.txt", "seed.txt"]
+    assert not leftovers(docker_client, f"{LABEL_SANDBOX}={instance}")
 
 
 def test_reattach_removes_what_it_cannot_take_over(docker_client, instance, journal_dir):

@@ -7,7 +7,8 @@ import os
 import pytest
 from test_api import submit
 
-from service.models import EvalMount, EvaluateSpec
+from service.models import DatasetMount, EvalMount, EvaluateSpec
+from service.rules.datasets import check_evaluate_datasets
 from service.rules.decisions import Outcome, decide
 from service.rules.evaluate import check_evaluate, eval_tree
 from service.rules.patches import CandidateError
@@ -40,11 +41,21 @@ def test_evaluate_accepts_non_editable_commands(command):
     check_evaluate(EvaluateSpec(command=command), ["train.py"], ["train.py", "eval.py"])
 
 
+@pytest.mark.parametrize("source", ["/etc", "vol"])
+def test_evaluate_mounts_are_refused_for_datasets(source):
+    # A host path (or volume) named in an API body is what the operator's --dataset replaces.
+    spec = EvaluateSpec(command=["python3", "eval.py"], mounts=[EvalMount(source=source, target="/heldout")])
+    with pytest.raises(CandidateError, match=r"evaluate.mounts is no longer accepted.*--dataset"):
+        check_evaluate_datasets(spec, {"heldout"})
+
+
 @pytest.mark.parametrize("target", ["/sandbox", "/sandbox/x", "//sandbox/x", "/tmp/data", "/", "/a/../tmp"])
-def test_evaluate_refuses_mount_targets(target):
-    spec = EvaluateSpec(command=["python3", "eval.py"], mounts=[EvalMount(source="vol", target=target)])
-    with pytest.raises(CandidateError, match="mounts"):
-        check_evaluate(spec, ["train.py"], ["eval.py"])
+def test_evaluate_refuses_dataset_targets(target):
+    spec = EvaluateSpec(
+        command=["python3", "eval.py"], datasets=[DatasetMount(name="heldout", target=target)]
+    )
+    with pytest.raises(CandidateError, match=r"evaluate.datasets\[0\].target .* is refused"):
+        check_evaluate_datasets(spec, {"heldout"})
 
 
 def test_eval_tree_keeps_only_non_editable_files_and_the_output():
@@ -115,7 +126,13 @@ def heldout(tmp_path):
     return str(d)
 
 
-def _loop(srv, heldout: str, **overrides) -> dict:
+@pytest.fixture
+def eval_server(server_factory, heldout):
+    """A service whose operator declared the held-out data as the dataset `heldout`."""
+    return server_factory(env={"RATCHET_DATASETS": f"heldout={heldout}"})
+
+
+def _loop(srv, **overrides) -> dict:
     body = {
         "name": "evaluated",
         "workspace": {"files": {"train.py": TRAIN, "eval.py": EVAL}},
@@ -125,7 +142,7 @@ def _loop(srv, heldout: str, **overrides) -> dict:
         "resources": {"cpus": 0.5, "memory_mb": 256, "pids": 64, "disk_mb": 64},
         "evaluate": {
             "command": ["python3", "eval.py"],
-            "mounts": [{"source": heldout, "target": "/heldout"}],
+            "datasets": [{"name": "heldout", "target": "/heldout"}],
             "timeout_s": 5,
         },
         **overrides,
@@ -145,8 +162,9 @@ def _log(srv, exp_id: str) -> str:
     return r.text
 
 
-def test_metric_comes_from_the_trusted_evaluation_only(server, heldout):
-    loop = server.wait_idle(_loop(server, heldout)["id"])
+def test_metric_comes_from_the_trusted_evaluation_only(eval_server):
+    server = eval_server
+    loop = server.wait_idle(_loop(server)["id"])
     assert loop["baseline"] == "ok" and loop["best_metric"] == pytest.approx(2.25), loop
     base = server.client.get(f"/v1/loops/{loop['id']}/experiments").json()["items"][0]
     assert base["metric"] == pytest.approx(2.25)
@@ -191,8 +209,9 @@ def test_metric_comes_from_the_trusted_evaluation_only(server, heldout):
     assert loop["best_metric"] == pytest.approx(1.25)
 
 
-def test_failed_training_skips_the_evaluation(server, heldout):
-    loop = _loop(server, heldout, workspace={"files": {"train.py": "raise SystemExit(3)\n", "eval.py": EVAL}})
+def test_failed_training_skips_the_evaluation(eval_server):
+    server = eval_server
+    loop = _loop(server, workspace={"files": {"train.py": "raise SystemExit(3)\n", "eval.py": EVAL}})
     loop = server.wait_idle(loop["id"])
     base = server.client.get(f"/v1/loops/{loop['id']}/experiments").json()["items"][0]
     assert base["status"] == "crash" and base["reason"] == "exited with code 3", base
@@ -204,10 +223,13 @@ def test_failed_training_skips_the_evaluation(server, heldout):
     [
         {"command": ["python3", "train.py"]},
         {"command": ["python3", "./train.py"]},
-        {"command": ["python3", "eval.py"], "mounts": [{"source": "v", "target": "/sandbox/data"}]},
+        {"command": ["python3", "eval.py"], "mounts": [{"source": "/etc", "target": "/data"}]},
+        {"command": ["python3", "eval.py"], "datasets": [{"name": "heldout", "target": "/sandbox/data"}]},
+        {"command": ["python3", "eval.py"], "datasets": [{"name": "other", "target": "/data"}]},
     ],
 )
-def test_evaluate_running_editable_files_is_422(server, heldout, evaluate):
+def test_evaluate_running_editable_files_or_bad_data_is_422(eval_server, evaluate):
+    server = eval_server
     body = {
         "name": "refused",
         "workspace": {"files": {"train.py": TRAIN, "eval.py": EVAL}},
@@ -219,10 +241,10 @@ def test_evaluate_running_editable_files_is_422(server, heldout, evaluate):
     assert server.client.get("/v1/loops").json() == []
 
 
-def test_charlm_eval_example_through_the_service(server, docker_client, tmp_path):
-    """The bundled variant end to end: held-out text in a Docker volume only the evaluation mounts;
-    the baseline is scored by evaluate.py, and a candidate that skips training to print a perfect
-    score is not kept."""
+def test_charlm_eval_example_through_the_service(server_factory, docker_client, tmp_path):
+    """The bundled variant end to end: held-out text in a Docker volume, declared as the dataset
+    `charlm-heldout`, which only the evaluation names; the baseline is scored by evaluate.py, and a
+    candidate that skips training to print a perfect score is not kept."""
     import uuid
     from pathlib import Path
 
@@ -230,6 +252,7 @@ def test_charlm_eval_example_through_the_service(server, docker_client, tmp_path
 
     example = Path(__file__).resolve().parent.parent / "examples" / "charlm-eval"
     volume = f"ratchet-test-heldout-{uuid.uuid4().hex[:8]}"
+    server = None
     docker_client.volumes.create(volume)
     try:
         docker_client.containers.run(
@@ -243,9 +266,11 @@ def test_charlm_eval_example_through_the_service(server, docker_client, tmp_path
             network_mode="none",
             remove=True,
         )
+        server = server_factory(env={"RATCHET_DATASETS": f"charlm-heldout=volume:{volume}"})
         body = loop_body_from_dir(example, name="charlm-eval-e2e", time_budget_s=4, timeout_s=40)
         assert not any(p.startswith("heldout/") for p in body["workspace"]["files"])
-        body["evaluate"]["mounts"] = [{"source": volume, "target": "/heldout"}]
+        assert body["evaluate"]["datasets"] == [{"name": "charlm-heldout", "target": "/heldout"}]
+        assert "datasets" not in body  # training never sees the held-out text
         r = server.client.post("/v1/loops", json=body)
         assert r.status_code == 201, r.text
         lid = r.json()["id"]
@@ -263,7 +288,8 @@ def test_charlm_eval_example_through_the_service(server, docker_client, tmp_path
         assert done["status"] == "crash" and done["reason"].startswith("evaluation"), done
         assert server.client.get(f"/v1/loops/{lid}").json()["best_metric"] == base["metric"]
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()  # before the volume goes: its containers may still hold it
         docker_client.volumes.get(volume).remove(force=True)
 
 
@@ -286,11 +312,12 @@ def test_charlm_eval_runs_charlm_s_own_files():
     )
 
 
-def test_a_checkpoint_over_the_output_cap_is_left_out_and_the_reason_says_so(server, heldout):
+def test_a_checkpoint_over_the_output_cap_is_left_out_and_the_reason_says_so(eval_server):
     """The training output reaches the evaluation only up to the output cap (16 MiB in all): a
     bigger checkpoint is left out, the evaluation fails for want of it, and the verdict's reason
     and the log name it, rather than leave the operator guessing why a good run crashed."""
-    loop = server.wait_idle(_loop(server, heldout)["id"])
+    server = eval_server
+    loop = server.wait_idle(_loop(server)["id"])
     assert loop["baseline"] == "ok", loop
     padded = "f.write(json.dumps({'v': 1.0}) + ' ' * (17 * 2**20))"  # 17 MiB of valid JSON
     exp_id = _submit(server, loop["id"], "big checkpoint", TRAIN.replace("json.dump({'v': V}, f)", padded))

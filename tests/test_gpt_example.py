@@ -1,10 +1,10 @@
 """examples/gpt in real ratchet/torch containers, on a CPU.
 
-prepare.py builds the dataset inside the image (uid 1000, read-only root, no network); train.py then
-runs through the sandbox with its real hardening, the dataset mounted read-only where an unmodified
-`~/.cache/ratchet-gpt` finds it, and the candidate edits come out in the order they must: the
-improving one below the baseline, the worsening one above, by margins far wider than the noise of a
-loaded machine (see examples/gpt/candidates/README.md).
+prepare.py builds the dataset inside the image (uid 1000, read-only root, no network); the loop then
+runs through a real service: the dataset declared by the operator and mounted read-only where an
+unmodified `~/.cache/ratchet-gpt` finds it, and the candidate edits judged as they must be: the
+improving one kept, the worsening one discarded, by margins far wider than the noise of a loaded
+machine (see examples/gpt/candidates/README.md).
 """
 
 from __future__ import annotations
@@ -19,16 +19,13 @@ from pathlib import Path
 
 import docker
 import pytest
-from conftest import ROOT, leftovers
-
-from sandbox import FileEntry, Limits, Mount, RunResult, RunSpec, Sandbox
+from conftest import ROOT, Server, leftovers, settled_leftovers
 
 pytestmark = pytest.mark.docker
 
 TORCH_IMAGE = "ratchet/torch:latest"
 EXAMPLE = ROOT / "examples" / "gpt"
 DATA_TARGET = "/home/sandbox/.cache/ratchet-gpt"
-BUDGET_S = 15
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +73,13 @@ def dataset(torch_image: str, docker_client: docker.DockerClient) -> dict:
         yield {"dir": out / "gpt-data", "first": first, "again": again}
         # files written by uid 1000: remove them as that user, then the directory is ours again
         docker_client.containers.run(
-            TORCH_IMAGE, ["rm", "-rf", "/out/gpt-data"], user="1000:1000", network_mode="none",
-            volumes={str(out): {"bind": "/out", "mode": "rw"}}, labels={"ratchet.test": label}, remove=True,
+            TORCH_IMAGE,
+            ["rm", "-rf", "/out/gpt-data"],
+            user="1000:1000",
+            network_mode="none",
+            volumes={str(out): {"bind": "/out", "mode": "rw"}},
+            labels={"ratchet.test": label},
+            remove=True,
         )
     assert leftovers(docker_client, f"ratchet.test={label}") == []
 
@@ -103,7 +105,10 @@ def _patched(name: str | None) -> str:
         (Path(tmp) / "train.py").write_text(source)
         out = subprocess.run(
             ["patch", "-p1", "--fuzz=0", "-i", str(EXAMPLE / "candidates" / f"{name}.patch")],
-            cwd=tmp, check=True, capture_output=True, text=True,
+            cwd=tmp,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         # exactly where it says: a service applying it strictly must agree
         assert "offset" not in out and "fuzz" not in out, out
@@ -123,51 +128,82 @@ def summary(log: str) -> dict[str, float]:
     return out
 
 
+LOOP_BUDGET_S = 20
+
+
 @pytest.fixture(scope="module")
-def runs(dataset: dict, docker_client: docker.DockerClient) -> dict[str, RunResult]:
-    """The baseline and both candidates, one after another, as the service would run them."""
-    instance = f"test-gpt-{uuid.uuid4().hex[:8]}"
-    sbx = Sandbox(docker_client, instance=instance)
-    results = {}
+def loop_run(
+    dataset: dict, docker_client: docker.DockerClient, tmp_path_factory: pytest.TempPathFactory
+) -> dict:
+    """What CI runs: examples/gpt as a loop of a real service on a CPU, its dataset declared by the
+    operator (`--dataset gpt-data=DIR`) and named by the loop, the baseline and both candidate
+    patches judged by the service. One slot, so the three runs do not share the CPU (the next one
+    is prepared behind its gate meanwhile)."""
+    from client import loop_body_from_dir
+
+    env = {"RATCHET_DATASETS": f"gpt-data={dataset['dir']}"}
+    srv = Server(tmp_path_factory.mktemp("gpt-loop"), slots=1, env=env).start()
     try:
-        for name in (None, "better_lr", "worse_lr"):
-            spec = RunSpec(
-                image=TORCH_IMAGE,
-                argv=["python3", "train.py"],
-                files=[
-                    FileEntry(path="train.py", data=_patched(name).encode(), writable=True),
-                    FileEntry(path="prepare.py", data=(EXAMPLE / "prepare.py").read_bytes()),
-                ],
-                env={"RATCHET_TIME_BUDGET_S": str(BUDGET_S)},
-                mounts=[Mount(source=str(dataset["dir"]), target=DATA_TARGET)],
-                limits=Limits(cpus=1.0, memory_mb=2048, pids=128, disk_mb=64, tmp_mb=256),
-                timeout_s=BUDGET_S + 90,
-                labels={"ratchet.test": instance},
+        body = loop_body_from_dir(
+            EXAMPLE,
+            time_budget_s=LOOP_BUDGET_S,
+            timeout_s=LOOP_BUDGET_S + 120,
+            resources={"gpus": 0, "cpus": 1, "memory_mb": 2048, "pids": 256},
+        )
+        assert sorted(body["workspace"]["files"]) == ["prepare.py", "program.md", "train.py"]
+        assert body["datasets"] == [{"name": "gpt-data", "target": DATA_TARGET}]
+        r = srv.client.post("/v1/loops", json=body)
+        assert r.status_code == 201, r.text
+        loop_id = r.json()["id"]
+        ids = {"baseline": srv.client.get(f"/v1/loops/{loop_id}/experiments").json()["items"][0]["id"]}
+        for name in ("better_lr", "worse_lr"):  # queued at once: they wait for the baseline
+            cand = EXAMPLE / "candidates"
+            description = (cand / f"{name}.txt").read_text().strip()
+            r = srv.client.post(
+                f"/v1/loops/{loop_id}/experiments",
+                json={"description": description, "patch": (cand / f"{name}.patch").read_text()},
             )
-            results[name or "baseline"] = sbx.run(spec)
-        yield results
+            assert r.status_code == 202, r.text
+            ids[name] = r.json()["id"]
+        srv.wait_idle(loop_id, timeout=800)
+        exps = {name: srv.client.get(f"/v1/experiments/{i}").json() for name, i in ids.items()}
+        yield {
+            "exps": exps,
+            "log": srv.client.get(f"/v1/experiments/{ids['baseline']}/logs").text,
+            "loop": srv.client.get(f"/v1/loops/{loop_id}").json(),
+            "ledger": srv.client.get(f"/v1/loops/{loop_id}/results.tsv").text,
+        }
     finally:
-        sbx.remove_labelled({"ratchet.test": instance})
-    assert leftovers(docker_client, f"ratchet.test={instance}") == []
+        srv.stop()
+    assert settled_leftovers(docker_client, f"ratchet.sandbox={srv.instance}") == []
 
 
-def test_train_reads_the_mounted_dataset_and_reports(runs: dict[str, RunResult]) -> None:
-    base = runs["baseline"]
-    assert base.exit_code == 0 and not base.timed_out, base.log[-3000:]
-    s = summary(base.log)
+def test_train_reads_the_mounted_dataset_and_reports(loop_run: dict) -> None:
+    base, log = loop_run["exps"]["baseline"], loop_run["log"]
+    assert base["status"] == "keep", log[-3000:]
+    s = summary(log)
     assert math.isfinite(s["val_bpb"]) and 1.0 < s["val_bpb"] < 4.0, s
-    assert s["training_seconds"] >= BUDGET_S and s["num_steps"] > 2
+    assert s["training_seconds"] >= LOOP_BUDGET_S and s["num_steps"] > 2
     assert s["peak_vram_mb"] > 0 and s["tokens_per_second"] > 0
-    assert "device:            cpu" in base.log
-    assert "threads: 1" in base.log  # the CPU quota, not the host's cores
-    metrics = json.loads(base.output_files["metrics.json"])
-    assert metrics["val_bpb"] == pytest.approx(s["val_bpb"], abs=1e-6)
+    assert "device:            cpu" in log
+    assert "threads: 1" in log  # the CPU quota, not the host's cores
+    # the service took the metric from metrics.json, which agrees with the printed summary
+    assert base["metric"] == pytest.approx(s["val_bpb"], abs=1e-6)
+    assert base["memory_gb"] == pytest.approx(s["peak_vram_mb"] / 1024, abs=0.01)
 
 
-def test_an_obviously_better_edit_wins_and_a_worse_one_loses(runs: dict[str, RunResult]) -> None:
-    for name, r in runs.items():
-        assert r.exit_code == 0, f"{name}: {r.log[-3000:]}"
-    bpb = {name: summary(r.log)["val_bpb"] for name, r in runs.items()}
-    steps = {name: summary(r.log)["num_steps"] for name, r in runs.items()}
-    assert bpb["better_lr"] < bpb["baseline"] - 0.2, (bpb, steps)
-    assert bpb["worse_lr"] > bpb["baseline"] + 0.2, (bpb, steps)
+def test_candidates_apply_exactly() -> None:
+    for name in ("better_lr", "worse_lr"):
+        assert _patched(name) != _patched(None)
+
+
+def test_an_obviously_better_edit_wins_and_a_worse_one_loses(loop_run: dict) -> None:
+    exps = loop_run["exps"]
+    base, better, worse = exps["baseline"], exps["better_lr"], exps["worse_lr"]
+    verdicts = {n: (e["status"], e["metric"], e["metrics"].get("num_steps")) for n, e in exps.items()}
+    print(f"\nexamples/gpt through the service (budget {LOOP_BUDGET_S} s, 1 CPU): {verdicts}")
+    assert better["status"] == "keep" and better["metric"] < base["metric"] - 0.2, verdicts
+    assert worse["status"] == "discard" and worse["metric"] > base["metric"] + 0.2, verdicts
+    assert loop_run["loop"]["best_experiment"] == better["id"]
+    rows = loop_run["ledger"].splitlines()[1:]
+    assert [row.split("\t")[3] for row in rows] == ["keep", "keep", "discard"]

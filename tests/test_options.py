@@ -7,10 +7,13 @@ import pytest
 
 from sandbox.gpus import GpuRoute, GpuUnavailable
 from sandbox.options import (
+    CACHE_DIR,
     GATE_SCRIPT,
+    HOME_DIR,
     MOUNT_POINT,
     RUNSC_HOST_PIDS_PER_TASK,
     WORKSPACE_DIR,
+    cache_volume_options,
     container_options,
     volume_options,
 )
@@ -56,7 +59,9 @@ def test_hardening_set_is_always_present(s):
     assert o["memswap_limit"] == o["mem_limit"]  # no swap on top of the memory limit
     assert o["nano_cpus"] == int(lim.cpus * 1e9)
     assert o["ulimits"][0] == {"Name": "nofile", "Soft": lim.nofile, "Hard": lim.nofile}
-    assert o["tmpfs"] == {"/tmp": f"size={lim.tmp_mb}m,mode=1777,nosuid,nodev"}
+    assert o["tmpfs"]["/tmp"] == f"size={lim.tmp_mb}m,mode=1777,nosuid,nodev"
+    uid, gid = s.user.split(":")
+    assert o["tmpfs"][HOME_DIR] == f"size={lim.tmp_mb}m,mode=0700,uid={uid},gid={gid},nosuid,nodev"
     assert o["runtime"] == s.runtime
     assert o["labels"] == LABELS
     assert o["image"] == s.image
@@ -77,7 +82,10 @@ def test_exact_values_for_a_known_spec():
     assert o["memswap_limit"] == "3000m"
     assert o["pids_limit"] == 100
     assert o["ulimits"] == [{"Name": "nofile", "Soft": 512, "Hard": 512}]
-    assert o["tmpfs"] == {"/tmp": "size=128m,mode=1777,nosuid,nodev"}
+    assert o["tmpfs"] == {
+        "/tmp": "size=128m,mode=1777,nosuid,nodev",
+        "/home/sandbox": "size=128m,mode=0700,uid=1000,gid=1000,nosuid,nodev",
+    }
     assert o["shm_size"] == "64m"
 
 
@@ -209,19 +217,67 @@ def test_device_ids_are_copied_not_shared():
 
 def test_extra_mounts_are_always_read_only():
     s = spec(mounts=[Mount(source="datasets", target="/data"), Mount(source="/host/cache", target="/cache")])
-    vols = opts(s)["volumes"]
-    assert vols == {
-        "vol-1": {"bind": "/sandbox", "mode": "rw"},
-        "datasets": {"bind": "/data", "mode": "ro"},
-        "/host/cache": {"bind": "/cache", "mode": "ro"},
-    }
+    o = opts(s)
+    assert o["volumes"] == {"vol-1": {"bind": "/sandbox", "mode": "rw"}}
+    assert o["mounts"] == [
+        {
+            "Type": "volume",
+            "Source": "datasets",
+            "Target": "/data",
+            "ReadOnly": True,
+            "VolumeOptions": {"NoCopy": True},  # never filled from the image
+        },
+        {
+            "Type": "bind",
+            "Source": "/host/cache",
+            "Target": "/cache",
+            "ReadOnly": True,
+            "BindOptions": {"Propagation": "rprivate"},
+        },
+    ]
 
 
 def test_options_do_not_leak_between_calls():
     first = opts(spec(mounts=[Mount(source="datasets", target="/data")]))
     second = opts(spec())
-    assert "datasets" in first["volumes"]
-    assert set(second["volumes"]) == {"vol-1"}
+    assert len(first["mounts"]) == 1
+    assert "mounts" not in second and set(second["volumes"]) == {"vol-1"}
+
+
+def test_mounts_under_the_home_get_writable_parents():
+    # The engine makes a missing mount point's parents as root's: each directory between the home
+    # and a target gets a tmpfs of the run's user instead, so ~/.cache stays writable.
+    s = spec(
+        user="1000:1001",
+        mounts=[
+            Mount(source="/d/gpt", target="/home/sandbox/.cache/gpt"),
+            Mount(source="/d/tok", target="/home/sandbox/.cache/tok/v1"),
+            Mount(source="/d/top", target="/home/sandbox/data"),
+            Mount(source="/d/else", target="/data/x"),
+        ],
+        limits=Limits(tmp_mb=32),
+    )
+    owner = "uid=1000,gid=1001,nosuid,nodev"
+    assert opts(s)["tmpfs"] == {
+        "/tmp": "size=32m,mode=1777,nosuid,nodev",
+        "/home/sandbox": f"size=32m,mode=0700,{owner}",
+        "/home/sandbox/.cache": f"size=32m,mode=0755,{owner}",
+        "/home/sandbox/.cache/tok": f"size=32m,mode=0755,{owner}",
+    }
+
+
+def test_cache_volume_is_mounted_writable_and_sized():
+    s = spec(limits=Limits(cache_mb=300), user="1000:1000")
+    o = container_options(s, "vol-1", LABELS, {}, "none", cache_volume="cache-1")
+    assert o["volumes"]["cache-1"] == {"bind": CACHE_DIR, "mode": "rw"}
+    v = cache_volume_options(s, "cache-1", LABELS)
+    assert v["driver_opts"] == {
+        "type": "tmpfs",
+        "device": "tmpfs",
+        "o": "size=300m,mode=0755,uid=1000,gid=1000",
+    }
+    assert v["labels"] == LABELS
+    assert "cache-1" not in opts(s)["volumes"]  # only when the runner made one
 
 
 # -- RunSpec.validate -----------------------------------------------------------------------------------
@@ -298,6 +354,48 @@ def test_mount_targets_that_resolve_to_sandbox_or_tmp_refused(target):
 
 
 @pytest.mark.parametrize(
+    ("target", "why"),
+    [
+        ("/proc/x", "must be an absolute path of its own"),
+        ("/dev", "must be an absolute path of its own"),
+        ("/sys/fs", "must be an absolute path of its own"),
+        ("/home/sandbox", "would hide the home /home/sandbox; mount under it instead"),
+        ("/home", "would hide the home /home/sandbox; mount under it instead"),
+        ("/home/sandbox/../sandbox", "would hide the home /home/sandbox; mount under it instead"),
+        ("/data/a b", "may hold only letters, digits and ._+@=,- between slashes"),
+        ("/data:/x", "may hold only letters, digits and ._+@=,- between slashes"),
+    ],
+)
+def test_mount_targets_that_would_hide_the_home_or_the_kernel_refused(target, why):
+    assert refuse(spec(mounts=[Mount(source="d", target=target)])) == f"mount target {target!r} {why}"
+
+
+@pytest.mark.parametrize("source", ["", "rel/path", "/a/../b", "/a/", "-v", "a:b", "a b"])
+def test_mount_sources_must_be_absolute_paths_or_volume_names(source):
+    assert refuse(spec(mounts=[Mount(source=source, target="/data")])) == (
+        f"mount source {source!r} must be an absolute host path or a volume name"
+    )
+
+
+@pytest.mark.parametrize(
+    ("a", "b"), [("/data", "/data"), ("/data", "/data/inner"), ("/home/sandbox/x/y", "/home/sandbox/x")]
+)
+def test_overlapping_mount_targets_refused(a, b):
+    msg = refuse(spec(mounts=[Mount(source="d1", target=a), Mount(source="d2", target=b)]))
+    assert msg == f"mount targets {a!r} and {b!r} overlap"
+
+
+def test_a_cache_needs_its_volume_and_must_fit():
+    assert refuse(spec(cache=b"x")) == "a cache needs limits.cache_mb > 0 (the size of its volume)"
+    assert refuse(spec(collect_cache=True)) == "a cache needs limits.cache_mb > 0 (the size of its volume)"
+    big = b"x" * (1024 * 1024 + 1)
+    assert refuse(spec(cache=big, limits=Limits(cache_mb=1))) == (
+        f"the cache ({len(big)} bytes) does not fit limits.cache_mb"
+    )
+    spec(cache=b"x" * 1024, collect_cache=True, limits=Limits(cache_mb=1)).validate()
+
+
+@pytest.mark.parametrize(
     ("field", "bad"),
     [
         ("cpus", 0.0),
@@ -314,6 +412,7 @@ def test_mount_targets_that_resolve_to_sandbox_or_tmp_refused(target):
         ("log_bytes", 1023),
         ("log_bytes", 1024**3 + 1),
         ("output_bytes", -1),
+        ("cache_mb", -1),
     ],
 )
 def test_limits_out_of_range(field, bad):

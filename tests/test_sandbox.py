@@ -144,7 +144,7 @@ sys.exit(3)
     assert report(result) == {
         "cwd": WORKSPACE_DIR,
         "foo": "bar baz",
-        "home": "/tmp",
+        "home": "/home/sandbox",
         "out": OUTPUT_DIR,
         "argv": ["a b", "c"],
     }

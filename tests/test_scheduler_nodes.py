@@ -1,7 +1,8 @@
 """Slots that follow the executor's inventory while the service runs, with the in-memory executor
 (no engine): a node that joins takes work from the next pass, a node that leaves loses its slots
 and GPU ids at once and its running experiment is retried elsewhere and judged once; each
-experiment records its node; runs prepared ahead are spread over the nodes whose slots free next.
+experiment records its node; runs prepared ahead are spread over the nodes whose slots free next;
+a loop's runs go only to nodes that have the datasets it names.
 The same paths on a real Ray cluster: tests/test_ray_executor.py and tests/test_ray_serve.py."""
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from fake_executor import FakeExecutor, FakeHandle, summary
 from prometheus_client import REGISTRY
 from test_scheduler import Tracker, World
 
-from service.models import Status
+from service.models import DatasetMount, Status
+from service.rules.datasets import nowhere
 from service.runs.executor import Node, RunResult
 from service.runs.slots import Placement, Slots
 
@@ -164,3 +166,57 @@ def test_cpu_runs_prepared_ahead_wait_for_the_runs_in_start_order() -> None:
     assert sorted(p.node for p in promised) == ["a"] * 4 + ["b"] * 2
     with pytest.raises(ValueError, match="distinct"):
         slots.update([Node(name="a", slots=1), Node(name="a", slots=2)])
+
+
+async def test_a_loops_runs_go_only_to_nodes_with_its_datasets(world):
+    """A node without a dataset a loop names gets none of that loop's runs (a loop naming none
+    uses every node); when the dataset arrives there, the node keeps its runs and takes the
+    loop's next ones."""
+    gate = Gate()
+    a = Node(name="a", slots=1, datasets=frozenset({"tokens"}))
+    b = Node(name="b", slots=3, datasets=frozenset())
+    w = await world(FakeExecutor(gate, [a, b]), prepare_ahead=1, datasets={"tokens": "/srv/tokens"})
+    mount = DatasetMount(name="tokens", target="/home/sandbox/.cache/tokens")
+    needs = await w.loop("needs", datasets=[mount])
+    free = await w.loop("free")
+    gate.open()
+    await w.idle(needs)
+    await w.idle(free)
+    gate.opened.clear()
+    wanted = await w.submit(needs, 4)
+    others = await w.submit(free, 2)
+    await w.until("three to run", lambda: len(gate.running) == 3)
+    await asyncio.sleep(0.3)  # b's third slot stays free: nothing it may run is queued
+    assert gate.running == {wanted[0]: "a", others[0]: "b", others[1]: "b"}
+    assert w.scheduler.slots.holding({"tokens"}) == {"a"}
+    # the dataset arrives on b: same slots, so nothing there is lost, and b now takes the loop's runs
+    await w.executor.set_nodes([a, Node(name="b", slots=3, datasets=frozenset({"tokens"}))])
+    await w.until("b to take one", lambda: gate.running.get(wanted[1]) == "b")
+    assert gate.running[others[0]] == "b" and gate.running[others[1]] == "b"
+    gate.open()
+    await w.idle(needs)
+    await w.idle(free)
+    assert not any(h.lost.is_set() for h in w.executor.started)
+    nodes = {h.spec.labels["ratchet.experiment"]: h.node for h in w.executor.started}
+    assert nodes[wanted[0]] == "a" and {nodes[o] for o in others} == {"b"}
+    assert all(s in (Status.keep, Status.discard) for s in [await w.status(e) for e in wanted + others])
+
+
+def test_slots_keep_a_node_whose_datasets_change() -> None:
+    slots = Slots([Node(name="a", slots=1, datasets=frozenset())])
+    assert slots.claim(0, None, {"tokens"}) is None  # nowhere holds it
+    assert slots.update([Node(name="a", slots=1, datasets=frozenset({"tokens"}))]) == ([], [])
+    held = slots.claim(0, None, {"tokens"})
+    assert held is not None and held[1] == Placement("a")
+    unchecked = Slots([Node(name="local", slots=1)])  # an executor that does not check: anywhere
+    assert unchecked.holding({"tokens"}) == {"local"} and unchecked.holding(()) is None
+
+
+def test_a_loop_no_node_can_run_is_refused_naming_what_each_lacks() -> None:
+    at = {"w1": frozenset({"tokens"}), "w2": frozenset({"heldout"})}
+    why = nowhere({"tokens", "heldout"}, at)
+    assert why is not None and "w1 lacks heldout; w2 lacks tokens" in why and "ratchet doctor" in why
+    assert nowhere({"tokens"}, at) is None  # w1 has it
+    assert nowhere({"tokens"}, {}) is None  # no nodes yet: they may join later
+    assert nowhere({"tokens"}, {"local": None}) is None  # not checked there
+    assert nowhere(set(), at) is None

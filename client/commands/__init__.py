@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from .data import cache, datasets
 from .experiments import diff, logs, submit
 from .loops import loop
 from .tokens import token
@@ -12,4 +13,4 @@ from .workspace import pull, results
 
 __all__ = ["COMMANDS"]
 
-COMMANDS: tuple[click.Command, ...] = (loop, submit, watch, logs, diff, results, pull, token)
+COMMANDS: tuple[click.Command, ...] = (loop, submit, watch, logs, diff, results, pull, token, datasets, cache)

@@ -18,7 +18,7 @@ from service.models import hard_timeout_s
 from ..terminal import clean
 from .common import FAILED_OR_ERROR, elapsed, fmt_metric, fmt_seconds, status_text
 
-__all__ = ["experiments_table", "loop_summary", "loops_table", "running_table"]
+__all__ = ["cache_text", "experiments_table", "loop_summary", "loops_table", "running_table"]
 
 ARROW = {"minimize": "↓", "maximize": "↑"}
 
@@ -82,9 +82,21 @@ def loop_summary(loop: dict[str, Any], best: dict[str, Any] | None = None) -> Ta
     ]
     if cfg.get("max_experiments"):
         rows.append(("max", str(cfg["max_experiments"])))
+    if cfg.get("datasets"):
+        rows.append(("datasets", ", ".join(f"{d['name']} at {d['target']}" for d in cfg["datasets"])))
+    rows.append(("cache", cache_text(loop.get("cache"))))
     for key, value in rows:
         grid.add_row(key, Text(value))
     return grid
+
+
+def cache_text(cache: dict[str, Any] | None) -> str:
+    if not cache:
+        return "none yet (the first successful baseline run fills it)"
+    size = f"{cache['bytes'] / 1e6:.1f} MB in {cache['files']} files"
+    if cache["state"] == "too_large":
+        return f"not kept: {size}, over the service's RATCHET_CACHE_MAX_MB"
+    return f"{size}, filled by {cache['experiment']}"
 
 
 def _timeout(cfg: dict[str, Any]) -> float:

@@ -52,19 +52,11 @@ OUTPUT_DIR: str | None = os.environ.get("RATCHET_OUTPUT_DIR") or None
 
 
 def _default_data_dir() -> Path:
-    """$GPT_DATA_DIR, else ~/.cache/ratchet-gpt. When HOME points elsewhere (a sandbox may set
-    HOME=/tmp), the account's own home from /etc/passwd is tried as well, where a dataset mounted
-    for the user is found."""
+    """$GPT_DATA_DIR, else ~/.cache/ratchet-gpt (in a Ratchet run, ~ is /home/sandbox, where the
+    loop's dataset is mounted)."""
     if os.environ.get("GPT_DATA_DIR"):
         return Path(os.environ["GPT_DATA_DIR"])
-    here = Path.home() / ".cache" / "ratchet-gpt"
-    try:
-        import pwd
-
-        account = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "ratchet-gpt"
-    except (ImportError, KeyError):
-        return here
-    return account if not here.exists() and account.exists() else here
+    return Path.home() / ".cache" / "ratchet-gpt"
 
 
 DATA_DIR = _default_data_dir()

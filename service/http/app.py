@@ -32,6 +32,8 @@ from ..state.integrity import DataDamaged, open_verified
 from ..state.snapshots import SnapshotStore
 from ..state.store import Store
 from .auth import SECURITY, SECURITY_COMPONENTS, Authenticator, is_loopback
+from .caches import CacheController
+from .datasets import DatasetController
 from .errors import exception_handlers, reject_bad_utf8
 from .experiments import ExperimentController
 from .health import HealthController
@@ -205,6 +207,8 @@ def create_app(settings: Settings, executor: Executor | None = None) -> Litestar
             ExperimentController,
             SnapshotController,
             TokenController,
+            DatasetController,
+            CacheController,
             HealthController,
             MetricsController,
             ProgressController,

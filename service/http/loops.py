@@ -51,6 +51,7 @@ class LoopController(Controller):
             services.snapshots,
             services.executor.has_image,
             services.scheduler.slots.max_gpus,
+            {n.name: n.datasets for n in services.scheduler.slots.nodes},
         )
         if data.webhooks:
             await webhooks.add_webhooks(services.store, loop_id, data.webhooks)

@@ -304,6 +304,8 @@ def _config(loop: LoopView) -> str:
         ("image", c.image or "(service default)"),
         ("runtime", c.runtime or "(service default)"),
         ("max experiments", str(c.max_experiments) if c.max_experiments else "unlimited"),
+        ("datasets", ", ".join(f"{d.name} at {d.target}" for d in c.datasets) or "none"),
+        ("cache", _cache(loop)),
         ("created", _when(loop.created_at)),
         ("loop id", loop.id),
     ]
@@ -316,6 +318,16 @@ def _config(loop: LoopView) -> str:
         f'<a href="/v1/loops/{lid}/progress.svg">chart</a>'
     )
     return f'<h2>Configuration</h2><dl class="config">{items}</dl><p class="muted">{links}</p>'
+
+
+def _cache(loop: LoopView) -> str:
+    c = loop.cache
+    if c is None:
+        return "none yet (the first successful baseline run fills it)"
+    size = f"{c.bytes / 1e6:.1f} MB in {c.files} files"
+    if c.state == "too_large":
+        return f"not kept: {size}, over RATCHET_CACHE_MAX_MB"
+    return f"{size}, filled {_when(c.filled_at)} by {c.experiment}"
 
 
 def _duration(x: ExperimentView, loop: LoopView, now: float) -> str:

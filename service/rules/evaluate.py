@@ -41,8 +41,8 @@ def _candidates(command: list[str]) -> Iterable[tuple[str, str]]:
 
 
 def check_evaluate(spec: EvaluateSpec, editable: list[str], files: Iterable[str]) -> None:
-    """Refuse an evaluation that could run a file candidates may change, or mounts that would
-    shadow the sandbox. FILES are the paths of the loop's initial workspace."""
+    """Refuse an evaluation that could run a file candidates may change. FILES are the paths of
+    the loop's initial workspace. (Its data: `rules.datasets`.)"""
     tree = set(files)
     for arg, path in _candidates(spec.command):
         named = path in tree or "/" in path or bool(_FILE_LIKE.search(path))
@@ -51,15 +51,6 @@ def check_evaluate(spec: EvaluateSpec, editable: list[str], files: Iterable[str]
                 f"evaluate.command runs {arg!r}, which candidates may edit (editable: {editable});"
                 " the evaluation must only run non-editable files"
             )
-    for m in spec.mounts:
-        target = "/" + posixpath.normpath(m.target).lstrip("/")
-        if target == "/" or any(target == p or target.startswith(p + "/") for p in ("/sandbox", "/tmp")):
-            raise CandidateError(
-                f"evaluate.mounts target {m.target!r} must be an absolute path outside /sandbox and /tmp"
-            )
-    targets = [posixpath.normpath(m.target) for m in spec.mounts]
-    if len(set(targets)) != len(targets):
-        raise CandidateError("evaluate.mounts targets must be distinct")
 
 
 def eval_tree(

@@ -16,9 +16,11 @@ import msgspec
 from .. import faults
 from .. import metrics as m
 from ..models import ExperimentView, LoopView, Status
+from ..rules.caches import fills_cache
 from ..rules.evaluate import EVAL_SEPARATOR
 from ..settings import Settings
 from ..state import transitions
+from ..state.caches import CacheStore
 from ..state.snapshots import SnapshotStore, decode_manifest
 from ..state.store import Store
 from . import runspec
@@ -39,6 +41,7 @@ class Host(Protocol):
     settings: Settings
     store: Store
     snapshots: SnapshotStore
+    caches: CacheStore
     executor: Executor
     logs: RunLogs
     engine: EngineWatch
@@ -93,6 +96,7 @@ async def _training(
         raise OSError(f"snapshot {exp.snapshot} is missing from the database")
     manifest = decode_manifest(raw)
     tree = await asyncio.to_thread(host.snapshots.load_tree, manifest)
+    fill = fills_cache(exp, loop, host.caches.enabled)
     spec = runspec.train_spec(
         exp,
         loop,
@@ -102,6 +106,8 @@ async def _training(
         attempt=exp.attempts + ahead,
         instance=host.executor.instance,
         settings=host.settings,
+        cache=b"" if fill else await host.caches.load(loop.id),
+        fill_cache=fill,
     )
     return exp, spec, tree
 
@@ -180,11 +186,13 @@ class Attempt:
                 await ready.handle.cancel()
             has_eval = loop.config.evaluate is not None
             result = await self._phase(ready.handle, free_after=not has_eval)
+            if ready.spec.collect_cache and result.cache and runspec.succeeded(result):
+                await host.caches.keep(loop.id, self.exp_id, result.cache)
             evaluation: RunResult | None = None
             if has_eval and runspec.succeeded(result) and not self.cancel_requested:
                 self.evaluating = True
                 self.live.write(f"\n{EVAL_SEPARATOR}\n".encode())
-                spec = runspec.eval_spec(ready.spec, loop.config, ready.tree, result)
+                spec = runspec.eval_spec(ready.spec, loop.config, ready.tree, result, host.settings.datasets)
                 self.handle = await host.executor.prepare(spec, self.placement.node)
                 if self.cancel_requested:
                     await self.handle.cancel()

@@ -27,7 +27,8 @@ queued again and runs elsewhere; what they left on the node is the executor's to
 can reach the node again.
 
 `ping` and `has_image` answer readiness and the image check of a new loop; `nodes_report` is what
-`ratchet doctor` prints per node (engine, runtimes, GPU route, missing images). Errors follow the
+`ratchet doctor` prints per node (engine, runtimes, GPU route, GPUs, missing images; its datasets
+are checked with runs, through `prepare` like any other). Errors follow the
 sandbox: `SpecError` for a spec that cannot run, `SandboxError` when the backend fails (its
 `reason` from a fixed set; `unreachable` is retried); whatever the workload does is data in the
 `RunResult`. `LocalExecutor` (`local.py`) is the local Docker engine through `sandbox`;
@@ -64,6 +65,10 @@ class Node(msgspec.Struct, kw_only=True, frozen=True):
     name: str
     slots: int
     gpus: tuple[str, ...] = ()
+    # The declared datasets a run there can mount, by name: a loop's runs go only to nodes that
+    # have every dataset it names. None: not checked (runs may go there; one whose dataset is
+    # missing fails, saying so). A change of datasets alone is not the node leaving.
+    datasets: frozenset[str] | None = None
 
 
 class NodeReport(msgspec.Struct, kw_only=True, frozen=True):
@@ -72,9 +77,12 @@ class NodeReport(msgspec.Struct, kw_only=True, frozen=True):
     name: str
     slots: int = 0
     gpus: list[str] = []  # the device ids its runs may get
+    gpu_uuids: dict[str, str] = {}  # id -> UUID, where the node can tell (nvidia-smi there)
     engine: bool = False  # its container engine answers
     engine_version: str = ""
-    runtimes: list[str] = []  # OCI runtimes registered with that engine (runc, runsc, ...)
+    api_version: str = ""
+    runtimes: dict[str, list[str]] = {}  # OCI runtimes registered with that engine, and their arguments
+    default_runtime: str = ""
     gpu_route: str = "none"  # how its containers get GPUs: "nvidia", "cdi" or "none"
     gpu_reason: str = ""  # why that route; for "none", what to install
     missing_images: list[str] = []  # of the images asked about, those its engine lacks

@@ -5,17 +5,17 @@ from __future__ import annotations
 import shutil
 import subprocess
 
-__all__ = ["GpuPool", "detect_gpus"]
+__all__ = ["GpuPool", "detect_gpus", "gpu_uuids"]
 
 
-def detect_gpus() -> list[str]:
-    """Device indices reported by nvidia-smi; none when it is missing or fails."""
+def _query(fields: str) -> list[list[str]]:
+    """nvidia-smi's answer to --query-gpu=FIELDS, one list per GPU; none when it is missing or fails."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return []
     try:
         out = subprocess.run(
-            [exe, "--query-gpu=index", "--format=csv,noheader"],
+            [exe, f"--query-gpu={fields}", "--format=csv,noheader"],
             capture_output=True,
             text=True,
             timeout=20,
@@ -23,7 +23,17 @@ def detect_gpus() -> list[str]:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    return [line.strip() for line in out.splitlines() if line.strip()]
+    return [[v.strip() for v in line.split(",")] for line in out.splitlines() if line.strip()]
+
+
+def detect_gpus() -> list[str]:
+    """Device indices reported by nvidia-smi; none when it is missing or fails."""
+    return [row[0] for row in _query("index")]
+
+
+def gpu_uuids() -> dict[str, str]:
+    """Device index -> UUID, from nvidia-smi."""
+    return {row[0]: row[1] for row in _query("index,uuid") if len(row) == 2}
 
 
 class GpuPool:

@@ -19,7 +19,7 @@ from sandbox.gpus import gpu_refusal
 
 from ..settings import Settings
 from .executor import Node, NodeReport, RunResult, RunSpec, Timings
-from .gpus import detect_gpus
+from .gpus import detect_gpus, gpu_uuids
 
 __all__ = ["NODE", "LocalExecutor", "LocalHandle", "local_node"]
 
@@ -126,10 +126,13 @@ class LocalExecutor:
                 here,
                 engine=True,
                 engine_version=probe.engine_version,
-                runtimes=sorted(probe.runtimes),
+                api_version=probe.api_version,
+                runtimes=dict(probe.runtimes),
+                default_runtime=probe.default_runtime,
                 gpu_route=probe.route,
                 gpu_reason=probe.reason,
                 missing_images=missing,
+                gpu_uuids={g: u for g, u in gpu_uuids().items() if g in node.gpus} if node.gpus else {},
             )
 
         return [await asyncio.to_thread(ask)]

@@ -6,18 +6,41 @@ from __future__ import annotations
 
 import msgspec
 
-from sandbox import WORKSPACE_DIR, FileEntry, Limits, Mount
+from sandbox import CACHE_DIR, WORKSPACE_DIR, FileEntry, Limits, Mount
 
-from ..models import ExperimentView, LoopConfig, LoopView
+from ..models import DatasetMount, ExperimentView, LoopConfig, LoopView
+from ..rules.caches import OFFLINE_ENV, cache_env
+from ..rules.datasets import FLAG, source_of
 from ..rules.decisions import Outcome
 from ..rules.evaluate import EVAL_SEPARATOR, TRAIN_OUTPUT, eval_tree, prefixed
 from ..rules.extract import Extracted, extract_metrics, implausible
 from ..rules.patches import is_editable
 from ..settings import Settings
 from ..state.transitions import Finished
-from .executor import RunResult, RunSpec
+from .executor import RunResult, RunSpec, SpecError
 
-__all__ = ["Judged", "combined_log", "eval_spec", "judge", "succeeded", "train_spec"]
+__all__ = ["Judged", "cache_mb", "combined_log", "eval_spec", "judge", "mounts", "succeeded", "train_spec"]
+
+
+def mounts(field: str, wanted: list[DatasetMount], declared: dict[str, str]) -> list[Mount]:
+    """The loop's dataset names as the operator's sources. A name the service no longer declares
+    (it was restarted without it) makes the run unable to start: the reason says what to pass."""
+    found = []
+    for d in wanted:
+        source = source_of(declared, d.name)
+        if source is None:
+            raise SpecError(
+                f"{field}: dataset {d.name!r} is not declared on this service any more;"
+                f" restart it with `--dataset {d.name}=PATH` ({FLAG})"
+            )
+        found.append(Mount(source=source, target=d.target))
+    return found
+
+
+def cache_mb(settings: Settings) -> int:
+    """A run's cache directory: room for the loop's cache and as much again for what the run adds
+    (only up to the bound is ever kept); 0 when caches are off."""
+    return 2 * settings.cache_max_mb if settings.cache_max_mb else 0
 
 
 def train_spec(
@@ -30,16 +53,28 @@ def train_spec(
     attempt: int,
     instance: str,
     settings: Settings,
+    cache: bytes = b"",
+    fill_cache: bool = False,
 ) -> RunSpec:
     """The experiment's own run: its snapshot's files (the editable ones writable), the loop's
-    command, limits and image, the GPU ids it was given, and labels that name it."""
+    command, limits, image and datasets, a private copy of the loop's `cache` (returned when this
+    run is the trusted one that fills it), the GPU ids it was given, and labels that name it."""
     cfg: LoopConfig = loop.config
+    if cfg.evaluate is not None and cfg.evaluate.mounts:
+        raise SpecError(
+            "evaluate.mounts (host paths or volumes from the API body) is no longer mounted; the"
+            f" operator declares the data with {FLAG} and the loop is created again naming it in"
+            " evaluate.datasets"
+        )
     res = cfg.resources
     files = [
         FileEntry(path=p, data=d, writable=is_editable(p, cfg.editable), executable=p in executable)
         for p, d in tree.items()
     ]
+    caching = settings.cache_max_mb > 0
     env = {
+        **OFFLINE_ENV,
+        **(cache_env(CACHE_DIR) if caching else {}),
         **cfg.env,
         "RATCHET_TIME_BUDGET_S": f"{cfg.time_budget_s:g}",
         "RATCHET_EXPERIMENT_ID": exp.id,
@@ -52,13 +87,17 @@ def train_spec(
         argv=list(cfg.command),
         files=files,
         env=env,
+        mounts=mounts("datasets", cfg.datasets, settings.datasets),
         limits=Limits(
             cpus=res.cpus,
             memory_mb=res.memory_mb,
             pids=res.pids,
             disk_mb=res.disk_mb,
             log_bytes=settings.log_bytes,
+            cache_mb=cache_mb(settings),
         ),
+        cache=cache if caching else b"",
+        collect_cache=caching and fill_cache,
         gpus=gpus,
         runtime=cfg.runtime or settings.runtime,
         timeout_s=cfg.hard_timeout_s,
@@ -71,9 +110,12 @@ def train_spec(
     )
 
 
-def eval_spec(train: RunSpec, cfg: LoopConfig, tree: dict[str, bytes], result: RunResult) -> RunSpec:
+def eval_spec(
+    train: RunSpec, cfg: LoopConfig, tree: dict[str, bytes], result: RunResult, datasets: dict[str, str]
+) -> RunSpec:
     """The trusted evaluation: the non-editable files (read-only), the training output
-    (read-only, under train_output/), the evaluation's own mounts and hard timeout."""
+    (read-only, under train_output/), the evaluation's own datasets (`datasets`: the declared ones)
+    and hard timeout, and a fresh copy of the loop's cache (never kept)."""
     ev = cfg.evaluate
     assert ev is not None
     files_tree, _ = eval_tree(tree, cfg.editable, result.output_files)
@@ -85,7 +127,8 @@ def eval_spec(train: RunSpec, cfg: LoopConfig, tree: dict[str, bytes], result: R
         argv=list(ev.command),
         files=files,
         env=env,
-        mounts=[Mount(source=m.source, target=m.target) for m in ev.mounts],
+        mounts=mounts("evaluate.datasets", ev.datasets, datasets),
+        collect_cache=False,
         timeout_s=ev.timeout_s,
         labels={**train.labels, "ratchet.phase": "evaluate"},
     )

@@ -21,14 +21,17 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
 from .. import metrics as m
 from ..models import LoopView, Status
+from ..rules.datasets import mounted
 from ..settings import Settings
 from ..state import enqueue, transitions
+from ..state.caches import CacheStore
 from ..state.snapshots import SnapshotStore
 from ..state.store import Store
 from .adoption import recover
@@ -71,6 +74,9 @@ class Scheduler:
         self.snapshots = snapshots
         self.executor = executor
         self.logs = logs
+        self.caches = CacheStore(
+            store, Path(settings.data_dir) / "caches", settings.cache_max_mb * 1024 * 1024
+        )
         self.slots = Slots([])  # the executor's inventory, from `start`
         self.lookahead = 0
         self.engine = EngineWatch(executor)
@@ -270,8 +276,8 @@ class Scheduler:
         loop = await self.store.get_loop(loop_id, counts=False)
         if loop is None:
             return False
-        staged = self._staged.get(exp_id)
-        taken = self.slots.claim(loop.config.resources.gpus, staged.placement if staged else None)
+        staged, mounts = self._staged.get(exp_id), mounted(loop.config)
+        taken = self.slots.claim(loop.config.resources.gpus, staged.placement if staged else None, mounts)
         if taken is None:
             return None  # it waits, prepared or not, for GPUs to free
         slot, placement, hit = taken
@@ -338,14 +344,14 @@ class Scheduler:
             loop = await self.store.get_loop(loop_id, counts=False)
             if loop is None:
                 continue
-            placement = self.slots.bindable(loop.config.resources.gpus, promised, holding)
-            if placement is None:
+            place = self.slots.bindable(loop.config.resources.gpus, promised, holding, mounted(loop.config))
+            if place is None:
                 continue
-            promised.append(placement)
+            promised.append(place)
             task = asyncio.create_task(
-                prepare(self, exp_id, loop, placement, ahead=True), name=f"prepare-{exp_id}"
+                prepare(self, exp_id, loop, place, ahead=True), name=f"prepare-{exp_id}"
             )
-            self._staged[exp_id] = _Staged(exp_id=exp_id, loop_id=loop_id, placement=placement, task=task)
+            self._staged[exp_id] = _Staged(exp_id=exp_id, loop_id=loop_id, placement=place, task=task)
 
     def _discard(self, exp_id: str) -> None:
         self._forget(self._staged.pop(exp_id, None))

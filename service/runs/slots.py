@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Collection
 
 import msgspec
 
@@ -59,13 +60,14 @@ class Slots:
 
     def update(self, nodes: list[Node]) -> tuple[list[str], list[str]]:
         """Take the inventory `nodes`; returns the names of the nodes that joined and of those that
-        left. A node that comes back with other slots or GPUs has left and joined."""
+        left. A node that comes back with other slots or GPUs has left and joined; one whose
+        datasets changed has neither (its runs go on, later ones go by what it has now)."""
         if len({n.name for n in nodes}) != len(nodes):
             raise ValueError(f"the executor's inventory needs distinct node names: {nodes}")
-        old = {n.name: n for n in self.nodes}
+        old = {n.name: _shape(n) for n in self.nodes}
         new = {n.name: n for n in nodes}
-        left = [name for name, node in old.items() if new.get(name) != node]
-        joined = [name for name, node in new.items() if old.get(name) != node]
+        left = [name for name, shape in old.items() if name not in new or _shape(new[name]) != shape]
+        joined = [name for name, node in new.items() if old.get(name) != _shape(node)]
         self.all = [s for s in self.all if s.node not in left]
         for name in left:
             del self.pools[name]
@@ -76,6 +78,13 @@ class Slots:
                 self._made += 1
         self.nodes = list(nodes)
         return joined, left
+
+    def holding(self, datasets: Collection[str]) -> set[str] | None:
+        """The nodes a run that mounts `datasets` may go to: those with all of them (or not
+        checked); None when it names none (anywhere)."""
+        if not datasets:
+            return None
+        return {n.name for n in self.nodes if n.datasets is None or n.datasets >= set(datasets)}
 
     def per_node(self) -> dict[str, tuple[int, int]]:
         """Node -> (slots, busy slots)."""
@@ -102,11 +111,14 @@ class Slots:
     def free(self) -> list[Slot]:
         return [s for s in self.all if s.exp_id is None]
 
-    def claim(self, n_gpus: int, bound: Placement | None) -> tuple[Slot, Placement, bool] | None:
-        """A free slot and `n_gpus` GPU ids on its node: exactly `bound` (where a prepared run was
-        made) when its slot and ids are free — then True — else the first that fits; None when no
-        free slot's node has the GPUs free now."""
-        free = self.free()
+    def claim(
+        self, n_gpus: int, bound: Placement | None, datasets: Collection[str] = ()
+    ) -> tuple[Slot, Placement, bool] | None:
+        """A free slot and `n_gpus` GPU ids on its node (one holding `datasets`): exactly `bound`
+        (where a prepared run was made) when its slot and ids are free — then True — else the
+        first that fits; None when no free slot's node has the GPUs free now."""
+        where = self.holding(datasets)
+        free = [s for s in self.free() if where is None or s.node in where]
         if bound is not None:
             slot = next((s for s in free if s.node == bound.node), None)
             if slot is not None and slot.pool.take(list(bound.gpus)) is not None:
@@ -120,34 +132,47 @@ class Slots:
     def release(self, slot: Slot, placement: Placement) -> None:
         slot.pool.release(list(placement.gpus))
 
-    def bindable(self, n: int, promised: list[Placement], holding: list[Placement]) -> Placement | None:
+    def bindable(
+        self, n: int, promised: list[Placement], holding: list[Placement], datasets: Collection[str] = ()
+    ) -> Placement | None:
         """Where a run prepared now should be made: on a node (and GPU ids) that a running run will
         hand over (`holding`: where runs whose workload goes on hold their slots, in start order),
         not yet promised to a run prepared earlier (`promised`); else on a free slot's node or free
-        ids; None if none fit. The k-th run prepared for a node waits for the k-th run there to end."""
-        holding = [p for p in holding if p.node in self.pools]  # not on a node that left
+        ids; None if none fit. The k-th run prepared for a node waits for the k-th run there to end.
+        Only nodes holding `datasets` are considered."""
+        where = self.holding(datasets)
+        # not on a node that left, nor on one without the run's datasets
+        holding = [p for p in holding if p.node in self.pools and (where is None or p.node in where)]
         if n == 0:
-            return self._cpu_place(Counter(p.node for p in promised), holding)
+            return self._cpu_place(Counter(p.node for p in promised), holding, where)
         taken = {(p.node, g) for p in promised for g in p.gpus}
         for place in holding:
             ids = place.gpus
             if len(ids) >= n and not taken & {(place.node, g) for g in ids}:
                 return Placement(place.node, ids[:n])
         for node, pool in self.pools.items():
-            if not any(s.node == node for s in self.all):
+            if not any(s.node == node for s in self.all) or (where is not None and node not in where):
                 continue
             free = [g for g in pool.free_ids if (node, g) not in taken]
             if len(free) >= n:
                 return Placement(node, tuple(free[:n]))
         return None
 
-    def _cpu_place(self, promised: Counter[str], holding: list[Placement]) -> Placement | None:
+    def _cpu_place(
+        self, promised: Counter[str], holding: list[Placement], where: set[str] | None
+    ) -> Placement | None:
         seen: Counter[str] = Counter()
-        for place in [*holding, *(Placement(s.node) for s in self.free())]:
+        free = [Placement(s.node) for s in self.free() if where is None or s.node in where]
+        for place in [*holding, *free]:
             seen[place.node] += 1
             if seen[place.node] > promised[place.node]:
                 return Placement(place.node)
-        sizes = Counter(s.node for s in self.all)
+        sizes = Counter(s.node for s in self.all if where is None or s.node in where)
         if not sizes:
             return None
         return Placement(min(sizes, key=lambda node: promised[node] / sizes[node]))
+
+
+def _shape(node: Node) -> tuple[int, tuple[str, ...]]:
+    """What a node's slots are made from: a change of it is the node leaving and joining again."""
+    return node.slots, node.gpus

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import msgspec
 
@@ -13,6 +13,7 @@ from sandbox import RUNSC_MIN_PIDS
 
 from .. import faults
 from ..models import CandidateCreate, LoopConfig, LoopCreate, LoopView
+from ..rules.datasets import check_datasets, check_evaluate_datasets, mounted, nowhere
 from ..rules.evaluate import check_evaluate
 from ..rules.patches import CandidateError, apply_files, apply_patch
 from ..rules.workspaces import decode_workspace
@@ -35,8 +36,10 @@ async def create_loop(
     snapshots: SnapshotStore,
     has_image: Callable[[str], Awaitable[bool | None]],
     gpus: int,
+    datasets_at: Mapping[str, frozenset[str] | None] | None = None,
 ) -> tuple[str, str]:
-    """`has_image`: the executor's; `gpus`: the most one run can get."""
+    """`has_image`: the executor's; `gpus`: the most one run can get; `datasets_at`: the datasets
+    on each node of the executor's inventory now (None: not checked there)."""
     config: LoopConfig = msgspec.structs.replace(
         body.config(),
         image=body.image or settings.default_image,
@@ -66,6 +69,12 @@ async def create_loop(
     for key in config.env:
         if key.startswith("RATCHET_"):
             raise CandidateError(f"env {key!r}: RATCHET_* variables are set by the service; rename it")
+    check_datasets("datasets", config.datasets, settings.datasets)
+    if config.evaluate is not None:
+        check_evaluate_datasets(config.evaluate, settings.datasets)
+    refusal = nowhere(mounted(config), datasets_at or {})
+    if refusal is not None:
+        raise CandidateError(refusal)
     if await store.active_loop_named(config.name):
         raise enqueue.Conflict(f"a loop named {config.name!r} is active; stop it or pick another name")
     tree, execs = decode_workspace(body.workspace, settings.max_workspace_bytes, settings.max_workspace_files)

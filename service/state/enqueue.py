@@ -185,14 +185,14 @@ def _check_no_pending_baseline(db: sqlite3.Connection, loop_id: str) -> None:
         raise Conflict("a baseline of this loop is already queued or running")
 
 
-async def queue_baseline(store: Store, loop_id: str) -> str:
+async def queue_baseline(store: Store, loop_id: str, description: str = "baseline (re-run)") -> str:
     """Runs the unmodified root snapshot again (e.g. after a failed baseline)."""
 
     def write(db: sqlite3.Connection) -> str:
         config = _check_capacity(db, loop_id)
         row = fetch(db, "SELECT root_snapshot FROM loops WHERE id = ?", (loop_id,), first=True)
         _check_no_pending_baseline(db, loop_id)
-        exp_id = _insert_experiment(db, loop_id, "baseline", "baseline (re-run)", None, row[0], None)
+        exp_id = _insert_experiment(db, loop_id, "baseline", description, None, row[0], None)
         queue_repeats(db, exp_id, rule_of(config).baseline_runs - 1, "noise run")
         return exp_id
 

@@ -185,4 +185,17 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE experiments ADD COLUMN node TEXT;
     """,
+    # a loop's cache: what its trusted baseline run left in its cache directory (a tar file under
+    # the data dir's caches/), or only its size when it was over the bound (state 'too_large')
+    """
+    CREATE TABLE loop_caches (
+        loop_id TEXT PRIMARY KEY REFERENCES loops(id),
+        state TEXT NOT NULL,
+        bytes INTEGER NOT NULL,
+        files INTEGER NOT NULL,
+        experiment TEXT NOT NULL,
+        filled_at REAL NOT NULL,
+        file TEXT
+    );
+    """,
 ]

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import aiosqlite
 import msgspec
 
-from ..models import ExperimentView, LoopConfig, LoopView, SnapshotView, Status
+from ..models import CacheView, ExperimentView, LoopConfig, LoopView, SnapshotView, Status
 from .database import Database
 from .history import HistoryCommit
 
@@ -31,8 +31,11 @@ _EXP_COLUMNS = (
 _LOOP_SELECT = (
     "SELECT l.id, l.name, l.state, l.baseline, l.baseline_reason, l.config, l.root_snapshot,"
     " l.best_snapshot, l.best_metric, l.best_experiment, l.noise_sd, l.created_at,"
-    " CASE WHEN l.best_experiment IS NOT NULL THEN MAX(COALESCE(b.runs, 1), 1) END AS best_runs"
+    " CASE WHEN l.best_experiment IS NOT NULL THEN MAX(COALESCE(b.runs, 1), 1) END AS best_runs,"
+    " c.state AS cache_state, c.bytes AS cache_bytes, c.files AS cache_files,"
+    " c.experiment AS cache_experiment, c.filled_at AS cache_filled_at"
     " FROM loops l LEFT JOIN experiments b ON b.id = l.best_experiment"
+    " LEFT JOIN loop_caches c ON c.loop_id = l.id"
 )
 
 
@@ -57,6 +60,8 @@ def _experiment(record: aiosqlite.Row) -> ExperimentView:
 def _loop(record: aiosqlite.Row) -> LoopView:
     row = _fields(record)
     row["config"] = loop_config(row["config"])
+    cache = {k[len("cache_") :]: row.pop(k) for k in list(row) if k.startswith("cache_")}
+    row["cache"] = CacheView(**cache) if cache["state"] is not None else None
     return LoopView(**row)
 
 
@@ -130,6 +135,13 @@ class Store(Database):
         if counts:
             view.counts = await self.counts(loop_id)
         return view
+
+    async def cache_file(self, loop_id: str) -> str | None:
+        """The file name of the loop's stored cache (see `state.caches`), if it has one."""
+        row = await self._q(
+            "SELECT file FROM loop_caches WHERE loop_id = ? AND state = 'filled'", (loop_id,), one=True
+        )
+        return row[0] if row else None
 
     async def counts(self, loop_id: str) -> dict[str, int]:
         """Experiments per status, from the counters the database's triggers keep."""

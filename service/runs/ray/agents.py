@@ -6,6 +6,12 @@ A new agent first removes whatever this service instance left on its node (a pre
 this one before the node died), then reports its GPUs, its engine and the node's Ray
 authentication. A node whose engine does not answer, or which runs Ray without token
 authentication while Ratchet requires it, gets no agent (and is tried again a little later).
+
+Each node says which of the declared datasets its engine can mount, when its agent starts and
+every `datasets_poll_s` after: runs of a loop go only to nodes with all of the loop's datasets, so
+a dataset copied onto a node is used from the next check on, and one removed stops drawing runs.
+A node that cannot say (its engine lacks the default image, which the check of a path needs) keeps
+what it said last, or, when it never said, is taken to have none.
 """
 
 from __future__ import annotations
@@ -18,11 +24,11 @@ from typing import Any
 
 import msgspec
 
-from nodeagent.protocol import AgentInfo, Failed
+from nodeagent.protocol import AgentInfo, Failed, decode_mountable
 from sandbox import LABEL_SANDBOX, SandboxError
 
 from .inventory import RayNode, nodes_from_ray, slots_of
-from .remote import Remote, kill, translate
+from .remote import CALL_S, Remote, kill, translate
 
 __all__ = ["Agents"]
 
@@ -42,13 +48,23 @@ class Agents:
         require_token: bool,
         only: set[str] | None = None,
         poll_s: float = 1.0,
+        datasets: dict[str, str] | None = None,
+        image: str = "ratchet/sandbox:latest",
+        datasets_poll_s: float = 30.0,
     ) -> None:
+        """`datasets`: name -> the engine's source (a host path or a volume's name), checked on
+        each node with `image`."""
         self.instance = instance
         self.gpus_per_slot = gpus_per_slot
         self.cpu_slots = cpu_slots
         self.require_token = require_token
         self.only = only
         self.poll_s = poll_s
+        self.datasets = dict(datasets or {})
+        self.image = image
+        self.datasets_poll_s = datasets_poll_s
+        self._datasets_at = time.monotonic()
+        self._checking: asyncio.Task[None] | None = None
         self.version = 0  # moves whenever a node gains or loses its agent
         self._agents: dict[str, Remote] = {}  # by Ray node id
         self._starting: dict[str, asyncio.Task[None]] = {}
@@ -112,10 +128,11 @@ class Agents:
         self._changed = asyncio.Event()
 
     async def close(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watcher
+        for task in (self._watcher, self._checking):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for task in list(self._starting.values()):
             task.cancel()
         for agent in list(self._agents.values()):
@@ -132,6 +149,7 @@ class Agents:
                 raise
             except Exception as exc:
                 log.warning("could not read the Ray cluster's nodes: %s", exc)
+            self._recheck_datasets()
             await asyncio.sleep(self.poll_s)
 
     async def _refresh(self) -> None:
@@ -184,7 +202,9 @@ class Agents:
         finally:
             self._starting.pop(node.node_id, None)
         slots = slots_of(info.gpus, self.gpus_per_slot, self.cpu_slots)
-        self._agents[node.node_id] = Remote(node, actor, info, slots, on_lost=self._lost)
+        remote = Remote(node, actor, info, slots, on_lost=self._lost)
+        await self._check_datasets(remote, first=True)
+        self._agents[node.node_id] = remote
         log.info(
             "node %s joined: %d slot(s), GPUs %s%s",
             node.name,
@@ -204,6 +224,49 @@ class Agents:
                 " or set RATCHET_RAY_AUTH=none to accept it",
                 "refused",
             )
+
+    # -- datasets ----------------------------------------------------------------------------------
+
+    def _recheck_datasets(self) -> None:
+        """Every `datasets_poll_s`, each node's datasets asked again (in the background)."""
+        busy = self._checking is not None and not self._checking.done()
+        if not self.datasets or busy or time.monotonic() - self._datasets_at < self.datasets_poll_s:
+            return
+        self._datasets_at = time.monotonic()
+
+        async def check_all() -> None:
+            agents = self.ready()
+            seen = [a.datasets for a in agents]
+            await asyncio.gather(*(self._check_datasets(a) for a in agents))
+            if [a.datasets for a in agents] != seen:
+                self._notify()
+
+        self._checking = asyncio.create_task(check_all(), name="ray-datasets")
+
+    async def _check_datasets(self, agent: Remote, first: bool = False) -> None:
+        """Which declared datasets the node's engine can mount now, into `agent.datasets`; what
+        it lacks is logged when the node joins and when it changes."""
+        if not self.datasets:
+            return
+        try:
+            ref = agent.actor.datasets.remote(self.datasets, self.image)
+            answer = decode_mountable(await agent.call("check datasets", ref, timeout=CALL_S))
+        except SandboxError as exc:
+            answer = Failed(message=str(exc))
+        if isinstance(answer, Failed):
+            log.warning("node %s: its datasets could not be checked (%s)", agent.name, answer.message)
+            if agent.datasets is None:
+                agent.datasets = frozenset()  # not known to be there: no run that needs one
+            return
+        present = frozenset(answer.present)
+        if first or present != agent.datasets:
+            for name, why in sorted(answer.missing.items()):
+                log.warning(
+                    "node %s lacks dataset %s (%s): loops naming it run on other nodes", agent.name, name, why
+                )
+            if gained := (present - (agent.datasets or frozenset()) if not first else frozenset()):
+                log.info("node %s now has dataset(s) %s", agent.name, ", ".join(sorted(gained)))
+        agent.datasets = present
 
     def _lost(self, agent: Remote) -> None:
         """The node (or its agent) is gone: its runs have failed, its slots go away."""

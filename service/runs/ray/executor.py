@@ -14,8 +14,11 @@ elsewhere; nothing is judged. When a node (re)joins, its new agent first removes
 instance left on it, so a node that died mid-run is cleaned when it comes back, and a restarted
 service starts from clean nodes.
 
-`ping` is true while any node's agent and engine answer; `has_image` is false when any node
-lacks the image; `nodes_report` asks every node (see `NodeReport`). Errors: Ray's exceptions
+Each node's inventory entry says which declared datasets its engine can mount (`Node.datasets`,
+asked when its agent starts and every `datasets_poll_s`): the scheduler sends a loop's runs only
+to nodes that have all of the loop's. `ping` is true while any node's agent and engine answer;
+`has_image` is false when any node lacks the image; `nodes_report` asks every node (see
+`NodeReport`). Errors: Ray's exceptions
 become `SandboxError` at one place (`remote.translate`); a spec that cannot run on the node asked
 for is a `SpecError`.
 """
@@ -35,6 +38,7 @@ import msgspec
 from nodeagent.protocol import Failed, NodeFacts, decode_facts, decode_prepared, encode
 from sandbox import LABEL_SANDBOX, RunSpec, SandboxError, SpecError
 
+from ...rules.datasets import source_of
 from ...settings import Settings
 from ..executor import Node, NodeReport
 from .agents import Agents
@@ -61,7 +65,11 @@ class RayExecutor:
         only_nodes: set[str] | None = None,
         poll_s: float = 1.0,
         default_image: str = "ratchet/sandbox:latest",
+        datasets: dict[str, str] | None = None,
+        datasets_poll_s: float = 30.0,
     ) -> None:
+        """`datasets`: the declared ones, name -> the engine's source (a host path, or a volume's
+        name), which each node is asked about."""
         self.address = address
         self.instance = instance
         self.auth = auth
@@ -74,6 +82,9 @@ class RayExecutor:
             require_token=auth == "token",
             only=only_nodes,
             poll_s=poll_s,
+            datasets=datasets,
+            image=default_image,
+            datasets_poll_s=datasets_poll_s,
         )
         self._pinged: tuple[float, bool] = (0.0, False)
         self.connected = False
@@ -91,6 +102,7 @@ class RayExecutor:
             auth=settings.ray_auth,
             token_file=settings.ray_token_file,
             default_image=settings.default_image,
+            datasets={name: source_of(settings.datasets, name) or "" for name in settings.datasets},
         )
 
     def __repr__(self) -> str:

@@ -39,6 +39,8 @@ class Remote:
         self.slots = slots
         self.active: set[RayHandle] = set()  # prepared or running, not yet cleaned up
         self.preparing = 0
+        # The declared datasets its engine can mount; None: none declared (nothing to check).
+        self.datasets: frozenset[str] | None = None
         self.lost = asyncio.Event()
         self.why = ""
         self._on_lost = on_lost
@@ -49,7 +51,7 @@ class Remote:
 
     def as_node(self) -> Node:
         """This node as the scheduler sees it."""
-        return Node(name=self.name, slots=self.slots, gpus=tuple(self.info.gpus))
+        return Node(name=self.name, slots=self.slots, gpus=tuple(self.info.gpus), datasets=self.datasets)
 
     def load(self) -> int:
         return len(self.active) + self.preparing
