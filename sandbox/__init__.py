@@ -5,21 +5,27 @@
 
 Errors: `SpecError` (bad spec, no container made; its `GpuUnavailable` when the engine has no way
 to attach the GPUs a spec asks for), `SandboxError` (the engine failed). What the workload does —
-exit codes, OOM, timeout — is data in `RunResult`, never an exception. `Sandbox.probe()` says what
+exit codes, OOM, timeout — is data in `RunResult`, never an exception. A spec may add read-only
+`inputs` beside the workspace, `collect` workspace paths back after the run, and `egress`: network
+through an allow-listing proxy and nothing else (see `sandbox.egress`). `Sandbox.probe()` says what
 the engine is and how it attaches GPUs (an `EngineProbe`).
 """
 
+from .egress import PROXY_URL
 from .gpus import EngineProbe, GpuRoute, GpuUnavailable
-from .options import OUTPUT_DIR, WORKSPACE_DIR, container_options
+from .options import INPUT_DIR, OUTPUT_DIR, WORKSPACE_DIR, container_options
 from .runner import LABEL_RUN, LABEL_SANDBOX, PreparedRun, Sandbox, SandboxError
-from .spec import RUNSC_MIN_PIDS, FileEntry, Limits, Mount, RunResult, RunSpec, SpecError, Timings
+from .spec import RUNSC_MIN_PIDS, Egress, FileEntry, Limits, Mount, RunResult, RunSpec, SpecError, Timings
 
 __all__ = [
+    "INPUT_DIR",
     "LABEL_RUN",
     "LABEL_SANDBOX",
     "OUTPUT_DIR",
+    "PROXY_URL",
     "RUNSC_MIN_PIDS",
     "WORKSPACE_DIR",
+    "Egress",
     "EngineProbe",
     "FileEntry",
     "GpuRoute",

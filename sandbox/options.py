@@ -8,6 +8,7 @@ from .gpus import GpuRoute, device_requests, gpu_env, strip_toolkit_env
 from .spec import RunSpec
 
 __all__ = [
+    "INPUT_DIR",
     "MOUNT_POINT",
     "OUTPUT_DIR",
     "RUNSC_HOST_PIDS_PER_TASK",
@@ -19,6 +20,7 @@ __all__ = [
 MOUNT_POINT = "/sandbox"
 WORKSPACE_DIR = f"{MOUNT_POINT}/workspace"
 OUTPUT_DIR = f"{MOUNT_POINT}/output"
+INPUT_DIR = f"{MOUNT_POINT}/input"  # a spec's read-only `inputs`
 
 # PID 1 of every container. It holds the untrusted workload back until a line arrives on stdin
 # (so the container can be started and filled ahead of time), runs it with stdin closed, kills

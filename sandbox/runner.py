@@ -27,10 +27,11 @@ import docker
 import docker.errors
 import requests.exceptions
 
-from .archive import read_output_tar, workspace_tar
+from .archive import read_collected_tar, read_output_tar, workspace_tar
+from .egress import EgressDoor, proxy_env
 from .gpus import EngineProbe, GpuRoute, GpuUnavailable, gpu_refusal
 from .logcap import CappedLog
-from .options import MOUNT_POINT, OUTPUT_DIR, container_options, volume_options
+from .options import INPUT_DIR, MOUNT_POINT, OUTPUT_DIR, WORKSPACE_DIR, container_options, volume_options
 from .probe import probe_engine
 from .spec import RunResult, RunSpec, Timings
 from .stream import ExitHook, FrameReader, OutputTap, Reports, strip_marker
@@ -213,6 +214,7 @@ class PreparedRun:
         self._reports = Reports()
         self._released = False
         self._lock = threading.Lock()
+        self._door: EgressDoor | None = None  # the run's network through its allow-list
 
     @property
     def labels(self) -> dict[str, str]:
@@ -227,6 +229,10 @@ class PreparedRun:
     def _prepare(self) -> None:
         api = self.sandbox.client.api
         env = {**self.spec.env, "RATCHET_OUTPUT_DIR": OUTPUT_DIR, "HOME": "/tmp"}
+        if self.spec.inputs:
+            env["RATCHET_INPUT_DIR"] = INPUT_DIR
+        if self.spec.egress is not None:
+            env.update(proxy_env())
         with _engine("create volume"):
             self.sandbox.client.volumes.create(**volume_options(self.spec, self.volume, self.labels))
         opts = container_options(self.spec, self.volume, self.labels, env, self.gpu_route)
@@ -243,8 +249,16 @@ class PreparedRun:
         # The volume is mounted (by the engine, on the host) only while the container runs, so
         # the workspace goes in after the start, while the gate holds the workload back.
         with _engine("copy workspace"):
-            if not api.put_archive(self.container_id, MOUNT_POINT, workspace_tar(self.spec.files)):
+            tar = workspace_tar(self.spec.files, inputs=self.spec.inputs)
+            if not api.put_archive(self.container_id, MOUNT_POINT, tar):
                 raise SandboxError("copy workspace: engine did not accept the archive")
+        if self.spec.egress is not None:
+            self._door = EgressDoor(self.sandbox.client, self.spec.egress, self.run_id, self.labels)
+            with _engine("open egress"):
+                try:
+                    self._door.open(self.container_id)
+                except RuntimeError as exc:
+                    raise SandboxError(f"open egress: {exc}") from exc
         self.timings.ready = time.time()
 
     # -- execute -------------------------------------------------------------------------------
@@ -317,6 +331,8 @@ class PreparedRun:
         if tap is not None:
             tap.close()
         self._finish(result)
+        if self._door is not None:
+            result.egress_log = self._door.log()
         # The gate reports once. Another report means the workload wrote one itself to end its
         # run early in the runner's eyes (and keep running past the hard deadline meanwhile).
         result.report_forged = self._reports.count > 1
@@ -402,9 +418,25 @@ class PreparedRun:
                 read_limit = (self.spec.limits.disk_mb + 1) * 1024 * 1024
                 files, skipped = read_output_tar(iter(chunks), self.spec.limits.output_bytes, read_limit)
             result.output_files, result.output_skipped = files, skipped
+        for path in self.spec.collect:
+            self._collect_path(path, result)
         with contextlib.suppress(OSError):
             assert self._raw is not None
             self._raw.sendall(b"collected\n")
+
+    def _collect_path(self, path: str, result: RunResult) -> None:
+        """A workspace path as the workload left it (the volume holds at most `disk_mb`)."""
+        where = WORKSPACE_DIR if path == "." else f"{WORKSPACE_DIR}/{path}"
+        with _engine("collect workspace"):
+            try:
+                chunks, _ = self.sandbox.client.api.get_archive(self.container_id, where)
+            except docker.errors.NotFound:
+                return
+            cap = self.spec.limits.disk_mb * 1024 * 1024
+            archived = where.rsplit("/", 1)[-1]
+            files, skipped = read_collected_tar(iter(chunks), path, archived, cap, cap + 1024 * 1024)
+        result.workspace_files.update(files)
+        result.workspace_skipped.extend(skipped)
 
     def _finish(self, result: RunResult) -> None:
         """Wait for the container to stop and read the engine's verdict on it."""
@@ -443,6 +475,8 @@ class PreparedRun:
         if self._sock is not None:
             with contextlib.suppress(Exception):
                 self._sock.close()
+        if self._door is not None:
+            self._door.close()
         client = self.sandbox.connected
         if client is None:
             return
