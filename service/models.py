@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
+
+from .proposal_models import ProposerSpec, ProposerView
 
 __all__ = [
     "FAILED",
@@ -171,6 +174,8 @@ class LoopConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     runtime: Runtime | None = None  # default: the service's setting
     evaluate: EvaluateSpec | None = None  # a trusted evaluation phase; the metric comes from it
     acceptance: AcceptanceSpec = AcceptanceSpec()
+    proposer: ProposerSpec | None = None  # who proposes candidates; None: REST submitters (v1)
+    deadline: datetime | None = None  # after it, no new candidate is taken (RFC 3339, with a zone)
 
     @property
     def hard_timeout_s(self) -> float:
@@ -200,6 +205,8 @@ class LoopView(msgspec.Struct, kw_only=True):
     noise_sd: float | None = None  # run-to-run standard deviation, pooled over repeated runs
     counts: dict[str, int] = {}
     created_at: float
+    state_reason: str | None = None  # why the loop was paused, when Ratchet paused it
+    proposer: ProposerView | None = None  # its proposer's progress, when it has one
 
 
 class CandidateCreate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -238,6 +245,10 @@ class ExperimentView(msgspec.Struct, kw_only=True):
     runs: int | None = None  # a candidate's successful runs so far (its own and its repeats')
     mean: float | None = None  # the mean metric over those runs: what its verdict and the ledger use
     attempts: int = 0  # times it was started: >1 after a restart or a container engine failure
+    proposal_id: str | None = None  # the proposer run that made this candidate
+    # In the answer to a submission only: the candidate had already run in this loop as this
+    # experiment (this very one), so nothing new was queued.
+    duplicate_of: str | None = None
 
 
 class RerunCreate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

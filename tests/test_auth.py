@@ -87,7 +87,13 @@ def secured(server_factory):
 def test_every_route_needs_its_scope(secured):
     tokens = {s: make_token(secured, f"t-{s}", [s])["secret"] for s in ("read", "submit", "admin")}
     tokens |= {"nobody": None, "wrong": "rt_" + secrets.token_urlsafe(32)}
-    ids = {"loop_id": NO_LOOP, "exp_id": NO_EXP, "token_id": NO_TOKEN, "snapshot_id": "3" * 64}
+    ids = {
+        "loop_id": NO_LOOP,
+        "exp_id": NO_EXP,
+        "proposal_id": NO_EXP,
+        "token_id": NO_TOKEN,
+        "snapshot_id": "3" * 64,
+    }
     routes = app_routes()
     assert ("POST", "/v1/tokens") in routes and ("GET", "/loops/{loop_id}") in routes
     for method, template in routes:

@@ -25,6 +25,7 @@ from .. import faults, metrics
 from ..runs.executor import Executor
 from ..runs.local import LocalExecutor
 from ..runs.logs import RunLogs
+from ..runs.proposing import Proposers
 from ..runs.scheduler import Scheduler
 from ..settings import Settings
 from ..state.integrity import DataDamaged, open_verified
@@ -36,6 +37,7 @@ from .experiments import ExperimentController
 from .health import HealthController
 from .loops import LoopController
 from .pages import PageController, ProgressController
+from .proposals import LoopProposalsController, ProposalController
 from .services import Services
 from .snapshots import SnapshotController
 from .tokens import TokenController
@@ -163,11 +165,14 @@ def create_app(settings: Settings, executor: Executor | None = None) -> Litestar
             runner = executor or LocalExecutor(settings, instance)
             logs = RunLogs(data_dir / "logs")
             scheduler = Scheduler(settings, store, snapshots, runner, logs)
-            holder["services"] = Services(settings, store, snapshots, runner, scheduler, logs)
+            proposers = Proposers(settings, store, snapshots, runner, logs, scheduler)
+            holder["services"] = Services(settings, store, snapshots, runner, scheduler, logs, proposers)
             await scheduler.start()
             stack.push_async_callback(scheduler.stop)
+            await proposers.start()
+            stack.push_async_callback(proposers.stop)
             stack.enter_context(on_exit_signals(logs.end_streams))
-            log.info("ratchet %s ready: %r, data in %s", VERSION, scheduler, data_dir)
+            log.info("ratchet %s ready: %r %r, data in %s", VERSION, scheduler, proposers, data_dir)
             _log_auth(settings, guard.mode)
             yield
 
@@ -189,6 +194,8 @@ def create_app(settings: Settings, executor: Executor | None = None) -> Litestar
             ExperimentController,
             SnapshotController,
             TokenController,
+            LoopProposalsController,
+            ProposalController,
             HealthController,
             MetricsController,
             ProgressController,

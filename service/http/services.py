@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..runs.executor import Executor
 from ..runs.logs import RunLogs
+from ..runs.proposing import Proposers
 from ..runs.scheduler import Scheduler
 from ..settings import Settings
 from ..state.ledger_cache import LedgerCache
@@ -21,6 +22,7 @@ class Services:
     executor: Executor
     scheduler: Scheduler
     logs: RunLogs
+    proposers: Proposers
     ledger: LedgerCache = field(init=False)
 
     def __post_init__(self) -> None:

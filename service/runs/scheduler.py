@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 import msgspec
@@ -83,6 +83,8 @@ class Scheduler:
         self._rotation: dict[str, float] = {}  # loop id -> last dispatch, for round-robin
         self._remeasures: set[str] = set()  # idle-time runs of a best: first to give a slot back
         self._task: asyncio.Task[None] | None = None
+        self.queued_ahead = 0  # dispatchable queued experiments the last pass left waiting
+        self.listeners: list[Callable[[], None]] = []  # told after each pass and each verdict
         self.stopping = False
         self.dispatched = 0
         self.prepared_hits = 0  # dispatches that found their run already prepared
@@ -202,7 +204,10 @@ class Scheduler:
             elif any(exp_id not in self._running for _, exp_id in order):
                 self._preempt_remeasure()
             await self._publish_depths()  # every pass may have started something
-            await self._prepare_ahead([item for item in order if item[1] not in self._running])
+            waiting = [item for item in order if item[1] not in self._running]
+            self.queued_ahead = len(waiting)
+            await self._prepare_ahead(waiting)
+            self._tell()
 
     async def _order(self) -> list[tuple[str, str]]:
         """The experiments next in dispatch order: every active loop's head, and enough behind them
@@ -385,6 +390,18 @@ class Scheduler:
     def attempt_over(self, attempt: Attempt) -> None:
         del self._running[attempt.exp_id]
         self._remeasures.discard(attempt.exp_id)
+        self._tell()
+
+    def _tell(self) -> None:
+        for listener in self.listeners:
+            listener()
+
+    def spare_slots(self) -> int:
+        """Slots that nothing queued will take: free ones whose last verdict is written, and those
+        only re-measuring (queued work takes them back). Proposers fill these, never more."""
+        idle = sum(1 for s in self.slots.free() if s.recorded is None or s.recorded.done())
+        idle += sum(1 for r in self._running.values() if r.exp_id in self._remeasures and r.freed_at is None)
+        return max(0, idle - self.queued_ahead)
 
     def _busy_changed(self) -> None:
         m.SLOTS_BUSY.set(self.busy)
