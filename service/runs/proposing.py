@@ -2,7 +2,8 @@
 
 A steady loop around one small pass, woken whenever the scheduler's pass ends or a verdict is
 written. Proposals never hold an experiment slot or a GPU; they fill only slots that nothing queued
-will take (`Scheduler.spare_slots`: free, the last verdict on them written, or only re-measuring),
+will take (`Scheduler.idle_slots`: free, the last verdict on them written, or only re-measuring,
+less the experiments waiting to start),
 so a proposer can never starve experiments, and each proposal starts from the best as it is once
 the previous verdicts are in. With K spare slots a loop runs up to `parallel` proposals at once
 (a wave), less what it already has queued or proposing; at most `RATCHET_PROPOSER_RUNS` run across
@@ -26,7 +27,7 @@ from ..models import LoopState, LoopView
 from ..rules.proposals import idle_reason
 from ..settings import Settings
 from ..state import proposals
-from ..state.proposal_reads import get_proposal, open_counts, queued_proposals
+from ..state.proposal_reads import get_proposal, queued_everywhere, queued_proposals, submitted
 from ..state.snapshots import SnapshotStore
 from ..state.store import Store
 from .executor import Executor
@@ -98,7 +99,9 @@ class Proposers:
         self._wake.set()
 
     async def _loop(self) -> None:
-        while True:
+        # Python 3.11's wait_for can swallow a cancel that arrives as the wake-up does: the flag
+        # ends the loop whatever happens to the cancel.
+        while not self.stopping:
             self._wake.clear()
             try:
                 await self._pass()
@@ -160,32 +163,32 @@ class Proposers:
     async def _fill(self, loop_id: str) -> int | None:
         """Starts what the loop should have running now; None when no slot or run is left for
         anyone. A unit of work is at every instant a running proposal, a queued candidate (in the
-        database) or a claimed slot, and moves between them across the awaits here; counting
-        proposals before the database read and slots both before and after it sees each one."""
-        mine = len(self.running(loop_id))
-        before = self._spare()
-        if before[0] <= 0 or before[1] <= 0:
+        database) or a claimed slot, and moves between them across the awaits here: counting
+        proposals before the database reads and idle slots both before and after them sees each
+        one at least once, so a proposal never takes a slot that queued work will need."""
+        mine, running = len(self.running(loop_id)), len(self._running)
+        idle = self.scheduler.idle_slots()
+        room = self.settings.proposer_runs - running
+        if idle - running - self.scheduler.queued_ahead <= 0 or room <= 0:
             return None
         loop = await self.store.get_loop(loop_id)
         if loop is None or loop.config.proposer is None:
             return 0
-        _, submitted = (await open_counts(self.store)).get(loop_id, (0, 0))
-        after = self._spare()
-        spare, room = min(before[0], after[0]), min(before[1], after[1])
-        if idle_reason(loop, submitted + mine, time.time()) is not None:
+        taken = await submitted(self.store, loop_id)
+        most = self.scheduler.slots.total + 1
+        waiting = max(self.scheduler.queued_ahead, await queued_everywhere(self.store, most))
+        spare = min(idle, self.scheduler.idle_slots()) - running - waiting
+        if spare <= 0:
+            return None
+        if idle_reason(loop, taken + mine, time.time()) is not None:
             return 0
         n = min(loop.config.proposer.parallel - mine - loop.counts.get("queued", 0), spare, room)
         if loop.config.max_experiments is not None:
-            n = min(n, loop.config.max_experiments - submitted - mine)
+            n = min(n, loop.config.max_experiments - taken - mine)
         started = await self._start(loop, max(0, n))
         if started:
             self._rotation[loop_id] = time.monotonic()
         return started
-
-    def _spare(self) -> tuple[int, int]:
-        """(slots a proposal may fill, proposer runs left): running proposals count against both."""
-        running = len(self._running)
-        return self.scheduler.spare_slots() - running, self.settings.proposer_runs - running
 
     async def _start(self, loop: LoopView, n: int) -> int:
         """Starts up to `n` proposals of the loop: those a restart left queued first."""

@@ -152,7 +152,9 @@ class Scheduler:
         self._wake.set()
 
     async def _loop(self) -> None:
-        while True:
+        # Python 3.11's wait_for can swallow a cancel that arrives as the wake-up does: the flag
+        # ends the loop whatever happens to the cancel.
+        while not self.stopping:
             self._wake.clear()  # before the pass: a wake-up during it is never lost
             try:
                 await self._pass()
@@ -396,12 +398,13 @@ class Scheduler:
         for listener in self.listeners:
             listener()
 
-    def spare_slots(self) -> int:
-        """Slots that nothing queued will take: free ones whose last verdict is written, and those
-        only re-measuring (queued work takes them back). Proposers fill these, never more."""
+    def idle_slots(self) -> int:
+        """Slots with nothing to do: free ones whose last verdict is written, and those only
+        re-measuring (queued work takes them back). Proposers fill these once the queue is served
+        (`queued_ahead`), never more."""
         idle = sum(1 for s in self.slots.free() if s.recorded is None or s.recorded.done())
-        idle += sum(1 for r in self._running.values() if r.exp_id in self._remeasures and r.freed_at is None)
-        return max(0, idle - self.queued_ahead)
+        remeasuring = (r for r in self._running.values() if r.exp_id in self._remeasures)
+        return idle + sum(1 for r in remeasuring if r.freed_at is None)
 
     def _busy_changed(self) -> None:
         m.SLOTS_BUSY.set(self.busy)

@@ -17,10 +17,11 @@ __all__ = [
     "get_proposal",
     "ledger_text",
     "list_proposals",
-    "open_counts",
     "proposer_view",
+    "queued_everywhere",
     "queued_proposals",
     "recent_experiments",
+    "submitted",
 ]
 
 _COLUMNS = (
@@ -95,14 +96,23 @@ async def queued_proposals(store: Store, loop_id: str) -> list[tuple[str, str | 
     return [(r[0], r[1]) for r in rows]
 
 
-async def open_counts(store: Store) -> dict[str, tuple[int, int]]:
-    """Per loop: (queued proposals, submitted candidates not counting repeats), for every loop
-    with an open proposal or a proposer."""
-    rows = await store._q(
-        "SELECT l.id, (SELECT COUNT(*) FROM proposals p WHERE p.loop_id = l.id AND p.status = 'queued'),"
-        " l.next_seq - 1 - l.repeats FROM loops l WHERE l.state != 'stopped'"
+async def submitted(store: Store, loop_id: str) -> int:
+    """Candidates the loop has taken so far (repeat runs do not count, as for max_experiments)."""
+    row = await store._q("SELECT next_seq - 1 - repeats FROM loops WHERE id = ?", (loop_id,), one=True)
+    return row[0] if row else 0
+
+
+async def queued_everywhere(store: Store, most: int) -> int:
+    """Experiments that may start now in any loop (active; baseline succeeded or a baseline; no
+    back-off pending), counted up to `most`: each takes a slot before any proposal may."""
+    row = await store._q(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM experiments e JOIN loops l ON l.id = e.loop_id"
+        " WHERE e.status = 'queued' AND l.state = 'active' AND (l.baseline = 'ok' OR e.kind = 'baseline')"
+        " AND (e.not_before IS NULL OR e.not_before <= ?) LIMIT ?)",
+        (time.time(), most),
+        one=True,
     )
-    return {r[0]: (r[1], r[2]) for r in rows}
+    return row[0]
 
 
 async def recent_experiments(store: Store, loop_id: str, limit: int) -> list[ExperimentView]:
