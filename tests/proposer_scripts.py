@@ -51,6 +51,8 @@ elif n == 4:
 else:
     text = open("train.py").read()
     open("train.py", "w").write(re.sub(r"^V = .*$", f"V = {1.0 - n / 100}", text, flags=re.M))
+    out = os.path.join(os.environ["RATCHET_OUTPUT_DIR"], "description.txt")
+    open(out, "w").write(f"<script>alert({n})</script> V -> {1.0 - n / 100}\n")
 """
 
 # Sleeps (so a test can kill the service meanwhile), then an edit that depends only on its number.

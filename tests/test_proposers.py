@@ -145,6 +145,10 @@ def test_misbehaving_proposers_are_counted_and_contained(server_factory, docker_
     assert r.status_code == 200 and r.json()["state_reason"] is None
     assert r.json()["proposer"]["failure_streak"] == 0
     wait_loop(srv, lid, lambda lp: lp["counts"]["keep"] >= 2, timeout=60)
+    # the loop page shows the proposer's runs, its text escaped like every agent-written string
+    page = srv.client.get(f"/loops/{lid}").text
+    assert 'id="proposer"' in page and "killed at its hard timeout of 4 s" in page
+    assert "&lt;script&gt;alert(5)&lt;/script&gt; V -&gt; 0.95" in page and "<script>alert" not in page
     srv.client.post(f"/v1/loops/{lid}/stop")
     loop = wait_loop(srv, lid, lambda lp: lp["proposer"]["counts"]["running"] == 0, timeout=60)
     assert loop["proposer"]["idle_reason"] == "loop stopped"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .experiments import diff, logs, submit
+from .experiments import diff, logs, proposals, submit
 from .loops import loop
 from .tokens import token
 from .watch import watch
@@ -12,4 +12,4 @@ from .workspace import pull, results
 
 __all__ = ["COMMANDS"]
 
-COMMANDS: tuple[click.Command, ...] = (loop, submit, watch, logs, diff, results, pull, token)
+COMMANDS: tuple[click.Command, ...] = (loop, submit, watch, logs, proposals, diff, results, pull, token)

@@ -47,6 +47,10 @@ STATUS_STYLE = {
     "error": "bold red",
     "confirming": "green",
     "measured": "dim cyan",
+    # proposer runs
+    "proposed": "green",
+    "duplicate": "yellow",
+    "failed": "red",
 }
 
 

@@ -179,12 +179,12 @@ def insert_candidate(
     diff: str,
     proposal_id: str | None = None,
 ) -> str:
-    """Inside a write: the candidate queued, unless it already ran (`Duplicate`) or the loop takes
-    none (`Conflict`)."""
-    _check_capacity(db, loop_id)
+    """Inside a write: the candidate queued, unless it already ran (`Duplicate`, answered even by a
+    full loop: it asks for nothing new) or the loop takes none (`Conflict`)."""
     earlier = find_duplicate(db, loop_id, snapshot)
     if earlier is not None:
         raise Duplicate(earlier)
+    _check_capacity(db, loop_id)
     db.execute(Store.PUT_SNAPSHOT, (snapshot, manifest.decode(), time.time()))
     exp_id = _insert_experiment(db, loop_id, "candidate", description, parent, snapshot, diff)
     if proposal_id is not None:
