@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import datetime
 import re
 import time
 from pathlib import Path
@@ -82,3 +83,13 @@ def test_a_proposer_from_the_loop_directory_shows_everywhere(server, tmp_path: P
     assert f"already ran in loop cli-search as experiment {again['id']} (#2)" in dup.output
     none = ratchet(server, "proposals", "nope")
     assert none.exit_code == 2
+
+
+def test_a_deadline_is_an_instant_or_a_span_from_now():
+    from client.commands.loops import _deadline
+
+    assert _deadline("2026-12-02T08:00:00Z") == "2026-12-02T08:00:00Z"
+    ahead = datetime.datetime.fromisoformat(_deadline("8h"))
+    now = datetime.datetime.now(datetime.UTC)
+    assert ahead.tzinfo is not None and abs((ahead - now).total_seconds() - 8 * 3600) < 5
+    assert abs((datetime.datetime.fromisoformat(_deadline("+90m")) - now).total_seconds() - 5400) < 5

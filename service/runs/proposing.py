@@ -27,7 +27,13 @@ from ..models import LoopState, LoopView
 from ..rules.proposals import idle_reason
 from ..settings import Settings
 from ..state import proposals
-from ..state.proposal_reads import get_proposal, queued_everywhere, queued_proposals, submitted
+from ..state.proposal_reads import (
+    get_proposal,
+    proposer_loops,
+    queued_everywhere,
+    queued_proposals,
+    submitted,
+)
 from ..state.snapshots import SnapshotStore
 from ..state.store import Store
 from .executor import Executor
@@ -62,6 +68,7 @@ class Proposers:
         self.started = 0
         self._running: dict[str, ProposalRun] = {}
         self._rotation: dict[str, float] = {}
+        self._tracked: set[str] = set()  # loops whose metric series exist
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -149,15 +156,20 @@ class Proposers:
         async with self._lock:
             if self.stopping:
                 return
-            loops = [lp for lp in await self.store.list_loops() if lp.config.proposer is not None]
-            for lp in loops:
-                pm.track_proposer(lp.name, _kind(lp))
-                if lp.state == LoopState.stopped and self.running(lp.id):
-                    await self.loop_stopped(lp.id)
+            for loop_id in {r.loop.id for r in self._running.values()}:
+                loop = await self.store.get_loop(loop_id, counts=False)
+                if loop is not None and loop.state == LoopState.stopped:
+                    await self.loop_stopped(loop_id)  # stopped by a path that did not tell us
             if not self.scheduler.engine.up:
                 return
-            for lp in sorted(loops, key=lambda lp: self._rotation.get(lp.id, 0.0)):
-                if lp.state == LoopState.active and await self._fill(lp.id) is None:
+            ids = await proposer_loops(self.store)
+            for loop_id in set(ids) - self._tracked:  # their series start at zero
+                loop = await self.store.get_loop(loop_id, counts=False)
+                if loop is not None:
+                    pm.track_proposer(loop.name, _kind(loop))
+                    self._tracked.add(loop_id)
+            for loop_id in sorted(ids, key=lambda lid: self._rotation.get(lid, 0.0)):
+                if await self._fill(loop_id) is None:
                     break
 
     async def _fill(self, loop_id: str) -> int | None:

@@ -17,6 +17,7 @@ __all__ = [
     "get_proposal",
     "ledger_text",
     "list_proposals",
+    "proposer_loops",
     "proposer_view",
     "queued_everywhere",
     "queued_proposals",
@@ -86,6 +87,15 @@ async def proposer_view(store: Store, loop: LoopView) -> ProposerView | None:
         tokens=state[2],
         idle_reason=idle_reason(loop, submitted, time.time()),
     )
+
+
+async def proposer_loops(store: Store) -> list[str]:
+    """Ids of the loops that carry a proposer and are not stopped, oldest first."""
+    rows = await store._q(
+        "SELECT id FROM loops WHERE state != 'stopped' AND json_extract(config, '$.proposer') IS NOT NULL"
+        " ORDER BY rowid"
+    )
+    return [r[0] for r in rows]
 
 
 async def queued_proposals(store: Store, loop_id: str) -> list[tuple[str, str | None]]:
