@@ -100,6 +100,8 @@ class ProposalRun:
             faults.point("propose.running")
             tree, manifest = await self._parent()
             child, description, info = await self._propose(tree, manifest)
+            if info.log_tail is None:  # run in the service: its log is what it said
+                info = proposals.Finished(exit_code=info.exit_code, log_tail="".join(self._text)[-4096:])
             candidate = await self._candidate(tree, manifest, child, description)
             await host.logs.save(self.pid, self._log_text(info))
             with faults.scope("propose"):
@@ -132,6 +134,8 @@ class ProposalRun:
 
     async def _refused(self, refused: ProposalRefused, info: proposals.Finished) -> str:
         self.say(f"proposal refused ({refused.code}): {refused}\n")
+        if info.log_tail is None:
+            info = proposals.Finished(exit_code=info.exit_code, log_tail="".join(self._text)[-4096:])
         await self.host.logs.save(self.pid, self._log_text(info))
         moved, paused = await proposals.fail(
             self.host.store, self.pid, refused.code, str(refused), info, pause=refused.code == "budget"
