@@ -184,6 +184,10 @@ class RatchetClient:
 
     # -- tokens ------------------------------------------------------------------------------------
 
+    def service_info(self) -> dict[str, Any]:
+        """Version and data dir of the service (admin)."""
+        return self._call("GET", "/v1/service").json()
+
     def create_token(
         self, name: str, scopes: Iterable[str], loops: Iterable[str] | None = None
     ) -> dict[str, Any]:

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Build every Ratchet image:
+# Build Ratchet's images:
 #   ratchet/sandbox:latest   default experiment image (Python 3 + NumPy, uid 1000)
 #   ratchet/service:latest   the HTTP service (top-level Dockerfile)
+#   ratchet/torch:latest     the sandbox image + PyTorch (images/torch); only when named, as
+#                            it is large: `images/build.sh torch` (builds sandbox first if missing)
 #
 # Two ways to get base images:
 #   public  FROM debian:bookworm-slim / python:3.11-slim (needs a reachable registry)
 #   local   ratchet/base:bookworm, made here from Debian packages with debootstrap and
 #           `docker import`; no registry needed and no network inside the image builds.
 #
-# Usage: images/build.sh [--local-base|--public-base] [--no-cache] [sandbox] [service]
+# Usage: images/build.sh [--local-base|--public-base] [--no-cache] [--torch cpu|cuda]
+#                        [sandbox] [service] [torch]
+# No target: sandbox and service.
 #
 # Environment:
 #   RATCHET_LOCAL_BASE=1|0  force local / public base images (default: auto-detect; local
@@ -21,6 +25,11 @@
 #   RATCHET_SERVICE_BASE    public base of the service image (default python:3.11-slim)
 #   RATCHET_IMAGE_PYTHON    Python X.Y inside the service image, for picking wheels (default:
 #                           from a python:X.Y tag, else 3.11 = Debian bookworm's python3)
+#   RATCHET_TORCH_FLAVOUR   cpu | cuda | auto (default): which torch build ratchet/torch gets
+#                           (images/torch/requirements-<flavour>.lock); auto: cuda when
+#                           `nvidia-smi -L` lists a GPU, else cpu. Same as --torch.
+#   RATCHET_TORCH_CPU_INDEX PyTorch's CPU wheel index, for the cpu build of torch when no
+#                           --find-links directory (PIP_FIND_LINKS) holds its wheel
 #   PYTHON                  host interpreter used to build wheels (default python3)
 set -euo pipefail
 
@@ -33,6 +42,7 @@ LOCAL_BASE_IMAGE="ratchet/base:${SUITE}"
 BASE_PACKAGES="python3,python3-numpy,python3-venv,python3-pip,ca-certificates,git"
 SANDBOX_IMAGE="ratchet/sandbox:latest"
 SERVICE_IMAGE="ratchet/service:latest"
+TORCH_IMAGE="ratchet/torch:latest"
 PUBLIC_SANDBOX_BASE="${RATCHET_SANDBOX_BASE:-debian:bookworm-slim}"
 PUBLIC_SERVICE_BASE="${RATCHET_SERVICE_BASE:-python:3.11-slim}"
 WHEEL_DIR="$ROOT/images/.wheels"
@@ -42,7 +52,7 @@ BASE_RECIPE_VERSION=1
 
 log() { printf '==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
-usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,33p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 mode="${RATCHET_LOCAL_BASE:-auto}"
 case "$mode" in
@@ -53,12 +63,15 @@ case "$mode" in
 esac
 no_cache=()
 targets=()
+torch_flavour="${RATCHET_TORCH_FLAVOUR:-auto}"
 while [ $# -gt 0 ]; do
   case "$1" in
     --local-base) mode=local ;;
     --public-base) mode=public ;;
     --no-cache) no_cache=(--no-cache) ;;
-    sandbox|service) targets+=("$1") ;;
+    --torch) [ $# -ge 2 ] || die "--torch needs cpu, cuda or auto"; torch_flavour="$2"; shift ;;
+    --torch=*) torch_flavour="${1#--torch=}" ;;
+    sandbox|service|torch) targets+=("$1") ;;
     -h|--help) usage; exit 0 ;;
     *) usage >&2; die "unknown argument: $1" ;;
   esac
@@ -66,8 +79,18 @@ while [ $# -gt 0 ]; do
 done
 [ ${#targets[@]} -gt 0 ] || targets=(sandbox service)
 want() { local t; for t in "${targets[@]}"; do [ "$t" = "$1" ] && return 0; done; return 1; }
+case "$torch_flavour" in
+  cpu|cuda) ;;
+  auto|"")
+    if nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then torch_flavour=cuda; else torch_flavour=cpu; fi ;;
+  *) die "the torch flavour must be cpu, cuda or auto (got '$torch_flavour')" ;;
+esac
 
 docker info >/dev/null 2>&1 || die "the Docker engine is not reachable (run scripts/setup.sh)"
+# ratchet/torch is built FROM the sandbox image: make that first when it is not there.
+if want torch && ! want sandbox && ! docker image inspect "$SANDBOX_IMAGE" >/dev/null 2>&1; then
+  targets=(sandbox "${targets[@]}")
+fi
 
 if [ -n "${RATCHET_CACHE_DIR:-}" ]; then
   CACHE_DIR="$RATCHET_CACHE_DIR"
@@ -95,7 +118,7 @@ image_exists() { docker image inspect "$1" >/dev/null 2>&1; }
 if [ "$mode" = auto ]; then
   mode=public
   public_bases=()
-  want sandbox && public_bases+=("$PUBLIC_SANDBOX_BASE")
+  { want sandbox || want torch; } && public_bases+=("$PUBLIC_SANDBOX_BASE")
   want service && public_bases+=("$PUBLIC_SERVICE_BASE")
   for img in "${public_bases[@]}"; do
     image_exists "$img" && continue
@@ -196,6 +219,92 @@ if want service; then
   ( build_wheels "$pyver"; echo "wheels took $(elapsed "$T_WHEELS")s" ) >"$wheels_log" 2>&1 &
   wheels_pid=$!
   trap 'if [ -n "$wheels_pid" ]; then kill "$wheels_pid" 2>/dev/null || true; fi' EXIT
+fi
+
+# ---------------------------------------------------------------------------
+# ratchet/torch: wheels from the lock and (local base) Debian packages, both fetched on the
+# host, so the image build itself needs no network.
+# ---------------------------------------------------------------------------
+TORCH_DIR="$ROOT/images/torch"
+
+torch_wheels() {
+  # The locked wheels for the image's Python, checked against their hashes; cached per lock.
+  local flavour="$1" lock key dir py extra=()
+  lock="$TORCH_DIR/requirements-$flavour.lock"
+  [ -f "$lock" ] || die "no lock file $lock"
+  key=$(sha256sum "$lock" | cut -c1-16)
+  dir="$CACHE_DIR/torch-wheels/$flavour-$key"
+  if [ ! -f "$dir/.complete" ]; then
+    build_venv
+    py="$CACHE_DIR/build-venv/bin/python"
+    mapfile -t platform < <("$PYTHON" "$TORCH_DIR/lock.py" --pip-platform-args)
+    if [ -n "${RATCHET_TORCH_CPU_INDEX:-}" ]; then extra=(--extra-index-url "$RATCHET_TORCH_CPU_INDEX"); fi
+    echo "downloading the $flavour wheels of $lock"
+    rm -rf "$dir.partial"
+    if ! "$py" -m pip download -q --no-deps --require-hashes --only-binary=:all: "${platform[@]}" \
+         "${extra[@]}" --dest "$dir.partial" -r "$lock"; then
+      [ "$flavour" = cpu ] && echo "the cpu build of torch comes from PyTorch's CPU wheel index:" \
+        "set RATCHET_TORCH_CPU_INDEX to it, or put the wheel in a PIP_FIND_LINKS directory" >&2
+      return 1
+    fi
+    rm -rf "$dir"
+    mv "$dir.partial" "$dir"
+    : >"$dir/.complete"
+  fi
+  find "$CACHE_DIR/torch-wheels" -mindepth 1 -maxdepth 1 -name "$flavour-*" ! -name "$flavour-$key" \
+    -exec rm -rf {} +
+  echo "$dir" >"$CACHE_DIR/torch-wheels/$flavour.current"
+}
+
+torch_debs() {
+  # The Debian packages images/torch needs, resolved against the sandbox image's own package
+  # database (so exactly what is missing there) from the suite its base was made from.
+  local dest="$1" tmp cid key dir mirror keyring arch apt_opts
+  tmp=$(mktemp -d)
+  cid=$(docker create "$SANDBOX_IMAGE" true) || die "cannot create a container of $SANDBOX_IMAGE"
+  docker cp "$cid:/var/lib/dpkg/status" "$tmp/status" >/dev/null || die "cannot read the dpkg status of $SANDBOX_IMAGE"
+  docker rm "$cid" >/dev/null
+  mirror=$(debian_mirror) || exit 1
+  key=$( { cat "$tmp/status" "$TORCH_DIR/debian-packages"; echo "$mirror $SUITE"; } | sha256sum | cut -c1-16)
+  dir="$CACHE_DIR/torch-debs/$key"
+  if [ ! -f "$dir/.complete" ]; then
+    keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+    [ -f "$keyring" ] || die "$keyring is missing (install debian-archive-keyring)"
+    command -v apt-get >/dev/null || die "apt-get is needed to fetch the Debian packages of $TORCH_IMAGE"
+    arch=$(docker run --rm --network none "$SANDBOX_IMAGE" dpkg --print-architecture)
+    mkdir -p "$tmp/lists/partial" "$tmp/cache" "$dir.partial/partial"
+    echo "deb [signed-by=$keyring] $mirror $SUITE main" >"$tmp/sources.list"
+    apt_opts=(-o "Dir::Etc::SourceList=$tmp/sources.list" -o "Dir::Etc::SourceParts=$tmp/none"
+              -o "Dir::Etc::Preferences=$tmp/none" -o "Dir::Etc::PreferencesParts=$tmp/none"
+              -o "Dir::State::Lists=$tmp/lists" -o "Dir::State::status=$tmp/status"
+              -o "Dir::Cache=$tmp/cache" -o "Dir::Cache::archives=$dir.partial"
+              -o "APT::Architecture=$arch" -o "APT::Architectures=$arch"
+              -o "APT::Install-Recommends=false" -o "Debug::NoLocking=1")
+    log "fetching Debian packages for $TORCH_IMAGE from $mirror ($SUITE)"
+    # shellcheck disable=SC2046
+    if ! { apt-get "${apt_opts[@]}" -q update && apt-get "${apt_opts[@]}" -q -y install --download-only \
+           $(cat "$TORCH_DIR/debian-packages"); } >"$CACHE_DIR/torch-debs.log" 2>&1; then
+      tail -n 20 "$CACHE_DIR/torch-debs.log" >&2
+      die "fetching the Debian packages failed (full log: $CACHE_DIR/torch-debs.log)"
+    fi
+    rm -rf "$dir.partial/partial" "$dir"
+    mv "$dir.partial" "$dir"
+    : >"$dir/.complete"
+  fi
+  rm -rf "$tmp"
+  find "$CACHE_DIR/torch-debs" -mindepth 1 -maxdepth 1 ! -name "$key" -exec rm -rf {} +
+  ln "$dir"/*.deb "$dest"/ 2>/dev/null || cp "$dir"/*.deb "$dest"/
+}
+
+torch_wheels_pid=
+if want torch; then
+  log "preparing the $torch_flavour wheels of $TORCH_IMAGE in the background"
+  mkdir -p "$CACHE_DIR/torch-wheels"
+  torch_log="$CACHE_DIR/torch-wheels.log"
+  T_TWHEELS=$(now)
+  ( torch_wheels "$torch_flavour"; echo "torch wheels took $(elapsed "$T_TWHEELS")s" ) >"$torch_log" 2>&1 &
+  torch_wheels_pid=$!
+  trap 'for p in "$wheels_pid" "$torch_wheels_pid"; do if [ -n "$p" ]; then kill "$p" 2>/dev/null || true; fi; done' EXIT
 fi
 
 # ---------------------------------------------------------------------------
@@ -358,6 +467,33 @@ if want service; then
   version=$(basename "$WHEEL_DIR"/app/ratchet-*.whl | cut -d- -f2)
   docker_build service -t "$SERVICE_IMAGE" -f "$ROOT/Dockerfile" \
     --build-arg "BASE_IMAGE=$service_base" --build-arg "RATCHET_VERSION=$version" "$ROOT"
+fi
+
+if want torch; then
+  if ! wait "$torch_wheels_pid"; then
+    cat "$torch_log" >&2
+    die "preparing the torch wheels failed (log: $torch_log)"
+  fi
+  torch_wheels_pid=
+  timings+=("$(sed -n 's/^torch wheels took /torch wheels /p' "$torch_log") (in parallel)")
+  log "building $TORCH_IMAGE ($torch_flavour)"
+  ctx=$(mktemp -d "$CACHE_DIR/torch-context.XXXXXX")
+  cp "$TORCH_DIR/Dockerfile" "$TORCH_DIR/install.sh" "$TORCH_DIR/debian-packages" "$ctx/"
+  cp "$TORCH_DIR/requirements-$torch_flavour.lock" "$ctx/requirements.lock"
+  mkdir "$ctx/wheels" "$ctx/debs"
+  wheel_dir=$(cat "$CACHE_DIR/torch-wheels/$torch_flavour.current")
+  ln "$wheel_dir"/*.whl "$ctx/wheels/" 2>/dev/null || cp "$wheel_dir"/*.whl "$ctx/wheels/"
+  if [ "$mode" = local ]; then
+    t=$(now)
+    torch_debs "$ctx/debs"
+    timings+=("torch debs $(elapsed "$t")s")
+  fi
+  docker_build torch -t "$TORCH_IMAGE" --build-arg "BASE_IMAGE=$SANDBOX_IMAGE" \
+    --build-arg "TORCH_FLAVOUR=$torch_flavour" \
+    --label "org.ratchet.torch.lock=$(sha256sum "$TORCH_DIR/requirements-$torch_flavour.lock" | cut -c1-16)" \
+    "$ctx"
+  rm -rf "$ctx"
+  log "$TORCH_IMAGE: $(docker image inspect -f '{{.Size}}' "$TORCH_IMAGE" | awk '{ printf "%.0f MB", $1 / 1e6 }')"
 fi
 
 log "done in $(elapsed "$T_ALL")s (${timings[*]:-nothing to build})"

@@ -3,7 +3,8 @@
 The gate writes `\\n__RATCHET_DONE__ <code>\\n` to stderr in one write once the workload is gone. Live
 output goes to callers chunk by chunk, as the engine delivers it, so the report may arrive split
 over two chunks. `MarkerFilter` passes stderr on at once, except a trailing piece that could still
-grow into the report: that piece (at most a few dozen bytes) waits for the next chunk.
+grow into the report: that piece (at most a few dozen bytes, or two such lines when removing a
+report would join them) waits for the next chunk.
 
 A chunk that ends with a bare newline is passed on whole, so lines never wait; the price is that a
 report whose leading newline arrived alone leaves that newline in the stream (an empty line). A
@@ -66,6 +67,14 @@ class MarkerFilter:
     def _hold_from(self, data: bytes) -> int:
         """Where the piece that could still become a report starts (len(data): nothing to hold)."""
         nl = data.rfind(b"\n")
-        if nl >= 0:
-            return nl if _could_become_report(data[nl + 1 :]) else len(data)
-        return 0 if self._line_start and _could_become_report(data) else len(data)
+        if nl < 0:
+            return 0 if self._line_start and _could_become_report(data) else len(data)
+        if not _could_become_report(data[nl + 1 :]):
+            return len(data)
+        # The newline at `nl` may turn out to be a report's leading one and go with it: the line
+        # before it then runs on into what follows the report. If that line could itself grow into
+        # a report body, it waits too, or it would be out already when the join completes one.
+        prev = data.rfind(b"\n", 0, nl)
+        if (prev >= 0 or self._line_start) and _could_become_report(data[prev + 1 : nl]):
+            return prev + 1
+        return nl

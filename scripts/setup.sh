@@ -8,7 +8,9 @@
 #   3. the Docker engine: started if it is not answering, waited for (60 s)
 #   4. .venv: the locked dependency set (requirements/dev.txt, hashes checked), then the
 #      project itself installed editable
-#   5. images/build.sh (ratchet/sandbox:latest, ratchet/service:latest)
+#   5. images/build.sh (ratchet/sandbox:latest, ratchet/service:latest, ratchet/torch:latest: the
+#      tests run examples/gpt in it; its torch is the CPU build unless a GPU is there, see
+#      RATCHET_TORCH_FLAVOUR in images/build.sh)
 #
 # Usage: scripts/setup.sh [--no-images]
 # Environment: PYTHON (interpreter for .venv, default python3), RATCHET_LOCAL_BASE (see
@@ -25,7 +27,7 @@ build_images=1
 for arg in "$@"; do
   case "$arg" in
     --no-images) build_images=0 ;;
-    -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -226,7 +228,7 @@ fi
 # 5. Images
 # ---------------------------------------------------------------------------
 if [ "$build_images" = 1 ]; then
-  bash images/build.sh
+  bash images/build.sh sandbox service torch
 fi
 
 log "setup done in $(( $(date +%s) - T0 ))s"

@@ -11,6 +11,7 @@ import click
 
 from client.cli import cli, main
 
+from .backup_commands import backup_command, restore_command
 from .settings import Settings, SettingsError, load_settings
 
 __all__ = ["cli", "main"]
@@ -38,10 +39,12 @@ def serve(**flags: Any) -> None:
     if flags.get("gpus") is not None:
         flags["gpus"] = [g.strip() for g in flags["gpus"].split(",") if g.strip()]
     from .http.auth import auth_mode
+    from .http.operations import check_settings
 
     try:
         settings = load_settings(flags)
         auth_mode(settings)
+        check_settings(settings)
     except SettingsError as exc:
         click.echo(f"ratchet: {exc}", err=True)
         sys.exit(2)
@@ -60,6 +63,10 @@ def serve(**flags: Any) -> None:
         access_log=settings.access_log,
         timeout_graceful_shutdown=30,
     )
+
+
+cli.add_command(backup_command)
+cli.add_command(restore_command)
 
 
 @cli.command()

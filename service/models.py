@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from .ops_models import WebhookSpec
 from .proposal_models import ProposerSpec, ProposerView
 
 __all__ = [
@@ -184,6 +185,8 @@ class LoopConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
 
 class LoopCreate(LoopConfig, kw_only=True, frozen=True, forbid_unknown_fields=True):
     workspace: Workspace
+    # Told of the loop's events; kept apart from its config, so no view ever shows a secret.
+    webhooks: Annotated[list[WebhookSpec], Meta(max_length=8)] = []
 
     def config(self) -> LoopConfig:
         fields = {f: getattr(self, f) for f in LoopConfig.__struct_fields__}

@@ -69,9 +69,31 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     # None: any NAME_API_KEY that does not start with RATCHET_.
     llm_key_envs: list[str] | None = None
     llm_backoff_s: Annotated[float, Meta(ge=0, le=600)] = 1.0  # first retry's wait, doubling
+    # -- operations (README "Operating it") --
+    admin_token_file: str | None = None  # the bootstrap admin token read from a file (a compose secret)
+    # Browser logins (/login): how long a session lasts, and whether its cookie is Secure: "auto"
+    # marks it Secure unless the page was asked for over plain http from a loopback host name.
+    session_max_age_s: Annotated[int, Meta(ge=60, le=90 * 24 * 3600)] = 12 * 3600
+    cookie_secure: Literal["auto", "true", "false"] = "auto"
+    # A service-wide webhook (every loop's events) and the policy for every webhook's destination.
+    webhook_url: Annotated[str, Meta(max_length=2048)] | None = None
+    webhook_secret: Annotated[str, Meta(min_length=16, max_length=256)] | None = None
+    webhook_events: str | None = None  # comma-separated; default: every event
+    webhook_streak: Annotated[int, Meta(ge=1, le=1000)] = 3
+    webhook_allow: str | None = None  # hosts and CIDRs a webhook may reach besides public addresses
+    webhook_allow_public: bool = True  # False: only the allow-list (and RATCHET_WEBHOOK_URL's host)
+    webhook_backoff_s: Annotated[float, Meta(ge=0.01, le=3600)] = 10.0
+    webhook_attempts: Annotated[int, Meta(ge=1, le=100)] = 10
+    webhook_timeout_s: Annotated[float, Meta(gt=0, le=300)] = 10.0
 
     def with_overrides(self, **changes: Any) -> Settings:
         return msgspec.structs.replace(self, **changes)
+
+
+# Compose passes `${VAR:-}` through as an empty string: for these, empty means not set.
+_EMPTY_IS_UNSET = frozenset(
+    {"admin_token", "admin_token_file", "webhook_url", "webhook_secret", "webhook_events", "webhook_allow"}
+)
 
 
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -80,6 +102,8 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         key = ENV_PREFIX + field.upper()
         if key in environ:
             value: Any = environ[key]
+            if field in _EMPTY_IS_UNSET and not value.strip():
+                continue
             if field in _LIST_FIELDS:
                 value = [g.strip() for g in value.split(",") if g.strip()]
             raw[field] = value
@@ -92,6 +116,8 @@ def load_settings(
     """Flags win over the environment; a malformed value fails here, naming its key."""
     raw = _from_env(os.environ if environ is None else environ)
     raw.update({k: v for k, v in (flags or {}).items() if v is not None})
+    if raw.get("admin_token_file") and not raw.get("admin_token"):
+        raw["admin_token"] = _read_secret(str(raw["admin_token_file"]), "admin_token_file")
     try:
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
@@ -118,3 +144,12 @@ def llm_api_key(settings: Settings, name: str, environ: Mapping[str, str] | None
     if llm_key_refusal(settings, name) is not None:
         return None
     return (os.environ if environ is None else environ).get(name) or None
+
+
+def _read_secret(path: str, field: str) -> str:
+    """A secret kept in a file (a compose or Kubernetes secret): its text without the line end."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read().strip()
+    except OSError as exc:
+        raise SettingsError(f"{ENV_PREFIX}{field.upper()}: cannot read {path} ({exc.strerror})") from exc

@@ -27,13 +27,17 @@ NO_LOOP, NO_EXP, NO_TOKEN = "0" * 16, "1" * 16, "2" * 16
 
 # The policy, written out independently of service.http.auth: GET needs read, anything else admin,
 # except these.
-OPEN = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics")}
+OPEN = {("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/metrics"), ("GET", "/login"), ("GET", "/logout")}
+# open, but their forms need the CSRF token of the login page (none here: 403 for everyone)
+CSRF = {("POST", "/login"), ("POST", "/logout")}
+# HTML pages answer 401/403 with a page that links to /login, not with JSON
+PAGES = {("GET", "/"), ("GET", "/loops"), ("GET", "/loops/{loop_id}")}
 SUBMIT = {
     ("POST", "/v1/loops/{loop_id}/experiments"),
     ("POST", "/v1/loops/{loop_id}/baseline"),
     ("POST", "/v1/experiments/{exp_id}/rerun"),
 }
-ADMIN_ONLY_READS = {("GET", "/v1/tokens")}
+ADMIN_ONLY_READS = {("GET", "/v1/tokens"), ("GET", "/v1/service")}
 CALLERS = ("nobody", "wrong", "read", "submit", "admin")
 
 
@@ -50,7 +54,7 @@ def app_routes() -> list[tuple[str, str]]:
 
 
 def needed(method: str, path: str) -> str | None:
-    if (method, path) in OPEN:
+    if (method, path) in OPEN | CSRF:
         return None
     if (method, path) in SUBMIT:
         return "submit"
@@ -90,9 +94,11 @@ def test_every_route_needs_its_scope(secured):
     ids = {
         "loop_id": NO_LOOP,
         "exp_id": NO_EXP,
-        "proposal_id": NO_EXP,
         "token_id": NO_TOKEN,
         "snapshot_id": "3" * 64,
+        "webhook_id": "4" * 16,
+        "delivery_id": "5" * 16,
+        "proposal_id": NO_EXP,
     }
     routes = app_routes()
     assert ("POST", "/v1/tokens") in routes and ("GET", "/loops/{loop_id}") in routes
@@ -103,7 +109,14 @@ def test_every_route_needs_its_scope(secured):
             # Ids that do not exist and empty bodies: a request that gets past the guard changes nothing.
             r = call(secured, method, path, tokens[caller], json={} if method == "POST" else None)
             what = (caller, method, template, r.status_code, r.text[:200])
-            if allowed(caller, scope):
+            if (method, template) in CSRF:
+                assert r.status_code == 403 and "Form expired" in r.text, what
+            elif (method, template) in PAGES and not allowed(caller, scope):
+                assert r.status_code == (401 if caller in ("nobody", "wrong") else 403), what
+                assert 'href="/login?next=' in r.text and r.headers["content-type"].startswith("text/html"), (
+                    what
+                )
+            elif allowed(caller, scope):
                 assert r.status_code not in (401, 403), what
             elif caller in ("nobody", "wrong"):
                 assert r.status_code == 401, what

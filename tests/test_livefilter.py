@@ -68,6 +68,15 @@ def test_holding_is_bounded():
     assert out.endswith(b"9" * 50)
 
 
+def test_a_report_removed_across_chunks_does_not_join_lines_into_one():
+    # Removing the report (with its leading newline) would join the first line with the `0\n` after
+    # it into a complete report body; the first line must wait with the held newline for that.
+    data = b"__RATCHET_DONE__ \n__RATCHET_DONE__ 0\n0\n"
+    for cut in range(len(data) + 1):
+        out, _ = run(split(data, [cut]))
+        assert LEAKED.search(out) is None, cut
+
+
 def test_report_lookalikes_printed_by_the_workload_are_removed_too():
     out, _ = run([b"a\n__RATCHET_DONE__ 0\nb\n", REPORT])
     assert out == b"ab\n"  # with the newline before it, as a report is removed from the stored log

@@ -42,6 +42,12 @@ OPERATIONS = {
     ("post", "/v1/tokens"): "createToken",
     ("get", "/v1/tokens"): "listTokens",
     ("delete", "/v1/tokens/{token_id}"): "revokeToken",
+    ("post", "/v1/loops/{loop_id}/webhooks"): "addLoopWebhook",
+    ("get", "/v1/webhooks"): "listWebhooks",
+    ("delete", "/v1/webhooks/{webhook_id}"): "deleteWebhook",
+    ("get", "/v1/webhooks/deliveries"): "listWebhookDeliveries",
+    ("post", "/v1/webhooks/deliveries/{delivery_id}/retry"): "retryWebhookDelivery",
+    ("get", "/v1/service"): "getServiceInfo",
     ("get", "/healthz"): "getHealth",
     ("get", "/readyz"): "getReadiness",
 }

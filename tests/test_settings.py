@@ -146,3 +146,43 @@ def test_fault_handling_settings():
         load_settings({}, {"RATCHET_VERIFY_BLOBS": "sometimes"})
     with pytest.raises(SettingsError, match="engine_retries"):
         load_settings({}, {"RATCHET_ENGINE_RETRIES": "-1"})
+
+
+def test_empty_operator_values_mean_unset(tmp_path):
+    """compose passes `${VAR:-}` through as an empty string."""
+    env = {"RATCHET_ADMIN_TOKEN": "", "RATCHET_WEBHOOK_URL": " ", "RATCHET_WEBHOOK_SECRET": ""}
+    s = load_settings({}, env)
+    assert (s.admin_token, s.webhook_url, s.webhook_secret) == (None, None, None)
+    assert load_settings({}, {"RATCHET_GPUS": ""}).gpus == []  # an empty list still means no GPUs
+
+
+def test_admin_token_from_a_file(tmp_path):
+    secret = tmp_path / "admin_token"
+    secret.write_text("from-a-file-0123456789\n")
+    s = load_settings({}, {"RATCHET_ADMIN_TOKEN_FILE": str(secret)})
+    assert s.admin_token == "from-a-file-0123456789"
+    assert (
+        load_settings(
+            {}, {"RATCHET_ADMIN_TOKEN_FILE": str(secret), "RATCHET_ADMIN_TOKEN": "x" * 20}
+        ).admin_token
+        == "x" * 20
+    )
+    with pytest.raises(SettingsError, match="RATCHET_ADMIN_TOKEN_FILE: cannot read"):
+        load_settings({}, {"RATCHET_ADMIN_TOKEN_FILE": str(tmp_path / "missing")})
+    secret.write_text("short\n")
+    with pytest.raises(SettingsError, match="admin_token"):
+        load_settings({}, {"RATCHET_ADMIN_TOKEN_FILE": str(secret)})
+
+
+def test_webhook_settings_are_checked_at_start():
+    from service.http.operations import check_settings, service_webhook
+
+    assert service_webhook(Settings()) is None
+    hook = service_webhook(
+        Settings(webhook_url="https://hooks.example/x", webhook_events="keep, loop_paused")
+    )
+    assert hook is not None and [e.value for e in hook.events] == ["keep", "loop_paused"]
+    with pytest.raises(SettingsError, match="RATCHET_WEBHOOK_EVENTS: unknown webhook event"):
+        check_settings(Settings(webhook_url="https://hooks.example/x", webhook_events="keep,kept"))
+    with pytest.raises(SettingsError, match="RATCHET_WEBHOOK_URL"):
+        check_settings(Settings(webhook_url="file:///etc/passwd"))

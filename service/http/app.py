@@ -12,6 +12,7 @@ import platform
 import secrets
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,17 @@ from .auth import SECURITY, SECURITY_COMPONENTS, Authenticator, is_loopback
 from .errors import exception_handlers, reject_bad_utf8
 from .experiments import ExperimentController
 from .health import HealthController
+from .login import login_controller
 from .loops import LoopController
+from .operations import check_settings, open_operations
 from .pages import PageController, ProgressController
 from .proposals import LoopProposalsController, ProposalController
+from .service_info import ServiceController
 from .services import Services
+from .sessions import DatabaseSessions, session_middleware
 from .snapshots import SnapshotController
 from .tokens import TokenController
+from .webhooks import WebhookController
 
 __all__ = ["create_app"]
 
@@ -101,7 +107,7 @@ def _log_auth(settings: Settings, mode: str) -> None:
     if mode == "tokens" and settings.admin_token:
         log.info("auth: bearer tokens; a bootstrap admin token is set")
     elif mode == "tokens":
-        log.warning("auth: bearer tokens, no RATCHET_ADMIN_TOKEN: only tokens made earlier can log in")
+        log.warning("auth: bearer tokens, no RATCHET_ADMIN_TOKEN: only tokens in the database log in")
     elif not is_loopback(settings.host):
         log.warning(
             "!!! AUTH IS OFF on %s (RATCHET_AUTH=none, RATCHET_AUTH_NONE_ON_NETWORK=1): anyone who can"
@@ -166,11 +172,15 @@ def create_app(settings: Settings, executor: Executor | None = None) -> Litestar
             logs = RunLogs(data_dir / "logs")
             scheduler = Scheduler(settings, store, snapshots, runner, logs)
             proposers = Proposers(settings, store, snapshots, runner, logs, scheduler)
-            holder["services"] = Services(settings, store, snapshots, runner, scheduler, logs, proposers)
+            services = Services(settings, store, snapshots, runner, scheduler, logs, proposers)
+            services.version, services.data_dir, services.auth = VERSION, str(data_dir.resolve()), guard.mode
+            services.started_at = time.time()
+            holder["services"] = services
             await scheduler.start()
             stack.push_async_callback(scheduler.stop)
             await proposers.start()
             stack.push_async_callback(proposers.stop)
+            services.webhooks = await open_operations(settings, store, guard.mode, stack)
             stack.enter_context(on_exit_signals(logs.end_streams))
             log.info("ratchet %s ready: %r %r, data in %s", VERSION, scheduler, proposers, data_dir)
             _log_auth(settings, guard.mode)
@@ -180,6 +190,7 @@ def create_app(settings: Settings, executor: Executor | None = None) -> Litestar
         return holder["services"]
 
     guard = Authenticator(settings, provide_services)
+    check_settings(settings)
 
     prometheus = PrometheusConfig(
         app_name="ratchet",
@@ -200,13 +211,21 @@ def create_app(settings: Settings, executor: Executor | None = None) -> Litestar
             MetricsController,
             ProgressController,
             PageController,
+            WebhookController,
+            ServiceController,
+            login_controller(settings),
         ],
-        dependencies={"services": Provide(provide_services, sync_to_thread=False)},
+        dependencies={
+            "services": Provide(provide_services, sync_to_thread=False),
+            "guard": Provide(lambda: guard, sync_to_thread=False),
+            "settings": Provide(lambda: settings, sync_to_thread=False),
+        },
         lifespan=[lifespan],
         exception_handlers=exception_handlers,  # type: ignore[arg-type]
         before_request=reject_bad_utf8,
         guards=[guard],
-        middleware=[prometheus.middleware],
+        middleware=[prometheus.middleware, session_middleware(settings)],
+        stores={"sessions": DatabaseSessions(lambda: holder["services"].store, settings.session_max_age_s)},
         request_max_body_size=settings.max_body_bytes,
         openapi_config=OpenAPIConfig(
             title="Ratchet",

@@ -23,19 +23,29 @@ from litestar.openapi.spec import Components, SecurityScheme
 
 from ..models import LoopView, Scope, TokenView
 from ..settings import Settings, SettingsError
-from ..state.tokens import find_token, hash_secret
+from ..state.tokens import find_token, find_token_by_hash, hash_secret
 from .services import Services
 
-__all__ = ["SECURITY", "SECURITY_COMPONENTS", "Authenticator", "auth_mode", "is_loopback"]
+__all__ = [
+    "BOOTSTRAP",
+    "SECURITY",
+    "SECURITY_COMPONENTS",
+    "Authenticator",
+    "auth_mode",
+    "holds",
+    "is_loopback",
+]
 
 log = logging.getLogger("ratchet.auth")
 
 AuthMode = Literal["none", "tokens"]
 SCHEMA_PREFIX = "/schema"  # the OpenAPI document describes the API, it holds no data: always open
 HOW = (
-    "send `Authorization: Bearer <token>` (the ratchet CLI: --token or RATCHET_TOKEN); an admin makes"
-    " tokens with `ratchet token create`, the first admin token is the service's RATCHET_ADMIN_TOKEN"
+    "send `Authorization: Bearer <token>` (the ratchet CLI: --token or RATCHET_TOKEN; a browser: log in"
+    " at /login); an admin makes tokens with `ratchet token create`, the first admin token is the"
+    " service's RATCHET_ADMIN_TOKEN or the one its first start printed"
 )
+BOOTSTRAP = TokenView(id="bootstrap", name="RATCHET_ADMIN_TOKEN", scopes=[Scope.admin], created_at=0)
 SECURITY_COMPONENTS = Components(
     security_schemes={
         "bearer": SecurityScheme(
@@ -71,7 +81,7 @@ def auth_mode(settings: Settings) -> AuthMode:
     return mode
 
 
-def _holds(token: TokenView, scope: Scope) -> bool:
+def holds(token: TokenView, scope: Scope) -> bool:
     return scope in token.scopes or Scope.admin in token.scopes
 
 
@@ -103,15 +113,44 @@ class Authenticator:
         scope = self.required(handler, connection.scope["path"])
         if scope is None:
             return
+        if scope is Scope.read and await self._browser_session(connection):
+            return
         token = await self._token(connection)
         where = f"{connection.scope['method']} {connection.scope['path']}"
-        if not _holds(token, scope):
+        if not holds(token, scope):
             raise PermissionDeniedException(
                 f"token {token.name!r} lacks the {scope.value!r} scope that {where} needs;"
                 f" ask an admin for a token with --scope {scope.value}"
             )
-        if scope is Scope.submit and token.loops is not None and not _holds(token, Scope.admin):
+        if scope is Scope.submit and token.loops is not None and not holds(token, Scope.admin):
             await self._check_loop(connection, handler, token)
+
+    async def _browser_session(self, connection: ASGIConnection) -> bool:
+        """A read (GET or HEAD, no Authorization header) by a browser logged in at /login, with a
+        token that still exists and may read. A cookie never grants more than reading, whatever its
+        token may do: writes need the bearer header, which no other site can make a browser send."""
+        if connection.scope["method"] not in ("GET", "HEAD") or "authorization" in connection.headers:
+            return False
+        session = connection.scope.get("session")
+        if not isinstance(session, dict) or not session.get("token_hash"):
+            return False
+        token = await self.session_token(str(session["token_hash"]))
+        if token is None or not holds(token, Scope.read):
+            connection.clear_session()  # revoked (or no longer able to read): the cookie is dropped
+            return False
+        return True
+
+    async def session_token(self, digest: str) -> TokenView | None:
+        """The token a session was opened with, while it exists (the bootstrap one while it is set)."""
+        if self._admin_hash and hmac.compare_digest(digest, self._admin_hash):
+            return BOOTSTRAP
+        return await find_token_by_hash(self._services().store, digest)
+
+    async def login_token(self, secret: str) -> TokenView | None:
+        """The token a secret typed into /login names, or None."""
+        if self._admin_hash and hmac.compare_digest(hash_secret(secret), self._admin_hash):
+            return BOOTSTRAP
+        return await find_token(self._services().store, secret)
 
     async def _token(self, connection: ASGIConnection) -> TokenView:
         header = connection.headers.get("authorization")
@@ -125,7 +164,7 @@ class Authenticator:
                 "the Authorization header must read `Bearer <token>`", headers=challenge
             )
         if self._admin_hash and hmac.compare_digest(hash_secret(secret), self._admin_hash):
-            return TokenView(id="bootstrap", name="RATCHET_ADMIN_TOKEN", scopes=[Scope.admin], created_at=0)
+            return BOOTSTRAP
         token = await find_token(self._services().store, secret)
         if token is None:
             raise NotAuthorizedException(f"the bearer token is unknown or revoked: {HOW}", headers=challenge)

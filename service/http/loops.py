@@ -26,10 +26,11 @@ from ..models import (
     Status,
 )
 from ..rules.ledger import header
-from ..state import candidates, enqueue, history, transitions
+from ..state import candidates, enqueue, history, transitions, webhooks
 from ..state.proposal_reads import proposer_view
 from .common import SUBMIT_TO_LOOP, LoopId, errors, experiment_or_404, loop_or_404
 from .services import Services
+from .webhooks import check_webhooks, tell_webhooks
 
 __all__ = ["LoopController"]
 
@@ -46,6 +47,7 @@ class LoopController(Controller):
         responses=errors(409, 413, 422),
     )
     async def create(self, data: LoopCreate, services: Services) -> LoopView:
+        check_webhooks(data.webhooks, services.settings)
         loop_id, _ = await candidates.create_loop(
             data,
             services.settings,
@@ -54,6 +56,8 @@ class LoopController(Controller):
             services.executor.has_image,
             services.scheduler.slots.max_gpus,
         )
+        if data.webhooks:
+            await webhooks.add_webhooks(services.store, loop_id, data.webhooks)
         services.scheduler.wake()
         return await loop_or_404(services, loop_id)
 
@@ -74,13 +78,15 @@ class LoopController(Controller):
         return await loop_or_404(services, loop_id)
 
     async def _control(self, services: Services, loop_id: str, action: str) -> LoopView:
-        await loop_or_404(services, loop_id, counts=False)
-        _, running = await transitions.set_loop_state(services.store, loop_id, action)
+        before = await loop_or_404(services, loop_id, counts=False)
+        state, running = await transitions.set_loop_state(services.store, loop_id, action)
         await services.scheduler.kill(running)
         if action == "stop":
             await services.proposers.loop_stopped(loop_id)
         services.scheduler.wake()
         services.proposers.wake()
+        if state != before.state:
+            await tell_webhooks(services, loop_id, state)
         return await loop_or_404(services, loop_id)
 
     @post(

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterable
 
 from litestar import Controller, Response, get
+from litestar.exceptions import NotAuthorizedException, PermissionDeniedException
 from litestar.response import Redirect
 
 from ..models import ExperimentView, LoopView, Status
@@ -21,8 +22,10 @@ from ..rules.chart import Point, progress_svg
 from ..state.proposal_reads import list_proposals
 from ..state.store import Store
 from .common import LoopId, errors, loop_or_404
+from .login import login_required_page
 from .proposal_pages import PROPOSALS_SHOWN, proposer_section
 from .services import Services
+from .webhooks import webhook_notice
 
 __all__ = ["LEDGER_ROWS", "MAX_DISCARD_DOTS", "PageController", "ProgressController", "progress_chart"]
 
@@ -80,6 +83,11 @@ class ProgressController(Controller):
 class PageController(Controller):
     path = "/"
     include_in_schema = False
+    # without a session (or a bearer token) a page answers 401 with a link to /login, as HTML
+    exception_handlers = {
+        NotAuthorizedException: login_required_page,
+        PermissionDeniedException: login_required_page,
+    }
 
     @get("/")
     async def root(self) -> Redirect:
@@ -108,6 +116,7 @@ class PageController(Controller):
                 services.store, loop_id, None, max(0, total - PROPOSALS_SHOWN), PROPOSALS_SHOWN
             )
             ledger = proposer_section(loop, list(reversed(runs))) + ledger
+        summary += await webhook_notice(services, loop_id)
         if live:
             return _html(summary + ledger)
         nonce = _nonce()
@@ -184,6 +193,8 @@ tr.best td { background: #eef8f1; }
 .b-paused { background: #f1a208; } .b-confirming { background: #26a69a; } .b-measured { background: #78909c; }
 .b-proposed { background: #1a9850; } .b-duplicate { background: #f1a208; }
 .muted { color: var(--muted); }
+.notice { margin-top: 10px; padding: 8px 12px; border: 1px solid #f0b7b1; background: #fdf1f0;
+  border-radius: 8px; overflow-wrap: anywhere; }
 footer { padding: 0 24px 24px; color: var(--muted); font-size: 12px; }
 """
 

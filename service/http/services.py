@@ -8,6 +8,7 @@ from ..runs.executor import Executor
 from ..runs.logs import RunLogs
 from ..runs.proposing import Proposers
 from ..runs.scheduler import Scheduler
+from ..runs.webhook_sender import WebhookSender
 from ..settings import Settings
 from ..state.ledger_cache import LedgerCache
 from ..state.snapshots import SnapshotStore
@@ -24,6 +25,12 @@ class Services:
     logs: RunLogs
     proposers: Proposers
     ledger: LedgerCache = field(init=False)
+    # operations (set by the lifespan once they are open)
+    webhooks: WebhookSender = field(init=False)
+    version: str = ""
+    data_dir: str = ""
+    auth: str = ""
+    started_at: float = 0.0
 
     def __post_init__(self) -> None:
         self.ledger = LedgerCache(self.store)

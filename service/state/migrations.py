@@ -132,7 +132,56 @@ MIGRATIONS: list[str] = [
     CREATE INDEX experiments_queue_order ON experiments(loop_id, repeat_of IS NULL, seq)
         WHERE status = 'queued';
     """,
-    # 8: proposers: each proposer run is a row with its own state machine; an experiment names the
+    # webhooks: where (loop_id NULL: the service-wide one), the persisted deliveries (one per
+    # webhook and dedupe key), and per loop the last result already turned into events (loops that
+    # exist now start from what they have, so an upgrade announces nothing old)
+    """
+    CREATE TABLE webhooks (
+        id TEXT PRIMARY KEY,
+        loop_id TEXT REFERENCES loops(id),
+        url TEXT NOT NULL,
+        secret TEXT NOT NULL,
+        events TEXT NOT NULL,
+        streak INTEGER NOT NULL,
+        created_at REAL NOT NULL
+    );
+    CREATE INDEX webhooks_loop ON webhooks(loop_id);
+    CREATE TABLE webhook_deliveries (
+        id TEXT PRIMARY KEY,
+        webhook_id TEXT NOT NULL,
+        loop_id TEXT,
+        event TEXT NOT NULL,
+        dedupe TEXT NOT NULL,
+        body BLOB NOT NULL,
+        text TEXT NOT NULL,
+        state TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at REAL,
+        last_status INTEGER,
+        last_error TEXT,
+        created_at REAL NOT NULL,
+        finished_at REAL,
+        UNIQUE (webhook_id, dedupe)
+    );
+    CREATE INDEX webhook_deliveries_due ON webhook_deliveries(next_at) WHERE state = 'pending';
+    CREATE INDEX webhook_deliveries_hook ON webhook_deliveries(webhook_id, created_at);
+    CREATE INDEX webhook_deliveries_loop ON webhook_deliveries(loop_id, created_at);
+    CREATE TABLE webhook_cursors (loop_id TEXT PRIMARY KEY, seen INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO webhook_cursors (loop_id, seen) SELECT id, finished FROM loops;
+    """,
+    # browser sessions (/login): only the SHA-256 of a session id is stored, with the token it
+    # was made from; revoking the token deletes its sessions
+    """
+    CREATE TABLE sessions (
+        id_hash TEXT PRIMARY KEY,
+        token_id TEXT NOT NULL,
+        data BLOB NOT NULL,
+        expires_at REAL NOT NULL,
+        created_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX sessions_token ON sessions(token_id);
+    """,
+    # proposers: each proposer run is a row with its own state machine; an experiment names the
     # proposal that made it (at most one per proposal); a loop keeps why Ratchet paused it, its
     # proposer's failure streak and its chat budget; duplicates are found by snapshot
     """

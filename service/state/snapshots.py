@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import gzip
 import hashlib
 import io
 import os
@@ -226,9 +227,13 @@ class SnapshotStore:
         return {e.path: self.get_blob(e.blob) for e in manifest.files}
 
     def archive(self, manifest: Manifest, prefix: str = "") -> bytes:
-        """The whole tree as a .tar.gz (regular files only, owned by nobody in particular)."""
+        """The whole tree as a .tar.gz (regular files only, owned by nobody in particular). The same
+        snapshot gives the same bytes (no time in the gzip header either), on any copy of the store."""
         buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+        with (
+            gzip.GzipFile(fileobj=buf, mode="wb", mtime=0) as gz,
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
             for e in manifest.files:
                 data = self.get_blob(e.blob)
                 info = tarfile.TarInfo(prefix + e.path)

@@ -14,7 +14,16 @@ import msgspec
 from ..models import Scope, TokenCreate, TokenCreated, TokenView
 from .store import Store
 
-__all__ = ["PREFIX", "create_token", "delete_token", "find_token", "hash_secret", "list_tokens"]
+__all__ = [
+    "PREFIX",
+    "count_tokens",
+    "create_token",
+    "delete_token",
+    "find_token",
+    "find_token_by_hash",
+    "hash_secret",
+    "list_tokens",
+]
 
 PREFIX = "rt_"  # makes a leaked token recognisable to secret scanners
 # last_used_at is a hint, not an audit log: at most one write per token per minute.
@@ -65,9 +74,24 @@ async def list_tokens(store: Store) -> list[TokenView]:
 
 
 async def delete_token(store: Store, token_id: str) -> bool:
+    """Revokes a token and ends the browser sessions opened with it, in one transaction."""
     async with store.tx() as db:
         cur = await db.execute("DELETE FROM tokens WHERE id = ?", (token_id,))
+        await db.execute("DELETE FROM sessions WHERE token_id = ?", (token_id,))
         return cur.rowcount > 0
+
+
+async def find_token_by_hash(store: Store, digest: str) -> TokenView | None:
+    """The token whose secret hashes to `digest` (a browser session holds only that), or None."""
+    async with store.r.execute("SELECT * FROM tokens WHERE hash = ?", (digest,)) as cur:
+        row = await cur.fetchone()
+    return _view(row) if row is not None and hmac.compare_digest(row["hash"], digest) else None
+
+
+async def count_tokens(store: Store) -> int:
+    async with store.r.execute("SELECT COUNT(*) FROM tokens") as cur:
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
 
 
 async def find_token(store: Store, secret: str) -> TokenView | None:
