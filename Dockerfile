@@ -3,7 +3,8 @@
 # Build it with images/build.sh, which first puts the wheels this file installs under
 # images/.wheels (app/: the ratchet wheel, deps/: the locked dependency set of
 # requirements/service.txt for the image's Python, and that file, whose hashes are checked
-# again here). The build itself needs no network: nothing is downloaded inside it.
+# again here; deps-ray/: the same of requirements/ray.txt, with DEPS=deps-ray, for
+# `images/build.sh --with-ray`). The build itself needs no network: nothing is downloaded inside it.
 #
 # BASE_IMAGE: python:3.11-slim by default; images/build.sh passes
 # ratchet/base:bookworm (Debian's python3 3.11, made from Debian packages) when no
@@ -18,9 +19,11 @@
 # (compose.yaml does the same.) Access to that socket is root-equivalent on the host:
 # publish the port only where the API callers are trusted to that degree.
 ARG BASE_IMAGE=python:3.11-slim
+ARG DEPS=deps
 
 # Stage 1: a virtual environment with the dependencies (changes rarely, stays cached).
 FROM ${BASE_IMAGE} AS deps
+ARG DEPS
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1
 RUN set -eu; \
     if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then \
@@ -30,7 +33,7 @@ RUN set -eu; \
     fi; \
     python3 -m venv /opt/ratchet; \
     /opt/ratchet/bin/python -m pip uninstall -q -y setuptools
-COPY images/.wheels/deps/ /tmp/wheels/deps/
+COPY images/.wheels/${DEPS}/ /tmp/wheels/deps/
 RUN /opt/ratchet/bin/pip install -q --no-index --find-links /tmp/wheels/deps --require-hashes --no-deps \
         -r /tmp/wheels/deps/requirements.txt
 
@@ -54,7 +57,7 @@ COPY images/.wheels/app/ /tmp/wheels/app/
 RUN set -eu; \
     /opt/ratchet/bin/pip install -q --no-index --no-deps /tmp/wheels/app/*.whl; \
     /opt/ratchet/bin/pip check; \
-    /opt/ratchet/bin/python -c 'import litestar, msgspec, aiosqlite, docker, prometheus_client, uvicorn, httpx, service, sandbox'; \
+    /opt/ratchet/bin/python -c 'import litestar, msgspec, aiosqlite, docker, prometheus_client, uvicorn, httpx, service, sandbox, client, nodeagent'; \
     git --version >/dev/null; \
     rm -rf /tmp/wheels
 

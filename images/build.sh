@@ -4,6 +4,7 @@
 #   ratchet/service:latest   the HTTP service (top-level Dockerfile)
 #   ratchet/torch:latest     the sandbox image + PyTorch (images/torch); only when named, as
 #                            it is large: `images/build.sh torch` (builds sandbox first if missing)
+#   ratchet/service:ray      the service with Ray, for `ratchet serve --executor ray` (--with-ray)
 #
 # Two ways to get base images:
 #   public  FROM debian:bookworm-slim / python:3.11-slim (needs a reachable registry)
@@ -11,8 +12,10 @@
 #           `docker import`; no registry needed and no network inside the image builds.
 #
 # Usage: images/build.sh [--local-base|--public-base] [--no-cache] [--torch cpu|cuda]
-#                        [sandbox] [service] [torch]
+#                        [--with-ray] [sandbox] [service] [torch]
 # No target: sandbox and service.
+# --with-ray: the service image from requirements/ray.txt (the service and Ray, locked), as
+# ratchet/service:ray; ratchet/service:latest stays without Ray.
 #
 # Environment:
 #   RATCHET_LOCAL_BASE=1|0  force local / public base images (default: auto-detect; local
@@ -42,6 +45,8 @@ LOCAL_BASE_IMAGE="ratchet/base:${SUITE}"
 BASE_PACKAGES="python3,python3-numpy,python3-venv,python3-pip,ca-certificates,git"
 SANDBOX_IMAGE="ratchet/sandbox:latest"
 SERVICE_IMAGE="ratchet/service:latest"
+SERVICE_LOCK=requirements/service.txt
+DEPS_NAME=deps  # under images/.wheels: the locked dependency wheels of SERVICE_LOCK
 TORCH_IMAGE="ratchet/torch:latest"
 PUBLIC_SANDBOX_BASE="${RATCHET_SANDBOX_BASE:-debian:bookworm-slim}"
 PUBLIC_SERVICE_BASE="${RATCHET_SERVICE_BASE:-python:3.11-slim}"
@@ -52,7 +57,7 @@ BASE_RECIPE_VERSION=1
 
 log() { printf '==> %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
-usage() { sed -n '2,33p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,36p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 mode="${RATCHET_LOCAL_BASE:-auto}"
 case "$mode" in
@@ -69,6 +74,7 @@ while [ $# -gt 0 ]; do
     --local-base) mode=local ;;
     --public-base) mode=public ;;
     --no-cache) no_cache=(--no-cache) ;;
+    --with-ray) SERVICE_IMAGE="ratchet/service:ray"; SERVICE_LOCK=requirements/ray.txt; DEPS_NAME=deps-ray ;;
     --torch) [ $# -ge 2 ] || die "--torch needs cpu, cuda or auto"; torch_flavour="$2"; shift ;;
     --torch=*) torch_flavour="${1#--torch=}" ;;
     sandbox|service|torch) targets+=("$1") ;;
@@ -174,7 +180,7 @@ build_wheels() {
     if [ -f "$f" ]; then cp "$f" "$src/"; fi
   done
   [ -f "$src/README.md" ] || : >"$src/README.md"
-  tar -cf - --exclude='__pycache__' --exclude='*.pyc' sandbox service | tar -C "$src" -xf -
+  tar -cf - --exclude='__pycache__' --exclude='*.pyc' client nodeagent sandbox service | tar -C "$src" -xf -
   rm -rf "$WHEEL_DIR/app"
   # SOURCE_DATE_EPOCH: identical sources give an identical wheel, hence a cached layer.
   if ! SOURCE_DATE_EPOCH=315532800 "$py" -m pip wheel -q --no-deps --no-build-isolation \
@@ -186,10 +192,11 @@ build_wheels() {
 
   # Dependencies for the image's interpreter (not the host's): exactly the locked set, hashes
   # checked here and again inside the build.
-  stamp="$(sha256sum requirements/service.txt | cut -c1-16) py$pyver $arch"
-  if [ "$(cat "$WHEEL_DIR/deps/.stamp" 2>/dev/null)" != "$stamp" ]; then
+  local deps="$WHEEL_DIR/$DEPS_NAME"
+  stamp="$(sha256sum "$SERVICE_LOCK" | cut -c1-16) py$pyver $arch"
+  if [ "$(cat "$deps/.stamp" 2>/dev/null)" != "$stamp" ]; then
     echo "downloading the locked dependency wheels for Python $pyver ($arch)"
-    rm -rf "$WHEEL_DIR/deps"
+    rm -rf "$deps"
     "$py" -m pip download -q --only-binary=:all: --require-hashes --no-deps \
       --python-version "$pyver" --implementation cp --abi "cp${pyver/./}" --abi abi3 --abi none \
       --platform "manylinux_2_36_$arch" --platform "manylinux_2_34_$arch" \
@@ -197,10 +204,10 @@ build_wheels() {
       --platform "manylinux_2_17_$arch" --platform "manylinux2014_$arch" \
       --platform "manylinux_2_12_$arch" --platform "manylinux2010_$arch" \
       --platform "manylinux_2_5_$arch" --platform "manylinux1_$arch" --platform "linux_$arch" \
-      --dest "$WHEEL_DIR/deps" -r requirements/service.txt \
-      || die "downloading the locked dependency wheels (requirements/service.txt) failed"
-    cp requirements/service.txt "$WHEEL_DIR/deps/requirements.txt"
-    printf '%s\n' "$stamp" >"$WHEEL_DIR/deps/.stamp"
+      --dest "$deps" -r "$SERVICE_LOCK" \
+      || die "downloading the locked dependency wheels ($SERVICE_LOCK) failed"
+    cp "$SERVICE_LOCK" "$deps/requirements.txt"
+    printf '%s\n' "$stamp" >"$deps/.stamp"
   fi
 }
 
@@ -466,7 +473,8 @@ if want service; then
   log "building $SERVICE_IMAGE"
   version=$(basename "$WHEEL_DIR"/app/ratchet-*.whl | cut -d- -f2)
   docker_build service -t "$SERVICE_IMAGE" -f "$ROOT/Dockerfile" \
-    --build-arg "BASE_IMAGE=$service_base" --build-arg "RATCHET_VERSION=$version" "$ROOT"
+    --build-arg "BASE_IMAGE=$service_base" --build-arg "RATCHET_VERSION=$version" \
+    --build-arg "DEPS=$DEPS_NAME" "$ROOT"
 fi
 
 if want torch; then

@@ -26,6 +26,7 @@ import logging
 import time
 from typing import Any
 
+from .engine import SandboxError, engine_call
 from .spec import Egress
 
 __all__ = ["PROXY_PORT", "PROXY_URL", "helper_options", "proxy_env", "socket_volume_options"]
@@ -226,16 +227,17 @@ class EgressDoor:
         self.containers: dict[str, str] = {}  # role -> container id
 
     def open(self, run_container: str) -> None:
-        """Raises docker errors (the runner translates them) or RuntimeError when a helper does not
-        come up."""
-        self.client.volumes.create(**socket_volume_options(self.volume, self.labels))
-        modes = {"proxy": self.egress.network, "relay": f"container:{run_container}"}
-        for role in ("proxy", "relay"):  # the proxy's socket first: the relay connects per connection
-            opts = helper_options(role, self.egress, self.volume, self.labels, modes[role])
-            container = self.client.containers.create(**opts)
-            self.containers[role] = container.id
-            container.start()
-            self._wait_ready(role, container)
+        """Raises SandboxError when the engine fails or a helper does not come up (what was made
+        is still removed by `close`)."""
+        with engine_call("open egress"):
+            self.client.volumes.create(**socket_volume_options(self.volume, self.labels))
+            modes = {"proxy": self.egress.network, "relay": f"container:{run_container}"}
+            for role in ("proxy", "relay"):  # the proxy's socket first: the relay connects per connection
+                opts = helper_options(role, self.egress, self.volume, self.labels, modes[role])
+                container = self.client.containers.create(**opts)
+                self.containers[role] = container.id
+                container.start()
+                self._wait_ready(role, container)
 
     def _wait_ready(self, role: str, container: Any) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -247,7 +249,8 @@ class EgressDoor:
                 break
             time.sleep(0.05)
         text = container.logs(tail=20).decode("utf-8", errors="replace").strip()
-        raise RuntimeError(f"the egress {role} did not start ({container.status}): {text or 'no output'}")
+        why = f"the {role} did not start ({container.status}): {text or 'no output'}"
+        raise SandboxError(f"open egress: {why}")
 
     def log(self) -> str:
         """The proxy's decisions (allow / deny / fail, one line per connection), capped."""

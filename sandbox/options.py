@@ -25,14 +25,17 @@ INPUT_DIR = f"{MOUNT_POINT}/input"  # a spec's read-only `inputs`
 # PID 1 of every container. It holds the untrusted workload back until a line arrives on stdin
 # (so the container can be started and filled ahead of time), runs it with stdin closed, kills
 # whatever the workload left behind, reports the exit code, and keeps the container (and so the
-# per-run volume) alive until the runner has collected the output directory. PID 1 ignores
-# signals from inside the container, so the workload cannot take the gate down with it.
+# per-run volume) alive until the runner says `collected`. PID 1 ignores signals from inside the
+# container, so the workload cannot take the gate down with it. The engine keeps stdin open when
+# the runner's connection goes, so a run outlives a restarted runner; the one that takes it over
+# sends `go` again without knowing whether the first one arrived: once the workload has run, every
+# line but `collected` is ignored.
 GATE_SCRIPT = (
     "IFS= read -r _go || exit 125; "
     '"$@" </dev/null; code=$?; '
     "kill -9 -1 2>/dev/null; "
     'printf "\\n__RATCHET_DONE__ %s\\n" "$code" >&2; '
-    "IFS= read -r _collected; "
+    'while IFS= read -r _line && [ "$_line" != collected ]; do :; done; '
     'exit "$code"'
 )
 DONE_MARKER = b"__RATCHET_DONE__"

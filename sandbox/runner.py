@@ -20,23 +20,33 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import docker
 import docker.errors
+import msgspec
 import requests.exceptions
 
-from .archive import read_collected_tar, read_output_tar, workspace_tar
+from .archive import workspace_tar
+from .collect import collect
 from .egress import EgressDoor, proxy_env
+from .engine import SandboxError, ping, remove_labelled
+from .engine import engine_call as _engine
+from .engine import remove as _remove
 from .gpus import EngineProbe, GpuRoute, GpuUnavailable, gpu_refusal
+from .journal import HeadWriter, Journal, RunRecord
 from .logcap import CappedLog
-from .options import INPUT_DIR, MOUNT_POINT, OUTPUT_DIR, WORKSPACE_DIR, container_options, volume_options
+from .options import INPUT_DIR, MOUNT_POINT, OUTPUT_DIR, container_options, volume_options
 from .probe import probe_engine
-from .spec import RunResult, RunSpec, Timings
+from .spec import RunDetached, RunResult, RunSpec, Timings
 from .stream import ExitHook, FrameReader, OutputTap, Reports, strip_marker
 
-__all__ = ["LABEL_RUN", "LABEL_SANDBOX", "PreparedRun", "Sandbox", "SandboxError"]
+if TYPE_CHECKING:
+    from .adopt import AdoptedRun
+
+__all__ = ["LABEL_RUN", "LABEL_SANDBOX", "PreparedRun", "RunDetached", "Sandbox", "SandboxError"]
 
 log = logging.getLogger("ratchet.sandbox")
 
@@ -48,36 +58,23 @@ _LOST_GRACE_S = 5.0
 _REPORT_GRACE_S = 1.0  # after the collection, for the gate to exit
 
 
-class SandboxError(RuntimeError):
-    """The container engine failed (not the workload): unreachable, image missing, API error.
-
-    `reason` is one of a small fixed set (image_missing, refused, unreachable) so callers can count
-    failures by kind without parsing messages."""
-
-    def __init__(self, message: str, reason: str = "refused") -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-@contextlib.contextmanager
-def _engine(action: str) -> Iterator[None]:
-    """The one place where engine exceptions become `SandboxError`."""
-    try:
-        yield
-    except docker.errors.ImageNotFound as exc:
-        raise SandboxError(f"{action}: image not found ({exc.explanation})", "image_missing") from exc
-    except docker.errors.APIError as exc:
-        raise SandboxError(f"{action}: engine refused: {exc.explanation or exc}") from exc
-    except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
-        raise SandboxError(f"{action}: engine unreachable: {exc}", "unreachable") from exc
-
-
 class Sandbox:
     """A handle on one container engine. Thread-safe: runs may proceed in parallel threads."""
 
-    def __init__(self, client: docker.DockerClient | None = None, instance: str = "default") -> None:
+    def __init__(
+        self,
+        client: docker.DockerClient | None = None,
+        instance: str = "default",
+        labels: dict[str, str] | None = None,
+        journal: Path | None = None,
+    ) -> None:
+        """`labels`: carried, beside the instance's, by every container and volume it makes,
+        probes included (which node made it, on an engine that several nodes share, say)."""
         self._client = client
         self.instance = instance
+        self.labels = dict(labels or {})
+        # Where runs record what a later process needs to take them over (`reattach`); None: nowhere.
+        self.journal = Journal(journal) if journal is not None else None
         self._gpu_probe: EngineProbe | None = None
         self._probe_lock = threading.Lock()
 
@@ -94,10 +91,10 @@ class Sandbox:
         return self._client
 
     def ping(self) -> bool:
+        """Whether the engine answers within a few seconds (`engine.PING_TIMEOUT_S`)."""
         try:
-            with _engine("ping"):
-                return bool(self.client.ping())
-        except SandboxError:
+            return ping(self.client)
+        except SandboxError:  # no client could be made
             return False
 
     def has_image(self, image: str) -> bool | None:
@@ -108,11 +105,12 @@ class Sandbox:
             return True
         except SandboxError as exc:
             return False if exc.reason == "image_missing" else None
+
     def probe(self, image: str | None = None) -> EngineProbe:
         """Asks the engine afresh about itself and its GPU route; with `image`, the `nvidia` device
         driver is tried with a short container of that image (see `sandbox.probe`)."""
         with _engine("probe the engine"):
-            return probe_engine(self.client, image, {LABEL_SANDBOX: self.instance})
+            return probe_engine(self.client, image, {**self.labels, LABEL_SANDBOX: self.instance})
 
     def gpu_probe(self, image: str) -> EngineProbe:
         """The probe GPU runs go by: made once, and again while it finds no route (the operator
@@ -166,35 +164,16 @@ class Sandbox:
                 raise
         return run.execute(on_output=on_output)
 
+    def reattach(self) -> list[AdoptedRun]:
+        """The runs of this instance that a previous process (with the same journal) left alive,
+        taken over; everything else it left is removed. See `sandbox.adopt`."""
+        from .adopt import reattach
+
+        return reattach(self)
+
     def remove_labelled(self, labels: dict[str, str]) -> int:
         """Force-remove every container and volume carrying all of `labels`; returns how many."""
-        filters = {"label": [f"{k}={v}" for k, v in labels.items()]}
-        removed = 0
-        with _engine("cleanup"):
-            for c in self.client.containers.list(all=True, filters=filters):
-                if _remove(lambda c=c: c.remove(force=True)):
-                    removed += 1
-            for v in self.client.volumes.list(filters=filters):
-                if _remove(lambda v=v: v.remove(force=True)):
-                    removed += 1
-        return removed
-
-
-def _remove(call: Callable[[], object], tries: int = 20) -> bool:
-    """Runs an engine removal; False when the object was already gone. Another removal of the same
-    container (a cleanup by label racing a run's own release) answers 409 while it is in progress,
-    and its volume stays "in use" until it is done: wait for that rather than leak the volume."""
-    for attempt in range(tries):
-        try:
-            call()
-            return True
-        except docker.errors.NotFound:
-            return False
-        except docker.errors.APIError as exc:
-            if exc.status_code != 409 or attempt == tries - 1:
-                raise
-            time.sleep(0.1)
-    return False
+        return remove_labelled(self.client, labels)
 
 
 class PreparedRun:
@@ -211,6 +190,9 @@ class PreparedRun:
         self._sock: Any = None
         self._raw: socket.socket | None = None
         self._cancel = threading.Event()
+        self._detach = threading.Event()
+        self._head: HeadWriter | None = None  # the output's head, journalled as it arrives
+        self._ended_at: float | None = None  # when the workload ended, if known better than "now"
         self._reports = Reports()
         self._released = False
         self._lock = threading.Lock()
@@ -220,6 +202,7 @@ class PreparedRun:
     def labels(self) -> dict[str, str]:
         return {
             **self.spec.labels,
+            **self.sandbox.labels,
             LABEL_SANDBOX: self.sandbox.instance,
             LABEL_RUN: self.run_id,
         }
@@ -254,12 +237,9 @@ class PreparedRun:
                 raise SandboxError("copy workspace: engine did not accept the archive")
         if self.spec.egress is not None:
             self._door = EgressDoor(self.sandbox.client, self.spec.egress, self.run_id, self.labels)
-            with _engine("open egress"):
-                try:
-                    self._door.open(self.container_id)
-                except RuntimeError as exc:
-                    raise SandboxError(f"open egress: {exc}") from exc
+            self._door.open(self.container_id)
         self.timings.ready = time.time()
+        self._journal()  # only a run whose workspace is in can be taken over
 
     # -- execute -------------------------------------------------------------------------------
 
@@ -282,9 +262,26 @@ class PreparedRun:
                 OutputTap(on_output, self.run_id) if on_output is not None else None,
                 ExitHook(on_exit, self.run_id, self.timings),
             )
+        except RunDetached:
+            release = False  # it goes on: another process takes it over
+            self._disconnect()  # unread, the engine would hold the workload's output back
+            raise
         finally:
             if release:
                 self.release()
+
+    def _journal(self, opened_at: float | None = None) -> None:
+        """Records what a later process needs to take this run over (nothing without a journal)."""
+        if self.sandbox.journal is not None and self.container_id is not None:
+            record = RunRecord(
+                run_id=self.run_id,
+                container_id=self.container_id,
+                volume=self.volume,
+                spec=msgspec.structs.replace(self.spec, files=[], inputs=[]),
+                gpu_route=self.gpu_route,
+                opened_at=opened_at,
+            )
+            self._head = self.sandbox.journal.record(record, self.spec.limits.log_bytes // 2)
 
     def _execute(self, tap: OutputTap | None, exited: ExitHook) -> RunResult:
         if self._cancel.is_set():
@@ -296,15 +293,34 @@ class PreparedRun:
         logbuf = CappedLog(self.spec.limits.log_bytes)
         frames = FrameReader()  # one per run: a chunk may hold frames on both sides of the report
         try:
-            with _engine("open gate"):
-                self._raw.sendall(b"go\n")
-            self.timings.started = time.time()
-            # The hard deadline counts from the gate opening, never from the (earlier) prepare.
-            deadline = time.monotonic() + self.spec.timeout_s
-            outcome = self._pump(frames, logbuf, deadline, until_marker=True, tap=tap)
+            outcome, deadline = self._run_workload(frames, logbuf, tap)
         finally:
-            self.timings.finished = time.time()
+            self.timings.finished = self._ended_at or time.time()
             exited.fire()
+            if self._head is not None:
+                self._head.close()
+        if outcome == "detached":
+            raise RunDetached(f"run {self.run_id} goes on in container {self.container_id}")
+        return self._conclude(outcome, deadline, frames, logbuf, tap)
+
+    def _run_workload(
+        self, frames: FrameReader, logbuf: CappedLog, tap: OutputTap | None
+    ) -> tuple[str, float]:
+        """Opens the gate and follows the workload to its end: (how it ended, the monotonic deadline)."""
+        assert self._raw is not None
+        # Recorded before the gate opens: a restart knows the deadline of a run that may have begun.
+        self._journal(opened_at=time.time())
+        with _engine("open gate"):
+            self._raw.sendall(b"go\n")
+        self.timings.started = time.time()
+        # The hard deadline counts from the gate opening, never from the (earlier) prepare.
+        deadline = time.monotonic() + self.spec.timeout_s
+        return self._pump(frames, logbuf, deadline, until_marker=True, tap=tap), deadline
+
+    def _conclude(
+        self, outcome: str, deadline: float, frames: FrameReader, logbuf: CappedLog, tap: OutputTap | None
+    ) -> RunResult:
+        """The workload has ended: its outputs collected, the gate let go, the result put together."""
         result = RunResult(
             exit_code=None,
             timed_out=outcome == "timeout",
@@ -350,24 +366,21 @@ class PreparedRun:
         until_marker: bool,
         tap: OutputTap | None = None,
     ) -> str:
-        """Copy the attach stream into the log until the gate reports (if `until_marker`), the
-        stream ends, the deadline passes or a cancel arrives."""
-        assert self._raw is not None
+        """Copy the output stream into the log until the gate reports (if `until_marker`), the
+        stream ends, the deadline passes, a cancel arrives or the caller detaches."""
         while True:
             if self._cancel.is_set():
                 self._kill()
                 return "cancelled"
+            if self._detach.is_set():
+                return "detached"
             left = deadline - time.monotonic()
             if left <= 0:
                 self._kill()
                 return "timeout"
-            ready, _, _ = select.select([self._raw], [], [], min(left, 0.1))
-            if not ready:
+            data = self._receive(min(left, 0.1))
+            if data is None:
                 continue
-            try:
-                data = self._raw.recv(65536)
-            except OSError:
-                data = b""
             if not data:
                 # The stream ended without the gate's report: a kill (ours, when cancelled) or
                 # the OOM killer taking PID 1.
@@ -375,6 +388,8 @@ class PreparedRun:
             reported = False
             for stream, payload in frames.feed(data):  # the whole chunk: nothing after the report is lost
                 logbuf.write(payload)
+                if self._head is not None:
+                    self._head.feed(stream, payload)
                 if tap is not None:
                     tap.feed(stream, payload)
                 if stream == 2 and self._reports.feed(payload):
@@ -383,6 +398,17 @@ class PreparedRun:
                 tap.emit()
             if reported:
                 return "done"
+
+    def _receive(self, timeout: float) -> bytes | None:
+        """The next bytes of the output stream: None when none came within `timeout`, b"" at its end."""
+        assert self._raw is not None
+        ready, _, _ = select.select([self._raw], [], [], timeout)
+        if not ready:
+            return None
+        try:
+            return self._raw.recv(65536)
+        except OSError:
+            return b""
 
     def _check_stream_lost(self) -> None:
         """The output stream ended without the gate's report. When the OOM killer takes PID 1 the
@@ -398,45 +424,12 @@ class PreparedRun:
             ) from exc
 
     def _collect(self, result: RunResult) -> None:
-        """Output files and peak memory, read while the gate keeps the container (and volume) alive."""
-        api = self.sandbox.client.api
-        cid = self.container_id
-        try:
-            with _engine("read peak memory"):
-                stats = api.stats(cid, stream=False, one_shot=True)
-            result.peak_memory_bytes = (stats.get("memory_stats") or {}).get("max_usage")
-        except SandboxError as exc:
-            log.warning("run %s: %s", self.run_id, exc)
-        if self.spec.limits.output_bytes > 0:
-            with _engine("collect output"):
-                try:
-                    chunks, _ = api.get_archive(cid, OUTPUT_DIR)
-                except docker.errors.NotFound:
-                    chunks = iter(())
-                # The output directory cannot outgrow the run's disk: read that far at most, so
-                # files after a skipped large one still arrive.
-                read_limit = (self.spec.limits.disk_mb + 1) * 1024 * 1024
-                files, skipped = read_output_tar(iter(chunks), self.spec.limits.output_bytes, read_limit)
-            result.output_files, result.output_skipped = files, skipped
-        for path in self.spec.collect:
-            self._collect_path(path, result)
+        """What the run left (`sandbox.collect`), read while the gate keeps the container alive."""
+        assert self.container_id is not None
+        collect(self.sandbox.client.api, self.container_id, self.spec, result, self.run_id)
         with contextlib.suppress(OSError):
-            assert self._raw is not None
-            self._raw.sendall(b"collected\n")
-
-    def _collect_path(self, path: str, result: RunResult) -> None:
-        """A workspace path as the workload left it (the volume holds at most `disk_mb`)."""
-        where = WORKSPACE_DIR if path == "." else f"{WORKSPACE_DIR}/{path}"
-        with _engine("collect workspace"):
-            try:
-                chunks, _ = self.sandbox.client.api.get_archive(self.container_id, where)
-            except docker.errors.NotFound:
-                return
-            cap = self.spec.limits.disk_mb * 1024 * 1024
-            archived = where.rsplit("/", 1)[-1]
-            files, skipped = read_collected_tar(iter(chunks), path, archived, cap, cap + 1024 * 1024)
-        result.workspace_files.update(files)
-        result.workspace_skipped.extend(skipped)
+            if self._raw is not None:
+                self._raw.sendall(b"collected\n")
 
     def _finish(self, result: RunResult) -> None:
         """Wait for the container to stop and read the engine's verdict on it."""
@@ -458,6 +451,12 @@ class PreparedRun:
         self._cancel.set()
         self._kill()
 
+    def detach(self) -> None:
+        """Let go of the run without stopping it, from any thread: `execute` raises `RunDetached`
+        and the container goes on behind its gate, for a later `Sandbox.reattach` to take over.
+        The caller must not `release` it."""
+        self._detach.set()
+
     def _kill(self) -> None:
         if self.container_id is None:
             return
@@ -466,15 +465,18 @@ class PreparedRun:
         except Exception as exc:  # already gone is fine; anything else is logged, not raised
             log.debug("run %s: kill: %s", self.run_id, exc)
 
+    def _disconnect(self) -> None:
+        for sock in (self._raw, self._sock):  # the raw socket stays open while its wrapper is
+            with contextlib.suppress(Exception):
+                sock.close()
+
     def release(self) -> None:
         """Remove container and volume. Idempotent; a failed removal is logged, never raised."""
         with self._lock:
             if self._released:
                 return
             self._released = True
-        if self._sock is not None:
-            with contextlib.suppress(Exception):
-                self._sock.close()
+        self._disconnect()
         if self._door is not None:
             self._door.close()
         client = self.sandbox.connected
@@ -490,4 +492,6 @@ class PreparedRun:
             _remove(lambda: client.api.remove_volume(self.volume, force=True))
         except Exception as exc:
             log.warning("run %s: could not remove volume %s: %s", self.run_id, self.volume, exc)
+        if self.sandbox.journal is not None:
+            self.sandbox.journal.remove(self.run_id)
         self.timings.released = time.time()

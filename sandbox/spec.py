@@ -16,6 +16,7 @@ __all__ = [
     "FileEntry",
     "Limits",
     "Mount",
+    "RunDetached",
     "RunResult",
     "RunSpec",
     "SpecError",
@@ -29,6 +30,10 @@ _ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A
 _NETWORK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 RUNTIMES = ("runc", "runsc")
 RUNSC_MIN_PIDS = 128  # gVisor's own sandbox threads count against the pids limit
+
+
+class RunDetached(Exception):
+    """`execute` let go of a run that goes on (see `PreparedRun.detach`)."""
 
 
 class SpecError(ValueError):

@@ -2,7 +2,9 @@
 # Refresh the locked dependency set on purpose, then test against it.
 #
 #   requirements/service.txt  what the service needs at run time (the service image installs it)
-#   requirements/dev.txt      that, plus the [test] extra and the build backend (.venv and CI)
+#   requirements/dev.txt      that, plus the [test] and [ray] extras and the build backend (.venv and CI)
+#   requirements/ray.txt      the service with the [ray] extra: what every Ray node runs, and the
+#                             service image built with `images/build.sh --with-ray`
 #   requirements/build.txt    the build backend alone (images/build.sh builds the service wheel)
 #
 # Both are resolved from pyproject.toml's ranges for every platform and Python >= 3.11, with the
@@ -53,8 +55,10 @@ echo "==> requirements/service.txt"
 "$uv" pip compile pyproject.toml "${common[@]}" -o requirements/service.txt
 echo "==> requirements/dev.txt"
 # Constrained to the service lock, so a package both use has one version everywhere.
-"$uv" pip compile pyproject.toml requirements/build.in --extra test -c requirements/service.txt \
+"$uv" pip compile pyproject.toml requirements/build.in --extra test --extra ray -c requirements/service.txt \
   "${common[@]}" -o requirements/dev.txt
+echo "==> requirements/ray.txt"
+"$uv" pip compile pyproject.toml --extra ray -c requirements/dev.txt "${common[@]}" -o requirements/ray.txt
 echo "==> requirements/build.txt"
 "$uv" pip compile requirements/build.in -c requirements/dev.txt "${common[@]}" -o requirements/build.txt
 

@@ -3,6 +3,7 @@ and `ratchet version`. The client never imports the server; this module puts the
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 from typing import Any
@@ -34,8 +35,14 @@ _DEFAULTS = Settings()
     help="bearer tokens or none (default: none on a loopback address, else tokens; env RATCHET_AUTH)",
 )
 @click.option("--admin-token", help="bootstrap admin token, 16+ characters (env RATCHET_ADMIN_TOKEN)")
+@click.option(
+    "--executor",
+    type=click.Choice(["local", "ray"]),
+    help="where experiments run: the local engine (default) or a Ray cluster (env RATCHET_EXECUTOR)",
+)
+@click.option("--ray-address", help="the Ray cluster's GCS host:port (env RATCHET_RAY_ADDRESS)")
 def serve(**flags: Any) -> None:
-    """Run the HTTP service (SQLite + the local container engine)."""
+    """Run the HTTP service (SQLite + the local container engine, or a Ray cluster's nodes)."""
     if flags.get("gpus") is not None:
         flags["gpus"] = [g.strip() for g in flags["gpus"].split(",") if g.strip()]
     from .http.auth import auth_mode
@@ -45,6 +52,8 @@ def serve(**flags: Any) -> None:
         settings = load_settings(flags)
         auth_mode(settings)
         check_settings(settings)
+        if settings.executor == "ray":
+            _check_ray(settings)
     except SettingsError as exc:
         click.echo(f"ratchet: {exc}", err=True)
         sys.exit(2)
@@ -63,6 +72,21 @@ def serve(**flags: Any) -> None:
         access_log=settings.access_log,
         timeout_graceful_shutdown=30,
     )
+
+
+def _check_ray(settings: Settings) -> None:
+    if not settings.ray_address:
+        raise SettingsError("--executor ray needs --ray-address (or RATCHET_RAY_ADDRESS)")
+    if settings.slots is not None or settings.gpus is not None:
+        raise SettingsError(
+            "--slots and --gpus are the local engine's: a Ray node's slots come from its GPUs"
+            " (one per RATCHET_GPUS_PER_SLOT) or, without GPUs, RATCHET_RAY_CPU_SLOTS"
+        )
+    if importlib.util.find_spec("ray") is None:
+        raise SettingsError(
+            "--executor ray needs Ray: pip install --require-hashes -r requirements/ray.txt"
+            " (the same Ray as on the cluster's nodes)"
+        )
 
 
 cli.add_command(backup_command)

@@ -19,6 +19,7 @@ __all__ = [
     "DURATION",
     "ENGINE_ERRORS",
     "ENGINE_ERROR_REASONS",
+    "ENGINE_UP",
     "EXPERIMENTS",
     "FAILED",
     "FAILURES",
@@ -27,6 +28,8 @@ __all__ = [
     "KILLS",
     "KILL_REASONS",
     "LOG_TRUNCATED",
+    "NODE_SLOTS",
+    "NODE_SLOTS_BUSY",
     "OVERHEAD",
     "QUEUE_DEPTH",
     "QUEUE_WAIT",
@@ -36,6 +39,7 @@ __all__ = [
     "TIME_TO_FIRST_RESULT",
     "engine_error_reason",
     "failure_reason",
+    "publish_nodes",
     "record_run",
     "track_loop",
 ]
@@ -89,7 +93,12 @@ TIME_TO_FIRST_RESULT = Histogram(
 QUEUE_DEPTH = Gauge("ratchet_queue_depth", "Queued experiments", ["loop"])
 SLOTS_TOTAL = Gauge("ratchet_slots_total", "Experiment slots of this service")
 SLOTS_BUSY = Gauge("ratchet_slots_busy", "Slots holding an experiment")
+# Per node of the executor's inventory (one, `local`, on the local engine); a node that leaves
+# loses its series.
+NODE_SLOTS = Gauge("ratchet_node_slots", "Experiment slots on the node", ["node"])
+NODE_SLOTS_BUSY = Gauge("ratchet_node_slots_busy", "Slots on the node holding an experiment", ["node"])
 RUNNING = Gauge("ratchet_experiments_running", "Experiments running now")
+ENGINE_UP = Gauge("ratchet_engine_up", "1 when the container engine answered its last ping in time, else 0")
 BEST_METRIC = Gauge("ratchet_loop_best_metric", "The loop's best metric so far", ["loop", "metric"])
 FAILURES = Counter(
     "ratchet_experiment_failures",
@@ -110,6 +119,7 @@ for _reason in KILL_REASONS:
 for _reason in ENGINE_ERROR_REASONS:
     ENGINE_ERRORS.labels(reason=_reason)
 _tracked: set[str] = set()
+_nodes: set[str] = set()
 
 
 def track_loop(name: str) -> None:
@@ -123,6 +133,18 @@ def track_loop(name: str) -> None:
         FAILURES.labels(loop=name, reason=reason)
     for histogram in (DURATION, OVERHEAD, QUEUE_WAIT, TIME_TO_FIRST_RESULT):
         histogram.labels(loop=name)
+
+
+def publish_nodes(per_node: dict[str, tuple[int, int]]) -> None:
+    """Slots and busy slots per node (node -> (slots, busy)); nodes no longer there are dropped."""
+    for node in _nodes - per_node.keys():
+        NODE_SLOTS.remove(node)
+        NODE_SLOTS_BUSY.remove(node)
+    _nodes.intersection_update(per_node)
+    for node, (total, busy) in per_node.items():
+        NODE_SLOTS.labels(node=node).set(total)
+        NODE_SLOTS_BUSY.labels(node=node).set(busy)
+        _nodes.add(node)
 
 
 def failure_reason(outcome: Outcome, unparsable: bool = False) -> str:

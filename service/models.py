@@ -248,6 +248,7 @@ class ExperimentView(msgspec.Struct, kw_only=True):
     runs: int | None = None  # a candidate's successful runs so far (its own and its repeats')
     mean: float | None = None  # the mean metric over those runs: what its verdict and the ledger use
     attempts: int = 0  # times it was started: >1 after a restart or a container engine failure
+    node: str | None = None  # where it runs or ran (the executor's node; "local" on one machine)
     proposal_id: str | None = None  # the proposer run that made this candidate
     # In the answer to a submission only: the candidate had already run in this loop as this
     # experiment (this very one), so nothing new was queued.

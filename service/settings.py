@@ -54,9 +54,24 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     # engine_backoff_s, then twice that, and so on; after that it ends as `error`.
     engine_retries: Annotated[int, Meta(ge=0, le=100)] = 3
     engine_backoff_s: Annotated[float, Meta(ge=0, le=3600)] = 5.0
+    # At start, take over the runs a previous process of this data dir left alive (they go on,
+    # judged once, on their original deadline) instead of removing them and running them again.
+    reattach: bool = True
+    # A stop (SIGTERM, Ctrl-C) leaves training runs under way running, for the next start to take
+    # over (an upgrade loses no GPU time); off: they are stopped and run again after the next start.
+    detach_on_stop: bool = False
     # Start-up check of the snapshot blobs: "exists" (every referenced blob is there), "best" (and
     # each loop's best and root snapshot hash right), "all" (every blob hashed), "off".
     verify_blobs: Literal["off", "exists", "best", "all"] = "best"
+    # Where experiments run: "local", this machine's Docker engine; "ray", the nodes of the Ray
+    # cluster at ray_address (each with its own engine; see README "Scale-out").
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None  # host:port of the cluster's GCS, e.g. 10.0.0.5:6379
+    ray_token_file: str | None = None  # the cluster's auth token (default: Ray's RAY_AUTH_TOKEN*)
+    # "token": join only with a token, and only nodes that require one; "none": a cluster without
+    # token authentication (anyone who reaches it runs code on every node).
+    ray_auth: Literal["token", "none"] = "token"
+    ray_cpu_slots: Annotated[int, Meta(ge=0, le=1024)] = 1  # slots of a node without GPUs
     fault_point: str | None = None  # tests only: see service/faults.py
     # One log line per HTTP request costs more than many a request itself; /metrics counts them.
     access_log: bool = False

@@ -129,7 +129,7 @@ class Server:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.log()}")
@@ -139,7 +139,7 @@ class Server:
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        raise RuntimeError(f"server not ready in 30 s:\n{self.log()}")
+        raise RuntimeError(f"server not ready in 60 s:\n{self.log()}")
 
     def stop(self, kill: bool = False) -> None:
         if self.proc and self.proc.poll() is None:

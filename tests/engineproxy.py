@@ -1,7 +1,8 @@
 """A unix socket in front of the Docker engine's, for tests: point a service at it with DOCKER_HOST,
 then `cut()` it (the engine is gone: connections drop, new ones are refused) and `restore()` it,
 without touching the engine that other tests share. `cut_attach_after` drops every attach stream
-that many seconds after it opens while everything else keeps working (a flaky engine)."""
+that many seconds after it opens while everything else keeps working (a flaky engine). `hang()`
+keeps every connection open but passes no request on (a hung engine) until `restore()`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import os
 import socket
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 ENGINE_SOCKET = "/var/run/docker.sock"
@@ -19,6 +21,7 @@ class EngineProxy:
         self.path = path
         self.upstream = upstream
         self.cut_attach_after: float | None = None
+        self.hung = False
         self._listener: socket.socket | None = None
         self._live: set[socket.socket] = set()
         self._lock = threading.Lock()
@@ -28,6 +31,9 @@ class EngineProxy:
         return f"unix://{self.path}"
 
     def start(self) -> EngineProxy:
+        self.hung = False
+        if self._listener is not None:  # restored from hanging: it still listens
+            return self
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -38,6 +44,9 @@ class EngineProxy:
         return self
 
     restore = start
+
+    def hang(self) -> None:
+        self.hung = True
 
     def cut(self) -> None:
         listener, self._listener = self._listener, None
@@ -61,6 +70,8 @@ class EngineProxy:
     def _serve(self, client: socket.socket) -> None:
         try:
             first = client.recv(65536)
+            while self.hung and first:  # a hung engine reads requests and never answers
+                first = client.recv(65536)
             engine = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             engine.connect(self.upstream)
             engine.sendall(first)
@@ -77,16 +88,17 @@ class EngineProxy:
             for sock in (client, engine):
                 threading.Timer(self.cut_attach_after, _drop, args=(sock,)).start()
         threading.Thread(target=_pump, args=(engine, client), daemon=True).start()
-        _pump(client, engine)
+        _pump(client, engine, lambda: self.hung)
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
+def _pump(src: socket.socket, dst: socket.socket, hung: Callable[[], bool] = lambda: False) -> None:
     while True:
         try:
             data = src.recv(65536)
             if not data:
                 break
-            dst.sendall(data)
+            if not hung():  # swallowed while hung: the request never reaches the engine
+                dst.sendall(data)
         except OSError:
             break
     with contextlib.suppress(OSError):

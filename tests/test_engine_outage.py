@@ -97,3 +97,27 @@ def test_engine_failures_end_as_error_after_the_retries(server_factory, docker_c
     again = _submit(srv, lid, 0.25)
     assert srv.wait_final(again)["status"] == "keep"
     assert not settled_leftovers(docker_client, f"ratchet.sandbox={srv.instance}")
+
+
+def _engine_up(srv) -> float | None:
+    for line in srv.client.get("/metrics").text.splitlines():
+        if line.startswith("ratchet_engine_up "):
+            return float(line.split()[1])
+    return None
+
+
+def test_a_hung_engine_flips_readiness_within_seconds(server_factory, proxy):
+    """An engine that accepts connections and never answers: the ping gives up after a few seconds
+    (not the client's 60 s timeout for long calls), /readyz says so and `ratchet_engine_up` drops."""
+    srv = server_factory(slots=1, env={"DOCKER_HOST": proxy.url}, name="hung")
+    _until(lambda: _engine_up(srv) == 1, 15, "ratchet_engine_up to be 1")
+    proxy.hang()
+    began = time.monotonic()
+    ready = _until(lambda: (r := srv.client.get("/readyz")).status_code == 503 and r, 30, "/readyz to fail")
+    took = time.monotonic() - began
+    assert ready.json()["engine"] is False and ready.json()["database"] is True
+    assert took < 10, f"readiness took {took:.1f} s to notice the hung engine"
+    _until(lambda: _engine_up(srv) == 0, 15, "ratchet_engine_up to be 0")
+    proxy.restore()
+    _until(lambda: srv.client.get("/readyz").status_code == 200, 15, "/readyz to recover")
+    _until(lambda: _engine_up(srv) == 1, 15, "ratchet_engine_up to be 1 again")

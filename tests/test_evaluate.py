@@ -284,3 +284,22 @@ def test_charlm_eval_runs_charlm_s_own_files():
         spec["env"] == {"CHARLM_SAVE_PARAMS": "1"}
         and "CHARLM_SAVE_PARAMS" in (examples / "charlm" / "train.py").read_text()
     )
+
+
+def test_a_checkpoint_over_the_output_cap_is_left_out_and_the_reason_says_so(server, heldout):
+    """The training output reaches the evaluation only up to the output cap (16 MiB in all): a
+    bigger checkpoint is left out, the evaluation fails for want of it, and the verdict's reason
+    and the log name it, rather than leave the operator guessing why a good run crashed."""
+    loop = server.wait_idle(_loop(server, heldout)["id"])
+    assert loop["baseline"] == "ok", loop
+    padded = "f.write(json.dumps({'v': 1.0}) + ' ' * (17 * 2**20))"  # 17 MiB of valid JSON
+    exp_id = _submit(server, loop["id"], "big checkpoint", TRAIN.replace("json.dump({'v': V}, f)", padded))
+    exp = server.wait_final(exp_id)
+    assert exp["status"] == "crash", exp
+    reason = exp["reason"]
+    assert reason.startswith("evaluation: exited with code 1"), reason
+    assert "model.json" in reason and "over the 16 MiB output cap" in reason, reason
+    assert exp["metrics"].get("train.val_bpb") == 7.5  # the training itself ran and reported
+    log = _log(server, exp_id)
+    assert "===== evaluation =====\n[ratchet: training output left out of train_output/" in log
+    assert "FileNotFoundError" in log  # what the evaluation did without it

@@ -3,6 +3,7 @@ or missing snapshot blob, or a damaged database file, and says what is wrong; pu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sqlite3
 
@@ -77,3 +78,24 @@ def test_damaged_database_refuses_the_start(stopped):
         fh.write(b"\xa5" * page_size)
     message = _refused(srv)
     assert "database" in message and "damaged" in message
+
+
+def test_leftover_temporary_blobs_of_a_killed_write_are_swept_at_start(server_factory):
+    """A write killed between fsyncing a blob under its temporary name and renaming it leaves the
+    temporary file behind (nothing points at it); the next start removes it, and only it."""
+    srv = server_factory(slots=1, name="torn", env={"RATCHET_FAULT_POINT": "snapshot.blob_tmp"})
+    body = {"description": "new blob", "files": {"train.py": TRAIN.replace("V = 1.0", "V = 0.25")}}
+    with contextlib.suppress(Exception):  # the service kills itself while answering
+        lid = make_loop(srv, name="torn")["id"]  # its root snapshot's first blob is the torn one
+        srv.client.post(f"/v1/loops/{lid}/experiments", json=body)
+    assert srv.proc is not None
+    srv.proc.wait(timeout=30)
+    blobs = srv.data_dir / "blobs"
+    torn = list(blobs.glob("*/.*.tmp"))
+    assert torn, "the fault point left no temporary blob"
+    kept = [p for p in blobs.glob("*/*") if not p.name.startswith(".")]
+    srv.extra_env.pop("RATCHET_FAULT_POINT")
+    srv.start()
+    assert not list(blobs.glob("*/.*.tmp"))
+    assert all(p.exists() for p in kept)
+    assert f"removed {len(torn)} temporary blob file(s)" in srv.log()

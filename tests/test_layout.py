@@ -1,5 +1,10 @@
 """The architecture, checked from the source: which package may import which, the one door to the
-container engine, pure rules free of I/O, and modules and classes small enough to read."""
+container engine, pure rules free of I/O, and modules and classes small enough to read.
+
+`nodeagent` runs on the nodes of a Ray cluster, not in the service: like `sandbox` it knows no
+loops, and it holds the node's `Sandbox`. The service reaches it only from the Ray executor's
+package, and imports its actor class in one module, to hand it to Ray (it is only ever made on
+a node)."""
 
 from __future__ import annotations
 
@@ -10,12 +15,14 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
-PACKAGES = ("sandbox", "service", "client")
+PACKAGES = ("sandbox", "nodeagent", "service", "client")
 # service's layers, lowest first: each may import only those below it (and the shared modules).
 LAYERS = ("rules", "state", "runs", "http")
 SHARED = {"service.models", "service.settings", "service.metrics", "service.faults"}
 IO_MODULES = {"os", "subprocess", "socket", "sqlite3", "aiosqlite", "asyncio", "time", "shutil", "pathlib"}
 ENGINE_DOOR = "service/runs/local.py"
+RAY_EXECUTOR = "service/runs/ray/"  # the only service package that talks to the node agents
+AGENT_PLACER = "service/runs/ray/agents.py"  # the one module that hands the actor class to Ray
 
 
 def sources() -> Iterator[Path]:
@@ -59,8 +66,10 @@ def layer_of(name: str) -> str | None:
 def test_imports_respect_the_layers(path: Path) -> None:
     names = imports(path)
     here = rel(path)
+    if here.startswith(("sandbox/", "nodeagent/")):
+        assert not {n for n in names if n.split(".")[0] in ("service", "client")}, f"{here} knows no loops"
     if here.startswith("sandbox/"):
-        assert not {n for n in names if n.split(".")[0] in ("service", "client")}, "sandbox knows no loops"
+        assert not {n for n in names if n.split(".")[0] == "nodeagent"}, "sandbox runs below the agent"
     if here.startswith("client/"):
         server = {n for n in names if n.split(".")[0] == "service" and not n.startswith("service.models")}
         assert not server, f"the client imports server modules: {server}"
@@ -85,6 +94,17 @@ def test_only_the_local_executor_reaches_the_engine(path: Path) -> None:
             if n in ("sandbox.Sandbox", "sandbox.PreparedRun") or n.startswith("sandbox.runner")
         }
         assert not engine or here == ENGINE_DOOR, f"{here} reaches the engine around the executor: {engine}"
+
+
+@pytest.mark.parametrize("path", list(sources()), ids=rel)
+def test_only_the_ray_executor_talks_to_the_node_agents(path: Path) -> None:
+    here = rel(path)
+    if not here.startswith(("service/", "client/")):
+        return
+    agent = {n for n in imports(path) if n.split(".")[0] == "nodeagent"}
+    assert not agent or here.startswith(RAY_EXECUTOR), f"{here} reaches the node agents: {agent}"
+    actor = {n for n in agent if n.startswith("nodeagent.agent")}
+    assert not actor or here == AGENT_PLACER, f"{here} imports the agent's actor: {actor}"
 
 
 @pytest.mark.parametrize("path", list(sources()), ids=rel)

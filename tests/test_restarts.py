@@ -20,6 +20,8 @@ from test_api import TRAIN, make_loop
 POINTS = (
     "run.preparing",  # running in the database, no container yet
     "run.prepared",  # container up behind its gate
+    "run.output",  # the workload runs and prints (the next start takes it over)
+    "run.exited",  # the workload ended, its outputs not collected (taken over too)
     "decide.before",  # log written, verdict not
     "decide.before_commit",  # inside the verdict's transaction
     "decide.after",  # verdict committed, nothing else done

@@ -20,7 +20,7 @@ from service.runs.executor import Node, RunResult, SandboxError
 from service.runs.logs import RunLogs
 from service.runs.scheduler import Scheduler
 from service.settings import Settings
-from service.state import enqueue
+from service.state import enqueue, transitions
 from service.state.snapshots import SnapshotStore
 from service.state.store import Store
 
@@ -228,3 +228,46 @@ async def test_the_hard_timeout_that_applied_comes_back_with_the_result(world):
     await w.idle(plain)
     view = await w.store.get_experiment(exp)
     assert view is not None and view.reason == "killed at the hard timeout of 0.2 s"
+
+
+async def test_a_pause_between_the_queue_read_and_the_start_starts_nothing(world):
+    """The pass reads a loop's queue, the loop is paused, then the pass writes the start: the start
+    checks the loop's state in its own guarded write, so the experiment stays queued until resumed."""
+    tracker = Tracker()
+    w = await world(FakeExecutor(tracker, [Node(name="n", slots=1)]))
+    loop_id = await w.loop("racy")
+    await w.idle(loop_id)
+    read_queue = w.store.queue_head
+    paused: list[str] = []
+
+    async def queue_head_then_pause(lid: str, *args: object) -> list[str]:
+        heads = await read_queue(lid, *args)  # type: ignore[arg-type]
+        if heads and not paused:
+            paused.append(heads[0])
+            await transitions.set_loop_state(w.store, lid, "pause")  # lands right after the read
+        return heads
+
+    w.store.queue_head = queue_head_then_pause  # type: ignore[method-assign]
+    tracker.started.clear()
+    (exp_id,) = await w.submit(loop_id, 1)
+    await w.until("the pass to read the queue", lambda: paused)
+    await asyncio.sleep(0.3)  # passes come and go: none may start it
+    assert await w.status(exp_id) == Status.queued
+    assert tracker.started == [] and w.scheduler.busy == 0 and w.scheduler.slots.free()
+    w.store.queue_head = read_queue  # type: ignore[method-assign]
+    await transitions.set_loop_state(w.store, loop_id, "resume")
+    w.scheduler.wake()
+    await w.idle(loop_id)
+    assert await w.status(exp_id) in (Status.keep, Status.discard) and tracker.started == [loop_id]
+
+
+async def test_start_refuses_an_experiment_of_a_paused_loop(world):
+    w = await world(FakeExecutor(Tracker(seconds=5), [Node(name="n", slots=1)]))
+    loop_id = await w.loop("paused")
+    await w.until("the baseline to run", lambda: w.scheduler.busy)
+    (exp_id,) = await w.submit(loop_id, 1)  # queued behind the baseline
+    await transitions.set_loop_state(w.store, loop_id, "pause")
+    assert await transitions.start(w.store, exp_id, []) is False
+    assert await w.status(exp_id) == Status.queued
+    await transitions.set_loop_state(w.store, loop_id, "resume")
+    assert await transitions.start(w.store, exp_id, []) is True

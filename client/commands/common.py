@@ -18,6 +18,7 @@ from service.models import FAILED, Status
 
 from ..api import ApiError, RatchetClient, Unreachable
 from ..loopdir import LoopDirError
+from ..terminal import safe
 
 __all__ = [
     "FAILED_OR_ERROR",
@@ -55,10 +56,11 @@ STATUS_STYLE = {
 
 
 class CliError(click.ClickException):
-    """A one-line error: exit 1 for what the service said or could not say, 2 for bad local input."""
+    """A one-line error: exit 1 for what the service said or could not say, 2 for bad local input.
+    The message may quote the service or a name: it is shown escaped."""
 
     def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
+        super().__init__(safe(message))
         self.exit_code = exit_code
 
 

@@ -16,6 +16,7 @@ import click
 from service.models import FAILED, Status
 
 from ..api import ApiError
+from ..terminal import SafeStream, echo, safe
 from .common import FAILED_OR_ERROR, CliError, CliState, fmt_metric, pass_state, resolve_loop
 from .views import proposals_table
 
@@ -60,12 +61,12 @@ def _spinner(state: CliState, message: str) -> Iterator[None]:
 
 def _report(exp: dict[str, Any], metric_name: str) -> None:
     metric = f"  {metric_name} {fmt_metric(exp.get('metric'))}" if exp.get("metric") is not None else ""
-    click.echo(f"experiment {exp['id']} (#{exp['number']}): {exp['status']}{metric}")
+    echo(f"experiment {exp['id']} (#{exp['number']}): {exp['status']}{metric}")
     if exp.get("reason"):
-        click.echo(f"reason: {exp['reason']}")
+        echo(f"reason: {exp['reason']}")
     if exp["status"] in FAILED_OR_ERROR and exp.get("log_tail"):
-        tail = exp["log_tail"].rstrip("\n").splitlines()[-TAIL_LINES:]
-        click.echo(f"log tail (full log: ratchet logs {exp['id']}):")
+        tail = safe(exp["log_tail"]).rstrip("\n").splitlines()[-TAIL_LINES:]
+        echo(f"log tail (full log: ratchet logs {exp['id']}):")
         for line in tail:
             click.echo(f"  {line}")
 
@@ -120,14 +121,12 @@ def submit(
         click.echo(exp["id"])
         return
     if exp.get("duplicate_of"):
-        click.echo(
+        echo(
             f"already ran in loop {lp['name']} as experiment {exp['id']} (#{exp['number']}):"
             f" {exp['status']}; nothing new was queued (rerun it on purpose with POST .../rerun)"
         )
     else:
-        click.echo(
-            f"submitted experiment {exp['id']} (#{exp['number']}) to loop {lp['name']}: {exp['status']}"
-        )
+        echo(f"submitted experiment {exp['id']} (#{exp['number']}) to loop {lp['name']}: {exp['status']}")
     if not wait:
         return
     with _spinner(state, f"waiting for experiment #{exp['number']}"):
@@ -161,15 +160,16 @@ def logs(state: CliState, exp_id: str, follow: bool) -> None:
     With -f, keep printing while ID runs, until it ends."""
     kind, _ = _kind(state, exp_id)
     if not follow:
-        click.echo(state.client.logs(exp_id, kind=kind), nl=False)
+        echo(state.client.logs(exp_id, kind=kind), nl=False)
         return
+    stream = SafeStream()
     for chunk in state.client.follow_logs(exp_id, kind=kind):
-        click.echo(chunk, nl=False)
+        click.echo(stream.feed(chunk), nl=False)
         sys.stdout.flush()
     _, run = _kind(state, exp_id)
     reason = f" ({run['reason']})" if run.get("reason") else ""
     what = "experiment" if kind == "experiments" else "proposal"
-    click.echo(f"-- {what} {exp_id} ended: {run['status']}{reason}", err=True)
+    echo(f"-- {what} {exp_id} ended: {run['status']}{reason}", err=True)
 
 
 @click.command()
@@ -199,4 +199,4 @@ def diff(state: CliState, exp_id: str) -> None:
     """Print an experiment's diff.
 
     The unified diff of EXP against its parent; empty for a baseline."""
-    click.echo(state.client.diff(exp_id), nl=False)
+    echo(state.client.diff(exp_id), nl=False)

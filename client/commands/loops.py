@@ -12,6 +12,7 @@ import click
 from rich.console import Group
 
 from ..loopdir import loop_body
+from ..terminal import echo
 from .common import CliError, CliState, pass_state, resolve_loop
 from .views import experiments_table, loop_summary, loops_table
 
@@ -108,8 +109,8 @@ def create(state: CliState, directory: Path, quiet: bool, **flags: Any) -> None:
     if quiet:
         click.echo(created["id"])
         return
-    click.echo(f"created loop {created['name']} ({created['id']}); the baseline is queued")
-    click.echo(f"watch it with: ratchet watch {created['name']}")
+    echo(f"created loop {created['name']} ({created['id']}); the baseline is queued")
+    echo(f"watch it with: ratchet watch {created['name']}")
 
 
 @loop.command("list")
@@ -148,7 +149,7 @@ def _control(action: str, done: str) -> click.Command:
     def command(state: CliState, loop_ref: str) -> None:
         lp = resolve_loop(state.client, loop_ref)
         after = state.client.control(lp["id"], action)
-        click.echo(f"loop {after['name']} ({after['id']}): {after['state']}")
+        echo(f"loop {after['name']} ({after['id']}): {after['state']}")
 
     command.__doc__ = done
     return loop.command(action)(command)

@@ -9,6 +9,7 @@ import click
 from rich import box
 from rich.table import Table
 
+from ..terminal import clean, echo
 from .common import CliState, pass_state
 
 __all__ = ["token"]
@@ -34,7 +35,7 @@ def create(state: CliState, name: str, scopes: tuple[str, ...], loops: tuple[str
         click.echo(made["secret"])
         return
     where = ", ".join(made["loops"]) if made.get("loops") else "all loops"
-    click.echo(f"token {made['name']} ({made['id']}): {', '.join(made['scopes'])} on {where}")
+    echo(f"token {made['name']} ({made['id']}): {', '.join(made['scopes'])} on {where}")
     click.echo(made["secret"])
     click.echo("store it now: it is not shown again (use it as --token or RATCHET_TOKEN)", err=True)
 
@@ -55,6 +56,7 @@ def list_(state: CliState, as_json: bool) -> None:
     if not tokens:
         click.echo("no tokens yet; create one with `ratchet token create NAME --scope read`")
         return
+    tokens = clean(tokens)  # names are anyone's text: shown escaped
     table = Table(title="tokens", title_justify="left", box=box.SIMPLE_HEAD)
     for column in ("id", "name", "scopes", "loops", "created", "last used"):
         table.add_column(column, no_wrap=True)

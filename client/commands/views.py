@@ -1,4 +1,6 @@
-"""Rich renderings of loops and experiments, shared by `loop list/show` and `watch`."""
+"""Rich renderings of loops and experiments, shared by `loop list/show` and `watch`. What the API
+answered is `clean`ed first: names, descriptions and reasons are shown with control characters
+escaped (`client.terminal`)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from rich.text import Text
 
 from service.models import hard_timeout_s
 
+from ..terminal import clean
 from .common import FAILED_OR_ERROR, elapsed, fmt_metric, fmt_seconds, status_text
 
 __all__ = [
@@ -33,6 +36,7 @@ def _metric_label(loop: dict[str, Any]) -> str:
 
 
 def loops_table(loops: list[dict[str, Any]]) -> Table:
+    loops = clean(loops)
     table = Table(title="loops", title_justify="left", box=box.SIMPLE_HEAD)
     for name in ("id", "name", "state", "baseline", "metric", "best"):
         table.add_column(name, no_wrap=True, justify="right" if name == "best" else "left")
@@ -59,6 +63,7 @@ def loops_table(loops: list[dict[str, Any]]) -> Table:
 
 def loop_summary(loop: dict[str, Any], best: dict[str, Any] | None = None) -> Table:
     """Key facts of one loop; BEST is its best experiment when known."""
+    loop, best = clean(loop), clean(best)
     cfg = loop["config"]
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold", no_wrap=True)
@@ -66,7 +71,7 @@ def loop_summary(loop: dict[str, Any], best: dict[str, Any] | None = None) -> Ta
     baseline = loop["baseline"] + (f" ({loop['baseline_reason']})" if loop.get("baseline_reason") else "")
     best_text = fmt_metric(loop.get("best_metric"))
     if best:
-        best_text += f"  #{best['number']} {best['commit']} {best['description']!r}"
+        best_text += f"  #{best['number']} {best['commit']} '{best['description']}'"
     metric = cfg["metric"]
     counts = loop.get("counts", {})
     rows = [
@@ -103,6 +108,7 @@ def experiments_table(
     exps: list[dict[str, Any]], loop: dict[str, Any], title: str = "recent experiments"
 ) -> Table:
     """One row per experiment; the loop's best is starred."""
+    exps, loop = clean(exps), clean(loop)
     table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("#", justify="right", no_wrap=True)
     table.add_column("id", no_wrap=True)
@@ -132,6 +138,7 @@ def experiments_table(
 def running_table(exps: list[dict[str, Any]], loop: dict[str, Any]) -> RenderableType:
     """Running experiments with a bar against the time budget (the workload stops itself there;
     the hard kill comes later)."""
+    exps, loop = clean(exps), clean(loop)
     cfg = loop["config"]
     budget, kill = cfg["time_budget_s"], _timeout(cfg)
     if not exps:
@@ -170,7 +177,8 @@ def proposer_text(loop: dict[str, Any]) -> str:
 def proposals_table(props: list[dict[str, Any]], title: str = "recent proposals") -> Table:
     """One row per proposer run: what it made (the candidate, or the earlier one it repeated) or why
     it failed."""
-    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+    props = clean(props)
+    table = Table(title=Text(clean(title)), title_justify="left", box=box.SIMPLE_HEAD)
     for name in ("#", "id", "status", "time"):
         table.add_column(name, no_wrap=True, justify="right" if name in ("#", "time") else "left")
     table.add_column("made", no_wrap=True)

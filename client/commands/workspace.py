@@ -10,6 +10,7 @@ import click
 
 from ..api import RatchetClient
 from ..loopdir import extract_archive
+from ..terminal import echo
 from .common import CliError, CliState, fmt_metric, pass_state, resolve_loop
 
 __all__ = ["pull", "results"]
@@ -23,7 +24,7 @@ def results(state: CliState, loop_ref: str) -> None:
 
     One row per finished experiment of LOOP, in finishing order."""
     lp = resolve_loop(state.client, loop_ref)
-    click.echo(state.client.results(lp["id"]), nl=False)
+    echo(state.client.results(lp["id"]), nl=False)
 
 
 def _snapshot(
@@ -72,4 +73,4 @@ def pull(
     if exp:
         metric = lp["config"]["metric"]["name"]
         origin = f" from #{exp['number']} {exp['description']!r} ({metric} {fmt_metric(exp.get('metric'))})"
-    click.echo(f"wrote {len(written)} files of snapshot {snapshot}{origin} to {directory}")
+    echo(f"wrote {len(written)} files of snapshot {snapshot}{origin} to {directory}")

@@ -23,8 +23,8 @@ from litestar.openapi import OpenAPIConfig
 from litestar.plugins.prometheus import PrometheusConfig, PrometheusController, PrometheusMiddleware
 
 from .. import faults, metrics
-from ..runs.executor import Executor
-from ..runs.local import LocalExecutor
+from ..runs.executor import Executor, SandboxError
+from ..runs.executors import open_executor
 from ..runs.logs import RunLogs
 from ..runs.proposing import Proposers
 from ..runs.scheduler import Scheduler
@@ -149,7 +149,8 @@ def on_exit_signals(callback: Callable[[], None]) -> Iterator[None]:
 
 
 def create_app(settings: Settings, executor: Executor | None = None) -> Litestar:
-    """The service. `executor`: where experiments run (default: the local engine, `LocalExecutor`)."""
+    """The service. `executor`: where experiments run (default: the one the settings name, see
+    `runs.executors`)."""
     data_dir = Path(settings.data_dir)
     metrics.BUILD.info({"version": VERSION, "python": platform.python_version()})
     holder: dict[str, Services] = {}
@@ -168,7 +169,11 @@ def create_app(settings: Settings, executor: Executor | None = None) -> Litestar
             except DataDamaged as exc:
                 log.error("refusing to start: %s", exc)
                 raise
-            runner = executor or LocalExecutor(settings, instance)
+            try:
+                runner = executor or await open_executor(settings, instance)
+            except SandboxError as exc:
+                log.error("refusing to start: %s", exc)
+                raise
             logs = RunLogs(data_dir / "logs")
             scheduler = Scheduler(settings, store, snapshots, runner, logs)
             proposers = Proposers(settings, store, snapshots, runner, logs, scheduler)

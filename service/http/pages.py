@@ -353,7 +353,7 @@ def _row(x: ExperimentView, loop: LoopView, now: float) -> str:
         f'<tr id="x-{e(x.id)}" data-status="{e(x.status.value)}"{cls}>'
         f'<td class="num">{x.number}</td><td>{_badge(x.status.value)}</td>'
         f'<td class="num">{_metric(x.metric)}</td><td class="num">{mem}</td>'
-        f'<td class="num">{_duration(x, loop, now)}</td>'
+        f'<td class="num">{_duration(x, loop, now)}</td><td class="node">{e(x.node or "")}</td>'
         f'<td class="desc">{e(x.description)}</td><td class="reason">{e(x.reason or "")}</td>'
         f'<td class="links">{_links(x)}</td><td class="num muted">{e(x.commit)}</td></tr>'
     )
@@ -376,13 +376,14 @@ def _ledger(loop: LoopView, experiments: Iterable[ExperimentView], now: float) -
             e(loop.config.metric.name),
             "memory GB",
             "time",
+            "node",
             "description",
             "reason",
             "",
             "commit",
         )
     )
-    body = "".join(rows) or '<tr><td colspan="9" class="muted">no experiments yet</td></tr>'
+    body = "".join(rows) or '<tr><td colspan="10" class="muted">no experiments yet</td></tr>'
     return (
         '<section id="ledger" data-live>'
         f'<h2>Experiments <span class="muted">({shown}, newest first)</span></h2>'

@@ -25,6 +25,7 @@ class Outcome(msgspec.Struct, kw_only=True, frozen=True):
     phase: str | None = None  # "evaluation" when this is the trusted evaluation's outcome
     exit_reported: bool = True  # False: the container died around the gate (no exit status of its own)
     report_forged: bool = False  # the workload wrote the gate's end-of-run report itself
+    note: str | None = None  # what a failure's reason should add (e.g. training output left out)
 
 
 class Decision(msgspec.Struct, kw_only=True, frozen=True):
@@ -60,10 +61,15 @@ def decide(
         best=best,
         baseline=baseline,
     )
-    if outcome.phase is None or decision.status in (Status.keep, Status.discard, Status.cancelled):
+    if decision.status in (Status.keep, Status.discard, Status.cancelled):
+        return decision
+    if outcome.note:
+        decision = Decision(status=decision.status, reason=f"{decision.reason}; {outcome.note}")
+    if outcome.phase is None:
         return decision
     if decision.status == Status.timeout:
         reason = f"{outcome.phase} killed at its hard timeout of {outcome.timeout_s:g} s"
+        reason += f"; {outcome.note}" if outcome.note else ""
     else:
         reason = f"{outcome.phase}: {decision.reason}"
     return Decision(status=decision.status, reason=reason)

@@ -23,12 +23,12 @@ from ..state.snapshots import SnapshotStore, decode_manifest
 from ..state.store import Store
 from . import runspec
 from .engine import EngineWatch
-from .executor import Executor, Handle, RunResult, RunSpec, SandboxError, SpecError, Timings
+from .executor import Executor, Handle, RunDetached, RunResult, RunSpec, SandboxError, SpecError, Timings
 from .logs import LiveLog, RunLogs
 from .recording import record
 from .slots import Placement, Slot
 
-__all__ = ["Attempt", "Host", "Prepared", "prepare"]
+__all__ = ["Attempt", "Host", "Prepared", "prepare", "taken_over"]
 
 log = logging.getLogger("ratchet.scheduler")
 
@@ -63,6 +63,28 @@ async def prepare(
 ) -> Prepared:
     """The experiment's training run, made ready behind its gate at `placement`. `ahead`: made
     before the experiment's start, which will count one more attempt."""
+    exp, spec, tree = await _training(host, exp_id, loop, placement, ahead)
+    handle = await host.executor.prepare(spec, placement.node)
+    return Prepared(handle=handle, spec=spec, tree=tree, exp=exp, loop=loop)
+
+
+async def taken_over(
+    host: Host, handle: Handle, exp_id: str, loop: LoopView, placement: Placement
+) -> Prepared:
+    """A training run a previous process started (`Executor.reattach`), with what its experiment
+    needs besides: the spec it was made from (the evaluation phase builds on it) and its files."""
+    try:
+        exp, spec, tree = await _training(host, exp_id, loop, placement, ahead=False)
+    except BaseException:
+        await handle.cancel()
+        host.background(handle.cleanup())
+        raise
+    return Prepared(handle=handle, spec=spec, tree=tree, exp=exp, loop=loop)
+
+
+async def _training(
+    host: Host, exp_id: str, loop: LoopView, placement: Placement, ahead: bool
+) -> tuple[ExperimentView, RunSpec, dict[str, bytes]]:
     exp = await host.store.get_experiment(exp_id, with_tail=False)
     if exp is None:
         raise OSError(f"experiment {exp_id} vanished from the database")
@@ -81,8 +103,7 @@ async def prepare(
         instance=host.executor.instance,
         settings=host.settings,
     )
-    handle = await host.executor.prepare(spec, placement.node)
-    return Prepared(handle=handle, spec=spec, tree=tree, exp=exp, loop=loop)
+    return exp, spec, tree
 
 
 class Attempt:
@@ -101,6 +122,14 @@ class Attempt:
         self.cancel_requested = False
         self.freed_at: float | None = None
         self.workload_s = 0.0
+        self.opened_at: float | None = None  # when its gate was asked to open
+        self.taken_over = False  # its run was started by a previous process of this service
+        self.evaluating = False  # its training run is over; the evaluation's is under way
+        self.detached = False  # let go at a stop: its run goes on for the next start
+
+    def expected_end(self, now: float) -> float:
+        """When its slot should pass on: its budget after its gate opened (or opens, now)."""
+        return (self.opened_at or now) + self.loop.config.time_budget_s
 
     def __repr__(self) -> str:
         return f"<Attempt {self.exp_id} slot={self.slot.index} {self.placement} handle={self.handle}>"
@@ -113,6 +142,15 @@ class Attempt:
         self.cancel_requested = True
         if self.handle is not None:
             await self.handle.cancel()
+
+    async def detach(self) -> bool:
+        """At a stop: a training run under way is let go, not killed (see `Handle.detach`); False
+        when there is none (not started, evaluating, or over), for the caller to `kill` instead."""
+        if self.handle is None or self.freed_at is not None or self.evaluating or self.cancel_requested:
+            return False
+        self.detached = True
+        await self.handle.detach()
+        return True
 
     def free(self) -> None:
         """The workload is over: the slot and its GPUs go to the next experiment now."""
@@ -136,13 +174,15 @@ class Attempt:
             # This run now makes room for the next prepares (the pass runs once the gate is asked
             # to open: nothing here yields before that).
             host.pass_soon()
-            m.QUEUE_WAIT.labels(loop=loop.name).observe(max(0.0, self.handed_at - ready.exp.created_at))
+            if not self.taken_over:  # the process that started it counted it
+                m.QUEUE_WAIT.labels(loop=loop.name).observe(max(0.0, self.handed_at - ready.exp.created_at))
             if self.cancel_requested:
                 await ready.handle.cancel()
             has_eval = loop.config.evaluate is not None
             result = await self._phase(ready.handle, free_after=not has_eval)
             evaluation: RunResult | None = None
             if has_eval and runspec.succeeded(result) and not self.cancel_requested:
+                self.evaluating = True
                 self.live.write(f"\n{EVAL_SEPARATOR}\n".encode())
                 spec = runspec.eval_spec(ready.spec, loop.config, ready.tree, result)
                 self.handle = await host.executor.prepare(spec, self.placement.node)
@@ -161,6 +201,8 @@ class Attempt:
                 evaluation,
                 stopping=host.stopping,
             )
+        except RunDetached:
+            log.info("experiment %s: left running; the next start takes it over", self.exp_id)
         except (SandboxError, SpecError, OSError) as exc:
             kind = "container engine" if isinstance(exc, SandboxError) else "sandbox setup"
             m.ENGINE_ERRORS.labels(reason=m.engine_error_reason(exc)).inc()
@@ -177,23 +219,36 @@ class Attempt:
             host.attempt_over(self)
             host.logs.close(self.exp_id)  # after the final status is written: followers read it next
             mine.set_result(None)
-            if result is not None and self.freed_at is not None and result.timings.started is not None:
+            if self.taken_over:
+                pass  # its slot time began in a previous process: nothing to measure here
+            elif result is not None and self.freed_at is not None and result.timings.started is not None:
                 overhead = self.freed_at - self.handed_at - self.workload_s
                 m.OVERHEAD.labels(loop=loop.name).observe(max(0.0, overhead))
 
     async def _phase(self, handle: Handle, free_after: bool) -> RunResult:
         """One run; its removal happens in the background, after the slot is free."""
 
+        def output(data: bytes) -> None:
+            self.live.write(data)
+            faults.point("run.output")
+
         def exited(timings: Timings) -> None:
+            faults.point("run.exited")
             if timings.started is not None and timings.finished is not None:
                 self.workload_s += max(0.0, timings.finished - timings.started)
             if free_after:
                 self.free()
 
         try:
-            return await handle.start(on_output=self.live.write, on_exit=exited)
-        finally:
+            self.opened_at = self.opened_at or time.time()
+            result = await handle.start(on_output=output, on_exit=exited)
+        except RunDetached:
+            raise  # it goes on: nothing to remove
+        except BaseException:
             self.host.background(handle.cleanup())
+            raise
+        self.host.background(handle.cleanup())
+        return result
 
     async def _retry(self, exc: Exception, reason: str) -> str | None:
         """An engine that stopped answering broke this run, not the candidate: queue it again after a

@@ -7,18 +7,23 @@ whose connection went away) is removed as soon as it answers again, before anyth
 from __future__ import annotations
 
 import logging
+import time
 
+from .. import metrics as m
 from .executor import Executor, SandboxError
 
-__all__ = ["EngineWatch"]
+__all__ = ["WATCH_S", "EngineWatch"]
 
 log = logging.getLogger("ratchet.scheduler")
+
+WATCH_S = 5.0  # an idle scheduler still pings this often, so `ratchet_engine_up` stays current
 
 
 class EngineWatch:
     def __init__(self, executor: Executor) -> None:
         self.executor = executor
         self.up = True
+        self.checked_at = -WATCH_S  # monotonic time of the last ping
         self._leftovers: list[str | None] = []  # experiments (None: every run) to remove
 
     def leftover(self, experiment: str | None) -> None:
@@ -36,6 +41,8 @@ class EngineWatch:
 
     async def ping(self) -> bool:
         up = await self.executor.ping()
+        self.checked_at = time.monotonic()
+        m.ENGINE_UP.set(1 if up else 0)
         if up != self.up:
             self.up = up
             if up:
@@ -43,6 +50,11 @@ class EngineWatch:
             else:
                 log.warning("the container engine does not answer: dispatch paused")
         return up
+
+    async def watch(self) -> None:
+        """Pings when the last ping is older than `WATCH_S` (dispatch pings whenever work waits)."""
+        if time.monotonic() - self.checked_at >= WATCH_S:
+            await self.ping()
 
     async def remove_leftovers(self) -> bool:
         """True once nothing is left to remove."""

@@ -8,14 +8,17 @@ import asyncio
 import concurrent.futures
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from functools import partial
+from pathlib import Path
+
+import msgspec
 
 from sandbox import LABEL_SANDBOX, PreparedRun, Sandbox, SandboxError
 from sandbox.gpus import gpu_refusal
 
 from ..settings import Settings
-from .executor import Node, RunResult, RunSpec, Timings
+from .executor import Node, NodeReport, RunResult, RunSpec, Timings
 from .gpus import detect_gpus
 
 __all__ = ["NODE", "LocalExecutor", "LocalHandle", "local_node"]
@@ -43,7 +46,8 @@ class LocalExecutor:
 
     def __init__(self, settings: Settings, instance: str, sandbox: Sandbox | None = None) -> None:
         self.instance = instance
-        self.sandbox = sandbox or Sandbox(instance=instance)
+        # The journal lets the next process of this data dir take over runs that outlive this one.
+        self.sandbox = sandbox or Sandbox(instance=instance, journal=Path(settings.data_dir) / "runs")
         self.node = local_node(settings)
         self._settings = settings
         self._route_told = False
@@ -61,6 +65,10 @@ class LocalExecutor:
             self._route_told = True
             await self._tell_gpu_route()
         return [self.node]
+
+    async def watch_inventory(self) -> AsyncIterator[list[Node]]:
+        yield await self.inventory()
+        await asyncio.Event().wait()  # this machine stays what it is
 
     async def _tell_gpu_route(self) -> None:
         """Says once how containers will get their GPUs, or why they cannot (each GPU run is then
@@ -89,6 +97,10 @@ class LocalExecutor:
             raise
         return LocalHandle(run, self._threads, self._cleaners)
 
+    async def reattach(self) -> list[LocalHandle]:
+        runs = await asyncio.to_thread(self.sandbox.reattach)
+        return [LocalHandle(run, self._threads, self._cleaners) for run in runs]
+
     async def cleanup(self, experiment: str | None = None) -> int:
         labels = {LABEL_SANDBOX: self.instance}
         if experiment is not None:
@@ -100,6 +112,27 @@ class LocalExecutor:
 
     async def has_image(self, image: str) -> bool | None:
         return await asyncio.to_thread(self.sandbox.has_image, image)
+
+    async def nodes_report(self, images: list[str]) -> list[NodeReport]:
+        def ask() -> NodeReport:
+            node, sandbox = self.node, self.sandbox
+            here = NodeReport(name=node.name, slots=node.slots, gpus=list(node.gpus))
+            try:  # the nvidia driver is tried (with a throw-away container) only on a GPU host
+                probe = sandbox.gpu_probe(self._settings.default_image) if node.gpus else sandbox.probe()
+                missing = [name for name in images if sandbox.has_image(name) is False]
+            except SandboxError as exc:
+                return msgspec.structs.replace(here, problem=str(exc))
+            return msgspec.structs.replace(
+                here,
+                engine=True,
+                engine_version=probe.engine_version,
+                runtimes=sorted(probe.runtimes),
+                gpu_route=probe.route,
+                gpu_reason=probe.reason,
+                missing_images=missing,
+            )
+
+        return [await asyncio.to_thread(ask)]
 
     async def close(self) -> None:
         """Waits (a bounded time) for prepares and removals still under way: a prepare cancelled
@@ -155,6 +188,9 @@ class LocalHandle:
 
     async def cancel(self) -> None:
         await asyncio.to_thread(self._run.cancel)
+
+    async def detach(self) -> None:
+        self._run.detach()
 
     async def cleanup(self) -> None:
         try:

@@ -159,12 +159,28 @@ def succeeded(result: RunResult) -> bool:
 
 
 def combined_log(result: RunResult, evaluation: RunResult | None) -> str:
-    """The experiment's log: the training run's, then the evaluation's after a separator line."""
+    """The experiment's log: the training run's, then the evaluation's after a separator line
+    (and a line naming any training output the evaluation did not get)."""
     text = result.log
     if evaluation is not None:
         sep = "" if not text or text.endswith("\n") else "\n"
-        text = f"{text}{sep}{EVAL_SEPARATOR}\n{evaluation.log}"
+        left_out = _left_out(result)
+        note = f"[ratchet: {left_out}]\n" if left_out else ""
+        text = f"{text}{sep}{EVAL_SEPARATOR}\n{note}{evaluation.log}"
     return text
+
+
+def _left_out(result: RunResult) -> str | None:
+    """The training output the evaluation went without, said so that a failure's reason explains
+    itself: a checkpoint over the cap is the usual one."""
+    if not result.output_skipped:
+        return None
+    names = ", ".join(result.output_skipped[:5]) + (" …" if len(result.output_skipped) > 5 else "")
+    cap = Limits().output_bytes / 1024**2
+    return (
+        f"training output left out of {TRAIN_OUTPUT}/ (over the {cap:g} MiB output cap, or not a"
+        f" regular file): {names}"
+    )
 
 
 class Judged(msgspec.Struct, kw_only=True, frozen=True):
@@ -202,6 +218,7 @@ def judge(
         timeout_s=judged.timeout_s,
         memory_mb=cfg.resources.memory_mb,
         phase=phase,
+        note=_left_out(result) if evaluation is not None else None,
     )
     finished = Finished(
         metrics=metrics,

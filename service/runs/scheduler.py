@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal
 
 import msgspec
@@ -31,9 +31,10 @@ from ..settings import Settings
 from ..state import enqueue, transitions
 from ..state.snapshots import SnapshotStore
 from ..state.store import Store
-from .attempt import Attempt, Prepared, prepare
+from .adoption import recover
+from .attempt import Attempt, Prepared, prepare, taken_over
 from .engine import EngineWatch
-from .executor import Executor
+from .executor import Executor, Handle, Node
 from .logs import RunLogs
 from .slots import Placement, Slot, Slots, dispatch_order
 
@@ -85,6 +86,7 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
         self.queued_ahead = 0  # dispatchable queued experiments the last pass left waiting
         self.listeners: list[Callable[[], None]] = []  # told after each pass and each verdict
+        self._follower: asyncio.Task[None] | None = None
         self.stopping = False
         self.dispatched = 0
         self.prepared_hits = 0  # dispatches that found their run already prepared
@@ -98,28 +100,29 @@ class Scheduler:
     # -- lifecycle -------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.slots = Slots(await self.executor.inventory())
-        self.lookahead = self.slots.total * self.settings.prepare_ahead
-        m.SLOTS_TOTAL.set(self.slots.total)
-        self._busy_changed()
-        await self.recover()
-        await self.publish_bests()
+        self._take_inventory(await self.executor.inventory())
+        await recover(self)
+        await publish_bests(self.store)
         self._task = asyncio.create_task(self._loop(), name="ratchet-scheduler")
+        self._follower = asyncio.create_task(
+            _follow(self.executor, self._inventory_changed), name="ratchet-inventory"
+        )
 
     async def stop(self) -> None:
         """Removes prepared runs, kills running ones and puts their experiments back in the queue
-        for the next start."""
+        for the next start; with `detach_on_stop`, training runs under way go on instead, and the
+        next start takes them over."""
         self.stopping = True
         self.logs.end_streams()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in (self._follower, self._task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         async with self._pass_lock:
             for exp_id in list(self._staged):
                 self._discard(exp_id)
-        for attempt in list(self._running.values()):
-            await attempt.kill()
+        await _end_runs(list(self._running.values()), self.settings.detach_on_stop)
         tasks = [r.task for r in self._running.values() if r.task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=30)
@@ -127,37 +130,55 @@ class Scheduler:
             await asyncio.wait(list(self._cleanups), timeout=30)
         await self.executor.close()
 
-    async def recover(self) -> None:
-        """Experiments left `running` by a previous process: remove every run that process made,
-        prepared ones included (they carry this data dir's instance label), then queue those
-        experiments again."""
-        running = await self.store.running_ids()
-        removed = await self.engine.recover()
-        for exp_id in running:
-            await transitions.requeue(self.store, exp_id)
-        if running or removed:
-            log.info(
-                "recovered: %d experiment(s) requeued, %d container(s)/volume(s) removed",
-                len(running),
-                removed,
-            )
+    def resume(self, handle: Handle, exp_id: str, loop: LoopView) -> bool:
+        """A run taken over gets the slot and GPU ids it holds, and an attempt; False when they are
+        not free here (fewer slots or other GPUs since the restart)."""
+        held = Placement(handle.node, tuple(handle.spec.gpus))
+        claim = self.slots.claim(len(held.gpus), held)
+        if claim is None or not claim[2]:
+            if claim is not None:
+                self.slots.release(claim[1])
+            return False
+        claim[0].exp_id = exp_id
+        attempt = self._running[exp_id] = Attempt(self, exp_id, loop, claim[0], held, time.time())
+        attempt.taken_over = True
+        attempt.begin(asyncio.create_task(taken_over(self, handle, exp_id, loop, held)))
+        self._busy_changed()
+        return True
 
-    async def publish_bests(self) -> None:
-        """Gauges live only in this process: a restarted service rebuilds the best metrics from the
-        database (oldest loop first, so a reused name shows its newest loop)."""
-        for name, metric, best in await self.store.best_metrics():
-            m.BEST_METRIC.labels(loop=name, metric=metric).set(best)
+    def background_cleanup(self, handle: Handle) -> None:
+        self.background(handle.cleanup())
 
     def wake(self) -> None:
         self._wake.set()
 
+    # -- the inventory ---------------------------------------------------------------------------
+
+    async def _inventory_changed(self, nodes: list[Node]) -> None:
+        async with self._pass_lock:  # between passes
+            self._take_inventory(nodes)
+
+    def _take_inventory(self, nodes: list[Node]) -> None:
+        """A node that left loses its slots and GPU ids now, and the runs prepared there (its
+        running ones fail in the executor and are retried elsewhere); one that joined takes work
+        from the next pass."""
+        joined, left = self.slots.update(nodes)
+        for exp_id in [e for e, st in self._staged.items() if st.placement.node in left]:
+            self._discard(exp_id)
+        self.lookahead = self.slots.total * self.settings.prepare_ahead
+        m.SLOTS_TOTAL.set(self.slots.total)
+        self._busy_changed()
+        if self._task is not None and (joined or left):
+            now = f"{self.slots.total} on {len(self.slots.nodes)} node(s)"
+            log.info("slots: %s; joined: %s; left: %s", now, ",".join(joined) or "-", ",".join(left) or "-")
+        self.wake()
+
     async def _loop(self) -> None:
-        # Python 3.11's wait_for can swallow a cancel that arrives as the wake-up does: the flag
-        # ends the loop whatever happens to the cancel.
-        while not self.stopping:
+        while not self.stopping:  # 3.11's wait_for can swallow a cancel that comes with a wake-up
             self._wake.clear()  # before the pass: a wake-up during it is never lost
             try:
                 await self._pass()
+                await self.engine.watch()
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -206,10 +227,9 @@ class Scheduler:
             elif any(exp_id not in self._running for _, exp_id in order):
                 self._preempt_remeasure()
             await self._publish_depths()  # every pass may have started something
-            waiting = [item for item in order if item[1] not in self._running]
+            await self._prepare_ahead(waiting := [item for item in order if item[1] not in self._running])
             self.queued_ahead = len(waiting)
-            await self._prepare_ahead(waiting)
-            self._tell()
+            _tell(self.listeners)
 
     async def _order(self) -> list[tuple[str, str]]:
         """The experiments next in dispatch order: every active loop's head, and enough behind them
@@ -263,7 +283,7 @@ class Scheduler:
     async def _launch(self, claims: list[_Claim]) -> int:
         """Starts the claimed experiments: their `start` transitions commit together, then each one
         whose transition went through (the rest were cancelled meanwhile) begins its attempt."""
-        moves = [(c.exp_id, list(c.placement.gpus)) for c in claims]
+        moves = [(c.exp_id, list(c.placement.gpus), c.placement.node) for c in claims]
         try:
             started = await transitions.start_many(self.store, moves) if moves else []
         except BaseException:
@@ -273,7 +293,7 @@ class Scheduler:
             for c, ok in zip(claims, started, strict=True):
                 if not ok:
                     c.slot.exp_id = None
-                    self.slots.release(c.placement)
+                    self.slots.release(c.slot, c.placement)
                     self._forget(c.staged)
         for c, ok in zip(claims, started, strict=True):
             if not ok:
@@ -302,8 +322,12 @@ class Scheduler:
         # room for the next ones (its prepare's end starts a new pass).
         ready = sum(1 for r in self._running.values() if r.handle is not None and r.freed_at is None)
         budget = min(self.lookahead, ready * self.settings.prepare_ahead)
-        promised = {(st.placement.node, g) for st in self._staged.values() for g in st.placement.gpus}
-        holding = [r.placement for r in self._running.values() if r.freed_at is None]
+        promised = [st.placement for st in self._staged.values()]
+        # Each run prepared is made where a slot should free next (made on another node than the
+        # one that frees, it would be made again from scratch there): by budget from gate opening.
+        now = time.time()
+        working = [r for r in self._running.values() if r.freed_at is None]
+        holding = [r.placement for r in sorted(working, key=lambda r: r.expected_end(now))]
         for loop_id, exp_id in wanted:
             if len(self._staged) >= budget:
                 break
@@ -315,7 +339,7 @@ class Scheduler:
             placement = self.slots.bindable(loop.config.resources.gpus, promised, holding)
             if placement is None:
                 continue
-            promised |= {(placement.node, g) for g in placement.gpus}
+            promised.append(placement)
             task = asyncio.create_task(
                 prepare(self, exp_id, loop, placement, ahead=True), name=f"prepare-{exp_id}"
             )
@@ -384,7 +408,7 @@ class Scheduler:
             self.background(self._pass())
 
     def slot_freed(self, attempt: Attempt) -> None:
-        self.slots.release(attempt.placement)
+        self.slots.release(attempt.slot, attempt.placement)
         self._busy_changed()
         if not self.stopping:
             self.pass_soon()
@@ -392,23 +416,16 @@ class Scheduler:
     def attempt_over(self, attempt: Attempt) -> None:
         del self._running[attempt.exp_id]
         self._remeasures.discard(attempt.exp_id)
-        self._tell()
-
-    def _tell(self) -> None:
-        for listener in self.listeners:
-            listener()
+        _tell(self.listeners)
 
     def idle_slots(self) -> int:
-        """Slots with nothing to do: free ones whose last verdict is written, and those only
-        re-measuring (queued work takes them back). Proposers fill these once the queue is served
-        (`queued_ahead`), never more."""
-        idle = sum(1 for s in self.slots.free() if s.recorded is None or s.recorded.done())
-        remeasuring = (r for r in self._running.values() if r.exp_id in self._remeasures)
-        return idle + sum(1 for r in remeasuring if r.freed_at is None)
+        """Slots proposals may fill once the queue is served (`queued_ahead`), never more."""
+        return self.slots.idle(self._remeasures)
 
     def _busy_changed(self) -> None:
         m.SLOTS_BUSY.set(self.busy)
         m.RUNNING.set(self.busy)
+        m.publish_nodes(self.slots.per_node())
 
     # -- control ---------------------------------------------------------------------------------
 
@@ -444,3 +461,39 @@ class Scheduler:
     def prepared(self) -> list[str]:
         """Queued experiments prepared (or being prepared) ahead of their turn."""
         return list(self._staged)
+
+
+async def publish_bests(store: Store) -> None:
+    """Gauges live only in this process: a restarted service rebuilds the best metrics from the
+    database (oldest loop first, so a reused name shows its newest loop)."""
+    for name, metric, best in await store.best_metrics():
+        m.BEST_METRIC.labels(loop=name, metric=metric).set(best)
+
+
+def _tell(listeners: list[Callable[[], None]]) -> None:
+    """After each pass and each verdict (the proposers wait for both)."""
+    for listener in listeners:
+        listener()
+
+
+async def _end_runs(attempts: list[Attempt], detach: bool) -> None:
+    """At a stop: kills every run, or with `detach` lets training runs go on for the next start."""
+    left = 0
+    for attempt in attempts:
+        if detach and await attempt.detach():
+            left += 1
+        else:
+            await attempt.kill()
+    if left:
+        log.info("stopping: %d experiment(s) left running for the next start to take over", left)
+
+
+async def _follow(executor: Executor, changed: Callable[[list[Node]], Awaitable[None]]) -> None:
+    """Hands every inventory the executor reports to `changed`, as nodes join and leave."""
+    while True:
+        try:
+            async for nodes in executor.watch_inventory():
+                await changed(nodes)
+        except Exception:
+            log.exception("following the executor's inventory failed; retrying")
+        await asyncio.sleep(1.0)

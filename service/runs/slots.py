@@ -1,9 +1,11 @@
-"""The scheduler's bookkeeping of where runs go: slots on nodes (from the executor's inventory), the
-GPU ids of each node, and the order queued experiments get slots in. Pure: no I/O, no clock."""
+"""The scheduler's bookkeeping of where runs go: slots on nodes (from the executor's inventory, as
+it changes), the GPU ids of each node, and the order queued experiments get slots in. Pure: no
+I/O, no clock."""
 
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 
 import msgspec
 
@@ -36,6 +38,7 @@ class Placement(msgspec.Struct, frozen=True):
 class Slot(msgspec.Struct, kw_only=True):
     index: int
     node: str
+    pool: GpuPool  # its node's GPU ids (a slot of a node that left keeps the pool it had)
     exp_id: str | None = None  # the experiment whose workload holds it
     freed_at: float = 0.0
     recorded: asyncio.Future[None] | None = None  # the last occupant's verdict is written
@@ -43,15 +46,44 @@ class Slot(msgspec.Struct, kw_only=True):
 
 class Slots:
     """Every slot of every node, and each node's GPU pool. A slot and the GPU ids of a run are
-    taken together (`claim`) and given back together (`release`)."""
+    taken together (`claim`) and given back together (`release`). `update` follows the inventory:
+    a node that left loses its slots and GPU ids at once (its runs still running give theirs back
+    to nothing); a node that joined brings new ones."""
 
     def __init__(self, nodes: list[Node]) -> None:
+        self.nodes: list[Node] = []
+        self.all: list[Slot] = []
+        self.pools: dict[str, GpuPool] = {}
+        self._made = 0  # slots made so far: every slot gets an index of its own
+        self.update(nodes)
+
+    def update(self, nodes: list[Node]) -> tuple[list[str], list[str]]:
+        """Take the inventory `nodes`; returns the names of the nodes that joined and of those that
+        left. A node that comes back with other slots or GPUs has left and joined."""
         if len({n.name for n in nodes}) != len(nodes):
             raise ValueError(f"the executor's inventory needs distinct node names: {nodes}")
-        self.nodes = nodes
-        places = [n.name for n in nodes for _ in range(n.slots)]
-        self.all = [Slot(index=i, node=name) for i, name in enumerate(places)]
-        self.pools = {n.name: GpuPool(list(n.gpus)) for n in nodes}
+        old = {n.name: n for n in self.nodes}
+        new = {n.name: n for n in nodes}
+        left = [name for name, node in old.items() if new.get(name) != node]
+        joined = [name for name, node in new.items() if old.get(name) != node]
+        self.all = [s for s in self.all if s.node not in left]
+        for name in left:
+            del self.pools[name]
+        for name in joined:
+            pool = self.pools[name] = GpuPool(list(new[name].gpus))
+            for _ in range(new[name].slots):
+                self.all.append(Slot(index=self._made, node=name, pool=pool))
+                self._made += 1
+        self.nodes = list(nodes)
+        return joined, left
+
+    def per_node(self) -> dict[str, tuple[int, int]]:
+        """Node -> (slots, busy slots)."""
+        found = {n.name: (0, 0) for n in self.nodes}
+        for s in self.all:
+            total, busy = found[s.node]
+            found[s.node] = (total + 1, busy + (s.exp_id is not None))
+        return found
 
     @property
     def total(self) -> int:
@@ -70,6 +102,15 @@ class Slots:
     def free(self) -> list[Slot]:
         return [s for s in self.all if s.exp_id is None]
 
+    def idle(self, remeasures: set[str]) -> int:
+        """Slots nothing waits on: free ones whose last verdict is written, and those held by a run
+        in `remeasures` (idle-time re-measuring, which queued work takes back)."""
+        return sum(
+            1
+            for s in self.all
+            if s.exp_id in remeasures or (s.exp_id is None and (s.recorded is None or s.recorded.done()))
+        )
+
     def claim(self, n_gpus: int, bound: Placement | None) -> tuple[Slot, Placement, bool] | None:
         """A free slot and `n_gpus` GPU ids on its node: exactly `bound` (where a prepared run was
         made) when its slot and ids are free — then True — else the first that fits; None when no
@@ -77,30 +118,45 @@ class Slots:
         free = self.free()
         if bound is not None:
             slot = next((s for s in free if s.node == bound.node), None)
-            if slot is not None and self.pools[slot.node].take(list(bound.gpus)) is not None:
+            if slot is not None and slot.pool.take(list(bound.gpus)) is not None:
                 return slot, bound, True
         for slot in free:
-            gpus = self.pools[slot.node].allocate(n_gpus)
+            gpus = slot.pool.allocate(n_gpus)
             if gpus is not None:
                 return slot, Placement(slot.node, tuple(gpus)), False
         return None
 
-    def release(self, placement: Placement) -> None:
-        self.pools[placement.node].release(list(placement.gpus))
+    def release(self, slot: Slot, placement: Placement) -> None:
+        slot.pool.release(list(placement.gpus))
 
-    def bindable(self, n: int, promised: set[tuple[str, str]], holding: list[Placement]) -> Placement | None:
-        """Where a run prepared now should be made: on the GPU ids of one slot whose current run
-        will hand them over (`holding`: those of runs whose workload goes on, in start order), that
-        nobody else was promised; else on free ids; None if none fit. `promised` holds (node, id)."""
+    def bindable(self, n: int, promised: list[Placement], holding: list[Placement]) -> Placement | None:
+        """Where a run prepared now should be made: on a node (and GPU ids) that a running run will
+        hand over (`holding`: where runs whose workload goes on hold their slots, in start order),
+        not yet promised to a run prepared earlier (`promised`); else on a free slot's node or free
+        ids; None if none fit. The k-th run prepared for a node waits for the k-th run there to end."""
+        holding = [p for p in holding if p.node in self.pools]  # not on a node that left
         if n == 0:
-            node = holding[0].node if holding else next((s.node for s in self.free()), self.nodes[0].name)
-            return Placement(node)
+            return self._cpu_place(Counter(p.node for p in promised), holding)
+        taken = {(p.node, g) for p in promised for g in p.gpus}
         for place in holding:
             ids = place.gpus
-            if len(ids) >= n and not promised & {(place.node, g) for g in ids}:
+            if len(ids) >= n and not taken & {(place.node, g) for g in ids}:
                 return Placement(place.node, ids[:n])
         for node, pool in self.pools.items():
-            free = [g for g in pool.free_ids if (node, g) not in promised]
+            if not any(s.node == node for s in self.all):
+                continue
+            free = [g for g in pool.free_ids if (node, g) not in taken]
             if len(free) >= n:
                 return Placement(node, tuple(free[:n]))
         return None
+
+    def _cpu_place(self, promised: Counter[str], holding: list[Placement]) -> Placement | None:
+        seen: Counter[str] = Counter()
+        for place in [*holding, *(Placement(s.node) for s in self.free())]:
+            seen[place.node] += 1
+            if seen[place.node] > promised[place.node]:
+                return Placement(place.node)
+        sizes = Counter(s.node for s in self.all)
+        if not sizes:
+            return None
+        return Placement(min(sizes, key=lambda node: promised[node] / sizes[node]))

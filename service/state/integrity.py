@@ -39,6 +39,9 @@ async def open_verified(
             " not start on it"
         ) from exc
     stack.push_async_callback(store.close)
+    swept = await asyncio.to_thread(snapshots.sweep_temporary)
+    if swept:
+        log.info("start-up: removed %d temporary blob file(s) left by an interrupted write", swept)
     await verify(store, snapshots, mode)
 
 

@@ -181,6 +181,10 @@ MIGRATIONS: list[str] = [
     ) WITHOUT ROWID;
     CREATE INDEX sessions_token ON sessions(token_id);
     """,
+    # the node an experiment runs (or ran) on: the executor's name for it ("local" on one machine)
+    """
+    ALTER TABLE experiments ADD COLUMN node TEXT;
+    """,
     # proposers: each proposer run is a row with its own state machine; an experiment names the
     # proposal that made it (at most one per proposal); a loop keeps why Ratchet paused it, its
     # proposer's failure streak and its chat budget; duplicates are found by snapshot

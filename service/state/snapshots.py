@@ -143,6 +143,17 @@ class SnapshotStore:
     def blob_path(self, blob: str) -> Path:
         return self._blob_path(blob)
 
+    def sweep_temporary(self) -> int:
+        """Removes the temporary files of blob writes a killed process left (`.<name>.<pid>.<thread>.tmp`,
+        never renamed into place, so nothing points at them); how many. Only while nobody writes:
+        at start-up, under the data dir's lock."""
+        removed = 0
+        for tmp in self.root.glob("*/.*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed += 1
+        return removed
+
     def _delta(self, data: bytes, base: str) -> bytes | None:
         """The delta file's bytes, or None when the chain is full or the base cannot be read."""
         try:

@@ -26,7 +26,8 @@ _STATUSES = tuple(s.value for s in Status)
 _EXP_COLUMNS = (
     "id, loop_id, seq AS number, kind, description, status, reason, parent, snapshot,"
     ' substr(snapshot, 1, 7) AS "commit", metric, metrics, memory_gb, exit_code, gpus, created_at,'
-    " started_at, finished_at, workload_seconds, rerun_of, seed, repeat_of, runs, mean, attempts, proposal_id"
+    " started_at, finished_at, workload_seconds, rerun_of, seed, repeat_of, runs, mean, attempts, node,"
+    " proposal_id"
 )
 _LOOP_SELECT = (
     "SELECT l.id, l.name, l.state, l.baseline, l.baseline_reason, l.config, l.root_snapshot,"

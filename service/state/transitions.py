@@ -103,19 +103,30 @@ def _cancel_all(
     )
 
 
-async def start(store: Store, exp_id: str, gpus: list[str]) -> bool:
-    (moved,) = await start_many(store, [(exp_id, gpus)])
+async def start(store: Store, exp_id: str, gpus: list[str], node: str | None = None) -> bool:
+    (moved,) = await start_many(store, [(exp_id, gpus, node)])
     return moved
 
 
-async def start_many(store: Store, moves: list[tuple[str, list[str]]]) -> list[bool]:
-    """queued -> running for each (experiment, its GPU ids), committed together: one guarded
-    write per experiment; False for one that was not queued any more (cancelled meanwhile)."""
+async def start_many(store: Store, moves: list[tuple[str, list[str], str | None]]) -> list[bool]:
+    """queued -> running for each (experiment, its GPU ids, the node it runs on), committed
+    together: one guarded write per experiment; False for one that was not queued any more
+    (cancelled meanwhile) or whose loop is not active any more (paused or stopped after the
+    scheduler read its queue)."""
 
     def write(db: sqlite3.Connection) -> list[bool]:
         started, now = [], time.time()
-        for exp_id, gpus in moves:
-            moved = _move(db, exp_id, Status.queued, Status.running, started_at=now, gpus=",".join(gpus))
+        for exp_id, gpus, node in moves:
+            loop = fetch(
+                db,
+                "SELECT l.state FROM loops l JOIN experiments e ON e.loop_id = l.id WHERE e.id = ?",
+                (exp_id,),
+                first=True,
+            )
+            active = loop is not None and loop[0] == LoopState.active
+            moved = active and _move(
+                db, exp_id, Status.queued, Status.running, started_at=now, gpus=",".join(gpus), node=node
+            )
             if moved:
                 db.execute("UPDATE experiments SET attempts = attempts + 1 WHERE id = ?", (exp_id,))
             started.append(moved)
@@ -126,7 +137,7 @@ async def start_many(store: Store, moves: list[tuple[str, list[str]]]) -> list[b
 
 async def requeue(store: Store, exp_id: str) -> bool:
     def write(db: sqlite3.Connection) -> bool:
-        return _move(db, exp_id, Status.running, Status.queued, started_at=None, gpus=None)
+        return _move(db, exp_id, Status.running, Status.queued, started_at=None, gpus=None, node=None)
 
     return await store.write(write)
 
@@ -142,6 +153,7 @@ async def retry(store: Store, exp_id: str, reason: str, not_before: float) -> bo
             Status.queued,
             started_at=None,
             gpus=None,
+            node=None,
             reason=reason[:2000],
             not_before=not_before,
         )
