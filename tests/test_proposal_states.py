@@ -4,6 +4,7 @@ pauses the loop, and the chat budget is counted before a request is sent."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from service.models import LoopConfig
+from service.ops_models import WebhookEvent, WebhookSpec
 from service.proposal_models import CommandProposer, ProposalStatus
-from service.state import enqueue, proposals, transitions
+from service.state import enqueue, proposals, transitions, webhooks
 from service.state.proposal_reads import get_proposal
 from service.state.snapshots import SnapshotStore
 from service.state.store import Store
@@ -136,6 +138,36 @@ async def test_failures_in_a_row_pause_the_loop_and_resuming_resets_them(db):
     moved, earlier = await proposals.propose(db.store, pid, db.candidate(b"V = 5\n"), proposals.Finished())
     assert moved is P.duplicate and earlier is not None
     assert db.rows(f"SELECT proposer_streak FROM loops WHERE id = '{lid}'") == [(1,)]
+
+
+async def test_proposer_failures_and_the_pause_they_cause_reach_the_loops_webhooks(db):
+    """Each failed proposal is a `proposer_failed` delivery, and the pause its streak causes a
+    `loop_paused` one with the reason, written by the very write that fails it (a crash cannot keep
+    one without the other). Duplicates count towards the streak but are not told one by one."""
+    lid = await db.loop()
+    events = [WebhookEvent.proposer_failed, WebhookEvent.loop_paused]
+    await webhooks.add_webhooks(db.store, lid, [WebhookSpec(url="https://example.com/hook", events=events)])
+    pid, _ = await proposals.open_proposal(db.store, lid, "command", db.root.id)
+    await proposals.propose(db.store, pid, db.candidate(b"V = 6\n"), proposals.Finished())
+    pid, _ = await proposals.open_proposal(db.store, lid, "command", db.root.id)
+    moved, _ = await proposals.propose(db.store, pid, db.candidate(b"V = 6\n"), proposals.Finished())
+    assert moved is P.duplicate
+    for i in range(2):
+        pid, _ = await proposals.open_proposal(db.store, lid, "command", db.root.id)
+        why = f"killed at its hard timeout ({i})"
+        await proposals.fail(db.store, pid, "timeout", why, proposals.Finished())
+    rows = db.rows(f"SELECT event, text, body FROM webhook_deliveries WHERE loop_id = '{lid}' ORDER BY rowid")
+    assert [r[0] for r in rows] == ["proposer_failed", "proposer_failed", "loop_paused"]
+    assert "the proposer failed: timeout: killed at its hard timeout (0)" in rows[0][1]
+    reason = "proposer failed 3 times in a row; last: killed at its hard timeout (1)"
+    assert f"paused ({reason}) after" in rows[2][1]
+    assert json.loads(rows[2][2])["detail"] == reason
+    # a failure that pauses nothing (the loop is paused already) is still told; no second pause
+    pid, _ = await proposals.open_proposal(db.store, lid, "command", db.root.id)
+    spent = "the request budget is spent"
+    await proposals.fail(db.store, pid, "budget", spent, proposals.Finished(), pause=True)
+    rows = db.rows(f"SELECT event FROM webhook_deliveries WHERE loop_id = '{lid}' ORDER BY rowid")
+    assert [r[0] for r in rows] == ["proposer_failed"] * 2 + ["loop_paused", "proposer_failed"]
 
 
 async def test_the_request_budget_is_counted_before_each_request(db):

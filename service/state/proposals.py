@@ -26,7 +26,9 @@ from typing import Any
 
 import msgspec
 
+from ..ops_models import WebhookEvent
 from ..proposal_models import ProposalStatus as P
+from . import webhooks
 from .database import fetch
 from .enqueue import Conflict, Duplicate, insert_candidate, new_id
 from .store import Store, loop_config
@@ -133,8 +135,18 @@ def _streak(db: sqlite3.Connection, loop_id: str, why: str) -> str | None:
     if proposer is None or row["state"] != "active" or row["proposer_streak"] < proposer.max_failures:
         return None
     reason = f"proposer failed {row['proposer_streak']} times in a row; last: {why}"[:2000]
-    db.execute("UPDATE loops SET state = 'paused', state_reason = ? WHERE id = ?", (reason, loop_id))
-    return reason
+    return reason if _pause(db, loop_id, reason) else None
+
+
+def _pause(db: sqlite3.Connection, loop_id: str, reason: str) -> bool:
+    """Pauses an active loop with `reason`; its webhooks hear of it in the same write."""
+    cur = db.execute(
+        "UPDATE loops SET state = 'paused', state_reason = ? WHERE id = ? AND state = 'active'",
+        (reason, loop_id),
+    )
+    if cur.rowcount:
+        webhooks.emit_in(db, loop_id, WebhookEvent.loop_paused, reason)
+    return bool(cur.rowcount)
 
 
 def _loop_of(db: sqlite3.Connection, pid: str) -> str:
@@ -208,14 +220,11 @@ async def fail(
         if not moved:
             return False, None
         loop_id = _loop_of(db, pid)
+        webhooks.emit_in(db, loop_id, WebhookEvent.proposer_failed, f"{code}: {reason}"[:2000])
         paused = _streak(db, loop_id, reason)
         if pause and paused is None:
             paused = f"proposer stopped: {reason}"[:2000]
-            cur = db.execute(
-                "UPDATE loops SET state = 'paused', state_reason = ? WHERE id = ? AND state = 'active'",
-                (paused, loop_id),
-            )
-            paused = paused if cur.rowcount else None
+            paused = paused if _pause(db, loop_id, paused) else None
         return True, paused
 
     return await store.write(write)
