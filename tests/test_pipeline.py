@@ -178,7 +178,7 @@ def test_prepared_runs_are_made_for_one_slots_gpus_and_never_share_them():
     held = slots.pools["local"].allocate(2)
     assert held == ["0", "1"]
     holding = [Placement("local", tuple(held))]  # experiment x runs on them
-    promised: set[tuple[str, str]] = set()
+    promised: list[Placement] = []  # where runs prepared earlier were bound, in order
 
     def bind(n: int) -> list[str] | None:
         place = slots.bindable(n, promised, holding)
@@ -186,11 +186,11 @@ def test_prepared_runs_are_made_for_one_slots_gpus_and_never_share_them():
 
     first = bind(2)
     assert first == ["0", "1"]  # the slot that will hand them over
-    promised |= {("local", g) for g in first}
+    promised.append(Placement("local", tuple(first)))
     assert bind(2) is None  # only one free id left, and 0/1 are promised
     second = bind(1)
     assert second == ["2"]  # a free id nobody was promised
-    promised |= {("local", g) for g in second}
+    promised.append(Placement("local", tuple(second)))
     assert bind(1) is None
     assert bind(0) == []
     assert slots.pools["local"].free == 1  # binding takes nothing from the pool

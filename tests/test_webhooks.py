@@ -253,8 +253,15 @@ def test_deliveries_survive_a_kill(server_factory, receiver, tmp_path):
     assert delivered.body == first.body and verify(
         SECRET, delivered.headers["x-ratchet-signature"], delivered.body, time.time()
     )
-    state = again.client.get("/v1/webhooks/deliveries", params={"loop_id": lid}).json()["items"]
-    assert [d["state"] for d in state if d["event"] == "keep"] == ["delivered"]
+    # the receiver has answered; the service records that right after, so give it a moment
+    deadline = time.monotonic() + 15
+    while True:
+        state = again.client.get("/v1/webhooks/deliveries", params={"loop_id": lid}).json()["items"]
+        keeps = [d["state"] for d in state if d["event"] == "keep"]
+        if keeps == ["delivered"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert keeps == ["delivered"], state
 
 
 def test_webhook_destinations_are_checked(server, receiver):
