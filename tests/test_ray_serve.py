@@ -108,7 +108,7 @@ def test_a_loop_spreads_over_the_nodes_with_their_gpus_and_says_where_each_ran(
     late = submit(srv, slow["id"], "late", files=train(0.5, 60))["id"]
     assert srv.wait_final(late)["status"] == "timeout"
     assert settled_leftovers(fake_gpu_engine.client, f"ratchet.experiment={late}") == []
-    doomed = submit(srv, slow["id"], "doomed", files=train(0.5, 60))["id"]
+    doomed = submit(srv, slow["id"], "doomed", files=train(0.4, 60))["id"]  # not a duplicate of late
     wait_for("it to run", lambda: leftovers(fake_gpu_engine.client, f"ratchet.experiment={doomed}"))
     assert srv.client.post(f"/v1/experiments/{doomed}/cancel").status_code == 200
     assert srv.wait_final(doomed)["status"] == "cancelled"
