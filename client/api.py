@@ -171,6 +171,28 @@ class RatchetClient:
     def archive(self, snapshot_id: str) -> bytes:
         return self._call("GET", f"/v1/snapshots/{snapshot_id}/archive").content
 
+    # -- proposals ---------------------------------------------------------------------------------
+
+    def proposals(
+        self, loop_id: str, *, status: Iterable[str] = (), after: int = 0, limit: int = 100
+    ) -> dict[str, Any]:
+        """One page of a loop's proposer runs: `{"items": [...], "next_after": n | None}`."""
+        params: dict[str, Any] = {"after": after, "limit": limit}
+        if status:
+            params["status"] = list(status)
+        return self._call("GET", f"/v1/loops/{loop_id}/proposals", params=params).json()
+
+    def recent_proposals(self, loop: dict[str, Any], limit: int) -> list[dict[str, Any]]:
+        """The last LIMIT proposer runs of LOOP (a loop view with its `proposer`), oldest first."""
+        total = sum(((loop.get("proposer") or {}).get("counts") or {}).values())
+        return self.proposals(loop["id"], after=max(0, total - limit), limit=limit)["items"]
+
+    def proposal(self, proposal_id: str) -> dict[str, Any]:
+        return self._call("GET", f"/v1/proposals/{proposal_id}").json()
+
+    def cancel_proposal(self, proposal_id: str) -> dict[str, Any]:
+        return self._call("POST", f"/v1/proposals/{proposal_id}/cancel").json()
+
     # -- tokens ------------------------------------------------------------------------------------
 
     def service_info(self) -> dict[str, Any]:
@@ -223,19 +245,21 @@ class RatchetClient:
                 raise TimeoutError(f"experiment {exp_id} still {exp['status']} after {timeout:g} s")
             time.sleep(poll)
 
-    def logs(self, exp_id: str) -> str:
-        return self._call("GET", f"/v1/experiments/{exp_id}/logs").text
+    def logs(self, exp_id: str, kind: str = "experiments") -> str:
+        """The log of an experiment (or, with kind="proposals", of a proposer run)."""
+        return self._call("GET", f"/v1/{kind}/{exp_id}/logs").text
 
     def diff(self, exp_id: str) -> str:
         return self._call("GET", f"/v1/experiments/{exp_id}/diff").text
 
-    def follow_logs(self, exp_id: str, poll: float = 0.5) -> Iterator[str]:
-        """The log as it grows, in chunks, until the experiment is final.
+    def follow_logs(self, exp_id: str, poll: float = 0.5, kind: str = "experiments") -> Iterator[str]:
+        """The log as it grows, in chunks, until the experiment (or, with kind="proposals", the
+        proposer run) is final.
 
         Asks for `?follow=true`: a server that streams answers with server-sent events (one `data`
         event per chunk, then `event: end`); one that does not answers with the log so far as plain
         text, and then the log is polled along with the experiment's status."""
-        path = f"/v1/experiments/{exp_id}/logs"
+        path = f"/v1/{kind}/{exp_id}/logs"
         # The stream may be quiet for as long as the workload prints nothing.
         stream_timeout = httpx.Timeout(self.timeout, read=None)
         with (

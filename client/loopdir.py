@@ -9,6 +9,7 @@ path prefixes left out of the workspace. `command` may be a string; it is split 
 from __future__ import annotations
 
 import base64
+import datetime
 import io
 import json
 import os
@@ -106,13 +107,24 @@ def _merge(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]
     return merged
 
 
+def _plain(value: Any) -> Any:
+    """TOML's dates and times as the RFC 3339 text the API reads (e.g. `deadline`)."""
+    if isinstance(value, datetime.date | datetime.time):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
 def loop_body(root: str | Path, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The `POST /v1/loops` body for directory ROOT: its definition file, then OVERRIDES, then its
     files (minus the definition, `exclude` and clutter) as the workspace."""
     root = Path(root)
     if not root.is_dir():
         raise LoopDirError(f"{root} is not a directory")
-    spec = _merge(read_spec(root), overrides or {})
+    spec = _plain(_merge(read_spec(root), overrides or {}))
     exclude = spec.pop("exclude", [])
     if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
         raise LoopDirError("'exclude' must be a list of path prefixes")

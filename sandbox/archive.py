@@ -28,8 +28,11 @@ def _guarded_dirs(files: list[FileEntry]) -> set[str]:
     return guarded
 
 
-def workspace_tar(files: Iterable[FileEntry], uid: int = SANDBOX_UID) -> bytes:
-    """The per-run volume's content: `workspace/` and an empty `output/`.
+def workspace_tar(
+    files: Iterable[FileEntry], uid: int = SANDBOX_UID, inputs: Iterable[FileEntry] = ()
+) -> bytes:
+    """The per-run volume's content: `workspace/`, an empty `output/` and, with `inputs`, `input/`
+    (root's, read-only files in read-only directories).
 
     All directories belong to root. One that holds a read-only file (at any depth) is not writable
     by the workload, so the file cannot be replaced by renaming another over it or its directory
@@ -61,7 +64,26 @@ def workspace_tar(files: Iterable[FileEntry], uid: int = SANDBOX_UID) -> bytes:
             info.uid = info.gid = uid if f.writable else 0
             info.mode = (0o644 if f.writable else 0o444) | (0o111 if f.executable else 0)
             tar.addfile(info, io.BytesIO(f.data))
+        _add_inputs(tar, list(inputs), now)
     return buf.getvalue()
+
+
+def _add_inputs(tar: tarfile.TarFile, inputs: list[FileEntry], now: float) -> None:
+    if not inputs:
+        return
+    tar.addfile(_dir("input", 0o755, 0, now))
+    made: set[str] = set()
+    for f in sorted(inputs, key=lambda f: f.path):
+        parts = f.path.split("/")
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            if d not in made:
+                made.add(d)
+                tar.addfile(_dir(f"input/{d}", 0o755, 0, now))
+        info = tarfile.TarInfo(f"input/{f.path}")
+        info.size, info.mtime, info.uid, info.gid = len(f.data), now, 0, 0
+        info.mode = 0o444 | (0o111 if f.executable else 0)
+        tar.addfile(info, io.BytesIO(f.data))
 
 
 class _ChunkReader(io.RawIOBase):
@@ -187,3 +209,32 @@ def read_cache_tar(
     if used < 0:
         return None, f"the cache holds more than {cap} bytes"
     return data, ""
+
+
+def read_collected_tar(
+    chunks: Iterator[bytes], path: str, archived: str, cap: int, read_limit: int
+) -> tuple[dict[str, bytes], list[str]]:
+    """Regular files of the engine's archive of workspace `path` ("." is the workspace itself),
+    keyed by their path in the workspace. The engine names members after the archived
+    directory's (or file's) own name, `archived`. Links and devices are listed as skipped."""
+    files: dict[str, bytes] = {}
+    skipped: list[str] = []
+    reader = _ChunkReader(chunks, read_limit)
+    used = 0
+    base = "" if path == "." else path
+    try:
+        with tarfile.open(fileobj=io.BufferedReader(reader), mode="r|") as tar:
+            for member in tar:
+                if member.isdir() or not (member.name == archived or member.name.startswith(archived + "/")):
+                    continue
+                inner = member.name[len(archived) :].lstrip("/")
+                name = "/".join(p for p in (base, inner) if p)
+                if not member.isfile() or used + member.size > cap:
+                    skipped.append(name)
+                    continue
+                data = tar.extractfile(member)
+                files[name] = data.read() if data else b""
+                used += member.size
+    except tarfile.TarError:
+        skipped.append(f"({path}: archive cut short at the size cap)")
+    return files, skipped

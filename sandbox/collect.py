@@ -1,6 +1,7 @@
 """What is read back from a run once its gate reported the workload's end, while the gate still
-keeps the container (and its volumes) alive: peak memory, the output files, and the cache
-directory when the spec asks for it."""
+keeps the container (and its volumes) alive: the peak memory, the output files, the workspace paths
+the spec asks back (`RunSpec.collect`) and the cache directory when the spec asks for it. Each read
+is capped by the run's own limits."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from typing import Any
 
 import docker.errors
 
-from .archive import read_cache_tar, read_output_tar
+from .archive import read_cache_tar, read_collected_tar, read_output_tar
 from .engine import SandboxError, engine_call
-from .options import CACHE_DIR, OUTPUT_DIR
+from .options import CACHE_DIR, OUTPUT_DIR, WORKSPACE_DIR
 from .spec import RunResult, RunSpec
 
 __all__ = ["collect"]
@@ -20,7 +21,8 @@ log = logging.getLogger("ratchet.sandbox")
 
 
 def collect(api: Any, container_id: str, spec: RunSpec, result: RunResult, run_id: str) -> None:
-    """Fills `result`'s peak memory, output files and cache. Peak memory is best effort."""
+    """Fills `result` with the peak memory, output files, collected paths and cache (engine errors
+    raise `SandboxError`, except for the peak memory, which is only logged)."""
     try:
         with engine_call("read peak memory"):
             stats = api.stats(container_id, stream=False, one_shot=True)
@@ -43,3 +45,20 @@ def collect(api: Any, container_id: str, spec: RunSpec, result: RunResult, run_i
             chunks, _ = api.get_archive(container_id, CACHE_DIR)
             cap = spec.limits.cache_mb * 1024 * 1024
             result.cache, result.cache_skipped = read_cache_tar(iter(chunks), cap, 2 * cap + 1024 * 1024)
+    for path in spec.collect:
+        _collect_path(api, container_id, spec, path, result)
+
+
+def _collect_path(api: Any, container_id: str, spec: RunSpec, path: str, result: RunResult) -> None:
+    """A workspace path as the workload left it (the volume holds at most `disk_mb`)."""
+    where = WORKSPACE_DIR if path == "." else f"{WORKSPACE_DIR}/{path}"
+    with engine_call("collect workspace"):
+        try:
+            chunks, _ = api.get_archive(container_id, where)
+        except docker.errors.NotFound:
+            return
+        cap = spec.limits.disk_mb * 1024 * 1024
+        archived = where.rsplit("/", 1)[-1]
+        files, skipped = read_collected_tar(iter(chunks), path, archived, cap, cap + 1024 * 1024)
+    result.workspace_files.update(files)
+    result.workspace_skipped.extend(skipped)

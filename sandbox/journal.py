@@ -36,7 +36,7 @@ class RunRecord(msgspec.Struct, kw_only=True):
     container_id: str
     volume: str
     cache_volume: str | None = None  # the run's cache directory, when it has one
-    spec: RunSpec  # without its files and cache seed: they are in the container already
+    spec: RunSpec  # without its files, inputs and cache seed: they are in the container already
     gpu_route: str = "none"
     # The gate was asked to open at this instant (written just before): the hard deadline is this
     # plus spec.timeout_s. None: the workload was never let go.

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from .egress import proxy_env
 from .gpus import GpuRoute, device_requests, gpu_env, strip_toolkit_env
 from .spec import CACHE_DIR, HOME_DIR, Mount, RunSpec, home_dirs
 
 __all__ = [
     "CACHE_DIR",
     "HOME_DIR",
+    "INPUT_DIR",
     "MOUNT_POINT",
     "OUTPUT_DIR",
     "RUNSC_HOST_PIDS_PER_TASK",
@@ -17,6 +19,7 @@ __all__ = [
     "cache_volume_options",
     "container_options",
     "engine_mount",
+    "run_env",
     "run_ids",
     "volume_options",
 ]
@@ -24,6 +27,7 @@ __all__ = [
 MOUNT_POINT = "/sandbox"
 WORKSPACE_DIR = f"{MOUNT_POINT}/workspace"
 OUTPUT_DIR = f"{MOUNT_POINT}/output"
+INPUT_DIR = f"{MOUNT_POINT}/input"  # a spec's read-only `inputs`
 
 # PID 1 of every container. It holds the untrusted workload back until a line arrives on stdin
 # (so the container can be started and filled ahead of time), runs it with stdin closed, kills
@@ -162,3 +166,15 @@ def container_options(
     if spec.gpus:
         opts["device_requests"] = device_requests(gpu_route, spec.gpus)
     return opts
+
+
+def run_env(spec: RunSpec, cache: bool) -> dict[str, str]:
+    """The workload's environment: the spec's, and where its directories and network are."""
+    env = {**spec.env, "RATCHET_OUTPUT_DIR": OUTPUT_DIR, "HOME": HOME_DIR}
+    if spec.inputs:
+        env["RATCHET_INPUT_DIR"] = INPUT_DIR
+    if spec.egress is not None:
+        env.update(proxy_env())
+    if cache:
+        env["RATCHET_CACHE_DIR"] = CACHE_DIR
+    return env

@@ -1,14 +1,13 @@
 """Runs one untrusted command in one hardened container.
 
 Lifecycle of a run (each step a small method; removal always happens):
-  prepare: create volume -> create container (gated) -> attach -> start -> copy workspace in
+  prepare: create volumes -> create container (gated) -> attach -> start -> copy workspace in
   execute: open the gate -> stream the capped log until the gate reports the exit code or the hard
-           deadline kills the container -> collect output files and peak memory -> let it exit
-  release: remove container and volume, forced, logged on failure, never raised
+           deadline kills the container -> collect outputs and peak memory -> let it exit
+  release: remove container and volumes, forced, logged on failure, never raised
 
-Three kinds of failure never mix: a bad spec raises `SpecError` before the engine is touched; an
-engine failure raises `SandboxError` (translated at one place, `_engine`); whatever the workload
-does (non-zero exit, OOM, timeout) is data in the `RunResult`.
+Failures never mix: a bad spec raises `SpecError` before the engine is touched; an engine failure
+`SandboxError` (translated in one place, `_engine`); what the workload does is data in `RunResult`.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ import requests.exceptions
 
 from .archive import workspace_tar
 from .collect import collect
+from .egress import EgressDoor
 from .engine import SandboxError, ping, remove_labelled
 from .engine import engine_call as _engine
 from .engine import remove as _remove
@@ -38,7 +38,7 @@ from .gpus import EngineProbe, GpuRoute, GpuUnavailable, gpu_refusal
 from .journal import HeadWriter, Journal, RunRecord
 from .logcap import CappedLog
 from .mounts import cache_volume_name, check_mounts, make_cache_volume, seed_cache
-from .options import CACHE_DIR, HOME_DIR, MOUNT_POINT, OUTPUT_DIR, container_options, volume_options
+from .options import MOUNT_POINT, container_options, run_env, volume_options
 from .probe import probe_engine
 from .spec import RunDetached, RunResult, RunSpec, Timings
 from .stream import ExitHook, FrameReader, OutputTap, Reports, strip_marker
@@ -68,8 +68,7 @@ class Sandbox:
         labels: dict[str, str] | None = None,
         journal: Path | None = None,
     ) -> None:
-        """`labels`: carried, beside the instance's, by every container and volume it makes,
-        probes included (which node made it, on an engine that several nodes share, say)."""
+        """`labels`: on every container and volume it makes, probes too (its node's name, say)."""
         self._client = client
         self.instance = instance
         self.labels = dict(labels or {})
@@ -197,6 +196,7 @@ class PreparedRun:
         self._reports = Reports()
         self._released = False
         self._lock = threading.Lock()
+        self._door: EgressDoor | None = None  # the run's network through its allow-list
 
     @property
     def labels(self) -> dict[str, str]:
@@ -211,12 +211,11 @@ class PreparedRun:
 
     def _prepare(self) -> None:
         api = self.sandbox.client.api
-        env = {**self.spec.env, "RATCHET_OUTPUT_DIR": OUTPUT_DIR, "HOME": HOME_DIR}
+        env = run_env(self.spec, self.cache_volume is not None)
         check_mounts(self.sandbox.client, self.spec)
         with _engine("create volume"):
             self.sandbox.client.volumes.create(**volume_options(self.spec, self.volume, self.labels))
         if self.cache_volume is not None:
-            env["RATCHET_CACHE_DIR"] = CACHE_DIR
             make_cache_volume(self.sandbox.client, self.spec, self.cache_volume, self.labels)
         opts = container_options(self.spec, self.volume, self.labels, env, self.gpu_route, self.cache_volume)
         with _engine("create container"):
@@ -232,9 +231,13 @@ class PreparedRun:
         # The volume is mounted (by the engine, on the host) only while the container runs, so
         # the workspace goes in after the start, while the gate holds the workload back.
         with _engine("copy workspace"):
-            if not api.put_archive(self.container_id, MOUNT_POINT, workspace_tar(self.spec.files)):
+            tar = workspace_tar(self.spec.files, inputs=self.spec.inputs)
+            if not api.put_archive(self.container_id, MOUNT_POINT, tar):
                 raise SandboxError("copy workspace: engine did not accept the archive")
         seed_cache(api, self.container_id, self.spec)
+        if self.spec.egress is not None:
+            self._door = EgressDoor(self.sandbox.client, self.spec.egress, self.run_id, self.labels)
+            self._door.open(self.container_id)
         self.timings.ready = time.time()
         self._journal()  # only a run whose workspace is in can be taken over
 
@@ -275,7 +278,7 @@ class PreparedRun:
                 container_id=self.container_id,
                 volume=self.volume,
                 cache_volume=self.cache_volume,
-                spec=msgspec.structs.replace(self.spec, files=[], cache=b""),
+                spec=msgspec.structs.replace(self.spec, files=[], inputs=[], cache=b""),
                 gpu_route=self.gpu_route,
                 opened_at=opened_at,
             )
@@ -345,6 +348,8 @@ class PreparedRun:
         if tap is not None:
             tap.close()
         self._finish(result)
+        if self._door is not None:
+            result.egress_log = self._door.log()
         # The gate reports once. Another report means the workload wrote one itself to end its
         # run early in the runner's eyes (and keep running past the hard deadline meanwhile).
         result.report_forged = self._reports.count > 1
@@ -420,7 +425,8 @@ class PreparedRun:
             ) from exc
 
     def _collect(self, result: RunResult) -> None:
-        """Outputs read while the gate keeps the container (and volumes) alive; then it may exit."""
+        """What the run left (`sandbox.collect`), read while the gate keeps the container (and its
+        volumes) alive; then it may exit."""
         assert self.container_id is not None
         collect(self.sandbox.client.api, self.container_id, self.spec, result, self.run_id)
         with contextlib.suppress(OSError):
@@ -473,6 +479,8 @@ class PreparedRun:
                 return
             self._released = True
         self._disconnect()
+        if self._door is not None:
+            self._door.close()
         client = self.sandbox.connected
         if client is None:
             return

@@ -14,6 +14,7 @@ import msgspec
 __all__ = [
     "CACHE_DIR",
     "HOME_DIR",
+    "Egress",
     "FileEntry",
     "Limits",
     "Mount",
@@ -32,6 +33,9 @@ CACHE_DIR = "/sandbox/cache"  # a run's writable cache directory (its own volume
 # Mount targets never allowed at or under these: the run's volume, /tmp, the kernel's file systems.
 _RESERVED = ("/sandbox", "/tmp", "/proc", "/dev", "/sys")
 _LABEL_KEY = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+# host:port for an egress allow-list: a DNS name, an IPv4 address or a bracketed IPv6 address
+_ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9]([A-Za-z0-9.-]{0,252}[A-Za-z0-9])?):([0-9]{1,5})$")
+_NETWORK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 RUNTIMES = ("runc", "runsc")
 RUNSC_MIN_PIDS = 128  # gVisor's own sandbox threads count against the pids limit
 
@@ -80,10 +84,30 @@ class Mount(msgspec.Struct, kw_only=True, frozen=True):
         return self.source.startswith("/")
 
 
+class Egress(msgspec.Struct, kw_only=True, frozen=True):
+    """Network for a run, through an allow-listing proxy and nothing else.
+
+    The run's container keeps no network interface but loopback. A relay in its network namespace
+    (a container of its own) listens on 127.0.0.1:`PROXY_PORT` and passes each connection over a
+    Unix socket to a proxy container on `network`, which connects only to the `allow`ed endpoints
+    (exact `host:port`, HTTP CONNECT or plain-HTTP requests). Both run `image` (it needs python3),
+    hardened like the run, and go with it."""
+
+    allow: list[str]  # "host:port", compared exactly (host case-insensitively)
+    network: str = "bridge"  # the engine network the proxy reaches the endpoints through
+    image: str = "ratchet/sandbox:latest"
+
+
 class RunSpec(msgspec.Struct, kw_only=True, frozen=True):
     image: str
     argv: list[str]
     files: list[FileEntry] = []
+    # Read-only files beside the workspace, in $RATCHET_INPUT_DIR (their `writable` is ignored).
+    inputs: list[FileEntry] = []
+    # Workspace paths (files or directories; "." is all of it) whose content after the run comes
+    # back in `RunResult.workspace_files`.
+    collect: list[str] = []
+    egress: Egress | None = None  # None: no network at all
     env: dict[str, str] = {}
     mounts: list[Mount] = []
     limits: Limits = Limits()
@@ -115,13 +139,13 @@ class RunSpec(msgspec.Struct, kw_only=True, frozen=True):
         if self.user.split(":")[0] in ("0", "root", ""):
             raise SpecError("the sandbox never runs as root")
         self._validate_limits()
-        seen: set[str] = set()
-        for f in self.files:
-            if not _SAFE_PATH.match(f.path) or any(p in (".", "..") for p in f.path.split("/")):
-                raise SpecError(f"unsafe workspace path {f.path!r}")
-            if f.path in seen:
-                raise SpecError(f"duplicate workspace path {f.path!r}")
-            seen.add(f.path)
+        _check_paths(self.files, "workspace")
+        _check_paths(self.inputs, "input")
+        for path in self.collect:
+            if path != "." and not _safe(path):
+                raise SpecError(f"unsafe path to collect {path!r}")
+        if self.egress is not None:
+            _check_egress(self.egress, self.runtime)
         _validate_mounts(self.mounts)
         if (self.cache or self.collect_cache) and self.limits.cache_mb == 0:
             raise SpecError("a cache needs limits.cache_mb > 0 (the size of its volume)")
@@ -193,6 +217,35 @@ def home_dirs(mounts: list[Mount]) -> list[str]:
     return sorted(dirs, key=lambda d: (d.count("/"), d))
 
 
+def _safe(path: str) -> bool:
+    return bool(_SAFE_PATH.match(path)) and not any(p in (".", "..") for p in path.split("/"))
+
+
+def _check_paths(files: list[FileEntry], what: str) -> None:
+    seen: set[str] = set()
+    for f in files:
+        if not _safe(f.path):
+            raise SpecError(f"unsafe {what} path {f.path!r}")
+        if f.path in seen:
+            raise SpecError(f"duplicate {what} path {f.path!r}")
+        seen.add(f.path)
+
+
+def _check_egress(egress: Egress, runtime: str) -> None:
+    if runtime != "runc":
+        # The engine registers runsc with --network=none: its containers have gVisor's own
+        # loopback only, which the relay (in the host's view of the namespace) never reaches.
+        raise SpecError("egress needs the runc runtime (runsc is registered with --network=none)")
+    if not egress.allow:
+        raise SpecError("egress.allow is empty: give host:port endpoints, or no egress at all")
+    for endpoint in egress.allow:
+        m = _ENDPOINT.match(endpoint)
+        if m is None or not 0 < int(m.group(3)) < 65536:
+            raise SpecError(f"egress endpoint {endpoint!r} is not host:port")
+    if not _NETWORK.match(egress.network) or egress.network in ("host", "none"):
+        raise SpecError(f"egress network {egress.network!r} must be a named engine network")
+
+
 class Timings(msgspec.Struct, kw_only=True):
     """Wall-clock instants (Unix seconds) of one run; None where the run never got there."""
 
@@ -219,6 +272,9 @@ class RunResult(msgspec.Struct, kw_only=True):
     log_truncated: bool = False
     output_files: dict[str, bytes] = {}
     output_skipped: list[str] = []  # output files left out: too large, not regular, over the cap
+    workspace_files: dict[str, bytes] = {}  # the spec's `collect` paths after the run
+    workspace_skipped: list[str] = []  # collected paths left out: links, devices, over the cap
+    egress_log: str = ""  # the proxy's decisions, one line per connection (runs with egress)
     peak_memory_bytes: int | None = None
     cache: bytes | None = None  # the cache directory after the run, as a tar (collect_cache only)
     cache_skipped: str = ""  # why it was not collected

@@ -8,7 +8,10 @@ container is up behind the gate), `run.output` (the workload's output arrives: i
 run's log is written, the verdict is not), `decide.before_commit` (inside the verdict's
 transaction, before COMMIT), `decide.after` (the verdict is committed), `snapshot.blob_tmp` (a new
 blob is fsynced under its temporary name, not yet renamed), `submit.before_commit` (a candidate's
-blobs are durable, its rows not yet committed).
+blobs are durable, its rows not yet committed), `propose.running` (a proposal is `running`, nothing
+made yet), `propose.prepared` (a command proposer's container is up behind its gate),
+`propose.before_commit` (inside the write that queues a proposal's candidate), `propose.after`
+(that write is committed).
 """
 
 from __future__ import annotations

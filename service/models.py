@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Literal
 
@@ -9,6 +10,7 @@ import msgspec
 from msgspec import Meta
 
 from .ops_models import WebhookSpec
+from .proposal_models import ProposerSpec, ProposerView
 
 __all__ = [
     "FAILED",
@@ -190,6 +192,8 @@ class LoopConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     evaluate: EvaluateSpec | None = None  # a trusted evaluation phase; the metric comes from it
     acceptance: AcceptanceSpec = AcceptanceSpec()
     datasets: Annotated[list[DatasetMount], Meta(max_length=16)] = []  # read-only, for training runs
+    proposer: ProposerSpec | None = None  # who proposes candidates; None: REST submitters (v1)
+    deadline: datetime | None = None  # after it, no new candidate is taken (RFC 3339, with a zone)
 
     @property
     def hard_timeout_s(self) -> float:
@@ -239,6 +243,8 @@ class LoopView(msgspec.Struct, kw_only=True):
     counts: dict[str, int] = {}
     created_at: float
     cache: CacheView | None = None  # none yet (filled by the first successful baseline run)
+    state_reason: str | None = None  # why the loop was paused, when Ratchet paused it
+    proposer: ProposerView | None = None  # its proposer's progress, when it has one
 
 
 class CandidateCreate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -278,6 +284,10 @@ class ExperimentView(msgspec.Struct, kw_only=True):
     mean: float | None = None  # the mean metric over those runs: what its verdict and the ledger use
     attempts: int = 0  # times it was started: >1 after a restart or a container engine failure
     node: str | None = None  # where it runs or ran (the executor's node; "local" on one machine)
+    proposal_id: str | None = None  # the proposer run that made this candidate
+    # In the answer to a submission only: the candidate had already run in this loop as this
+    # experiment (this very one), so nothing new was queued.
+    duplicate_of: str | None = None
 
 
 class RerunCreate(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -10,9 +10,11 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
-__all__ = ["Settings", "SettingsError", "load_settings", "parse_datasets"]
+__all__ = ["Settings", "SettingsError", "llm_api_key", "llm_key_refusal", "load_settings", "parse_datasets"]
 
 ENV_PREFIX = "RATCHET_"
+_LIST_FIELDS = ("gpus", "llm_key_envs")  # comma-separated in the environment
+_KEY_NAME = re.compile(r"^[A-Z][A-Z0-9_]*_API_KEY$")
 _DATASET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VOLUME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
@@ -75,6 +77,15 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=
     fault_point: str | None = None  # tests only: see service/faults.py
     # One log line per HTTP request costs more than many a request itself; /metrics counts them.
     access_log: bool = False
+    # Proposer runs at once across all loops (they hold no experiment slot and no GPU).
+    proposer_runs: Annotated[int, Meta(ge=1, le=256)] = 4
+    # The engine network a command proposer's allow-listing proxy reaches its endpoints through.
+    proposer_network: str = "bridge"
+    proposer_proxy_image: str | None = None  # needs python3; default: default_image
+    # Environment variables of this service a loop may name as an llm proposer's api_key_env.
+    # None: any NAME_API_KEY that does not start with RATCHET_.
+    llm_key_envs: list[str] | None = None
+    llm_backoff_s: Annotated[float, Meta(ge=0, le=600)] = 1.0  # first retry's wait, doubling
     # -- operations (README "Operating it") --
     admin_token_file: str | None = None  # the bootstrap admin token read from a file (a compose secret)
     # Browser logins (/login): how long a session lasts, and whether its cookie is Secure: "auto"
@@ -116,7 +127,7 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
             value: Any = environ[key]
             if field in _EMPTY_IS_UNSET and not value.strip():
                 continue
-            if field == "gpus":
+            if field in _LIST_FIELDS:
                 value = [g.strip() for g in value.split(",") if g.strip()]
             if field == "datasets":
                 value = parse_datasets(value.split(","), key)
@@ -160,6 +171,28 @@ def load_settings(
         return msgspec.convert(raw, Settings, strict=False)
     except msgspec.ValidationError as exc:
         raise SettingsError(f"invalid setting: {exc} (flags, or {ENV_PREFIX}<NAME> variables)") from exc
+
+
+def llm_key_refusal(settings: Settings, name: str) -> str | None:
+    """Why a loop may not use the service's variable `name` as its chat API key (None: it may).
+    A loop's owner picks the endpoint the key is sent to, so only variables meant as API keys are
+    handed out, never the service's own settings or secrets."""
+    allowed = settings.llm_key_envs
+    if allowed is not None and name not in allowed:
+        return f"api_key_env {name!r} is not among RATCHET_LLM_KEY_ENVS ({', '.join(allowed) or 'none'})"
+    if allowed is None and (name.startswith(ENV_PREFIX) or not _KEY_NAME.match(name)):
+        return (
+            f"api_key_env {name!r} must be an upper-case NAME_API_KEY that does not start with"
+            " RATCHET_ (or be listed in RATCHET_LLM_KEY_ENVS)"
+        )
+    return None
+
+
+def llm_api_key(settings: Settings, name: str, environ: Mapping[str, str] | None = None) -> str | None:
+    """The value of the service's environment variable `name`, if a loop may use it as a key."""
+    if llm_key_refusal(settings, name) is not None:
+        return None
+    return (os.environ if environ is None else environ).get(name) or None
 
 
 def _read_secret(path: str, field: str) -> str:

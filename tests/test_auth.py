@@ -98,6 +98,7 @@ def test_every_route_needs_its_scope(secured):
         "snapshot_id": "3" * 64,
         "webhook_id": "4" * 16,
         "delivery_id": "5" * 16,
+        "proposal_id": NO_EXP,
     }
     routes = app_routes()
     assert ("POST", "/v1/tokens") in routes and ("GET", "/loops/{loop_id}") in routes

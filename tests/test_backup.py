@@ -62,7 +62,9 @@ class Load:
             else:
                 value = f"{best + 0.05 + self.rng.random() / 10:.4f}"
             sleep = self.rng.choice([0.0, 0.5, 2.0, 4.0])
-            body = {"description": f"try {self.submitted + 1}: V={value}", "files": _files(value, sleep)}
+            files = _files(value, sleep)
+            files["train.py"] += f"# try {self.submitted + 1}\n"  # a repeat would be a duplicate, not a run
+            body = {"description": f"try {self.submitted + 1}: V={value}", "files": files}
             r = self.server.client.post(f"/v1/loops/{self.loop_id}/experiments", json=body)
             if r.status_code != 202:
                 self.errors.append(r.text)

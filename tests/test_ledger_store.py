@@ -4,7 +4,9 @@ triggers match the experiments, old databases are migrated and back-filled, and 
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
+import uuid
 from pathlib import Path
 
 from service.models import LoopConfig, Status
@@ -34,7 +36,9 @@ async def run(store: Store, exp_id: str, metric: float | None, exit_code: int = 
 
 
 async def submit(store: Store, loop_id: str, snap: str, description: str) -> str:
-    return await enqueue.submit(store, loop_id, description, snap, snap, b'{"files":[]}', "")
+    """A candidate on `snap` with a snapshot of its own (one that already ran would be a duplicate)."""
+    child = hashlib.sha256(f"{loop_id} {description} {uuid.uuid4()}".encode()).hexdigest()
+    return await enqueue.submit(store, loop_id, description, snap, child, b'{"files":[]}', "")
 
 
 def truth(db: Path, loop_id: str) -> dict[str, int]:

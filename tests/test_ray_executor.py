@@ -25,9 +25,10 @@ from collections.abc import AsyncIterator, Iterator
 import msgspec
 import pytest
 from conftest import ROOT, SANDBOX_IMAGE, leftovers
+from egress_net import EgressNet
 from fake_gpu_engine import FakeGpuEngine
 
-from sandbox import FileEntry, RunResult, RunSpec, SandboxError, SpecError
+from sandbox import Egress, FileEntry, RunResult, RunSpec, SandboxError, SpecError
 from service.runs.executor import Node
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -r requirements/ray.txt)")
@@ -255,6 +256,72 @@ async def test_cleanup_of_one_experiment_sweeps_every_node(executor: RayExecutor
     assert await executor.cleanup() == 2
     for handle in handles:
         await handle.cleanup()  # already gone: nothing to do, nothing raised
+
+
+# A command proposer's run in miniature: it reads its context, asks its model's endpoint (and one it
+# may not reach), edits the workspace and writes its description.
+PROPOSER = r"""
+import json, os, sys, urllib.request, urllib.error
+inp = os.environ["RATCHET_INPUT_DIR"]
+out = {"program": open(os.path.join(inp, "program.md")).read()}
+try:
+    open(os.path.join(inp, "program.md"), "a").write("x")
+    out["input_write"] = "written"
+except OSError as e:
+    out["input_write"] = type(e).__name__
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return f"{r.status} {r.read().decode()}"
+    except urllib.error.HTTPError as e:
+        return str(e.code)
+    except Exception as e:
+        return f"error {type(e).__name__}"
+out["allowed"] = get(f"http://{sys.argv[1]}/v1/models")
+out["other"] = get("http://fakeapi:8000/v1/models")
+open("train.py", "w").write("LR = 0.5\n")
+with open(os.path.join(os.environ["RATCHET_OUTPUT_DIR"], "description.txt"), "w") as f:
+    f.write("halve the learning rate\n")
+print(json.dumps(out))
+"""
+
+
+async def test_a_proposer_run_crosses_to_its_node_and_back_whole(
+    executor: RayExecutor, fake_gpu_engine: FakeGpuEngine
+) -> None:
+    """What a command proposer needs from the sandbox works on a node of the cluster: read-only
+    inputs beside the workspace, the workspace handed back after the run, and a network through
+    the allow-listing proxy (made on the node's engine) to exactly the allowed endpoint. The
+    endpoint is the test's server on the network's gateway: the host's firewall (the shared engine's
+    FORWARD policy) drops traffic between containers on this engine's bridge, not traffic to the host."""
+    net = EgressNet(fake_gpu_engine.client)
+    endpoint = f"{net.gateway}:{net.gateway_port}"
+    try:
+        spec = RunSpec(
+            image=SANDBOX_IMAGE,
+            argv=["python3", "-c", PROPOSER, endpoint],
+            files=[FileEntry(path="train.py", data=b"LR = 1\n", writable=True)],
+            inputs=[FileEntry(path="program.md", data=b"lower the loss\n")],
+            collect=["."],
+            egress=Egress(allow=[endpoint], network=net.name, image=SANDBOX_IMAGE),
+            timeout_s=60,
+            labels={"ratchet.proposal": "p1", **net.labels},
+        )
+        handle = await executor.prepare(spec, "w2")
+        result = await _run(handle)
+        await handle.cleanup()
+    finally:
+        net.close()
+    assert result.exit_code == 0, result.log
+    out = msgspec.json.decode(result.log.strip().splitlines()[-1])
+    assert out["program"] == "lower the loss\n"
+    assert out["input_write"] in ("PermissionError", "OSError")
+    assert out["allowed"] == "200 host secret", result.egress_log
+    assert out["other"] == "403"  # a server the node's engine could reach, but not on the list
+    assert result.workspace_files == {"train.py": b"LR = 0.5\n"}
+    assert result.output_files == {"description.txt": b"halve the learning rate\n"}
+    assert f"allow GET {endpoint}" in result.egress_log
+    assert "deny GET fakeapi:8000" in result.egress_log
 
 
 def test_a_restarted_executor_sweeps_what_a_killed_one_left(

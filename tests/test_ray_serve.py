@@ -5,6 +5,7 @@ containers on the tests' fake-GPU engine, which the nodes share):
 - a loop's experiments spread over both nodes, each on GPU ids of its own node, and say where they
   ran; /metrics and the loop page show the nodes; a deadline ends as `timeout` and a cancel as
   `cancelled`, with nothing left behind;
+- a loop's command proposer runs on a node like its experiments do, and drives the loop;
 - a service killed with a run on each node, started again, joins the cluster, every node's agent
   removes what the dead process left there, and the runs are run again and judged;
 - a node killed under a running experiment sends it back to the queue: it runs on the other node
@@ -21,7 +22,9 @@ from collections.abc import Iterator
 import pytest
 from conftest import SANDBOX_IMAGE, leftovers, settled_leftovers
 from fake_gpu_engine import FakeGpuEngine
+from proposer_scripts import IMPROVER
 from test_api import TRAIN, make_loop, submit
+from test_proposers import SMALL, experiments, proposals, settled, wait_loop
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -r requirements/ray.txt)")
 
@@ -105,7 +108,7 @@ def test_a_loop_spreads_over_the_nodes_with_their_gpus_and_says_where_each_ran(
     late = submit(srv, slow["id"], "late", files=train(0.5, 60))["id"]
     assert srv.wait_final(late)["status"] == "timeout"
     assert settled_leftovers(fake_gpu_engine.client, f"ratchet.experiment={late}") == []
-    doomed = submit(srv, slow["id"], "doomed", files=train(0.5, 60))["id"]
+    doomed = submit(srv, slow["id"], "doomed", files=train(0.4, 60))["id"]  # not a duplicate of late
     wait_for("it to run", lambda: leftovers(fake_gpu_engine.client, f"ratchet.experiment={doomed}"))
     assert srv.client.post(f"/v1/experiments/{doomed}/cancel").status_code == 200
     assert srv.wait_final(doomed)["status"] == "cancelled"
@@ -140,6 +143,34 @@ def test_a_restarted_service_reattaches_and_sweeps_every_node(
     for exp_id in ids:
         exp = srv.client.get(f"/v1/experiments/{exp_id}").json()
         assert exp["status"] in ("keep", "discard") and exp["attempts"] == 2, exp
+
+
+def test_a_command_proposer_drives_a_loop_on_the_cluster(ray_server, fake_gpu_engine: FakeGpuEngine) -> None:
+    """A command proposer's sandbox goes through the Ray executor like an experiment's: it runs on
+    a node, gets its context, hands its edit back; its candidates run on the nodes' GPUs; nothing
+    of it is left on the node."""
+    srv = ray_server
+    proposer = {"kind": "command", "command": ["python3", "-c", IMPROVER], "parallel": 2, "resources": SMALL}
+    loop = make_loop(
+        srv,
+        name="driven",
+        image=SANDBOX_IMAGE,
+        resources={"gpus": 1, "cpus": 0.25, "memory_mb": 256},
+        max_experiments=7,
+        proposer=proposer,
+    )
+    lid = loop["id"]
+    loop = wait_loop(srv, lid, settled, timeout=300)
+    assert loop["proposer"]["idle_reason"] == "max_experiments=7 reached"
+    exps = experiments(srv, lid)
+    made = [p for p in proposals(srv, lid) if p["status"] == "proposed"]
+    assert len(exps) == 7 and len(made) == 6
+    assert {e["proposal_id"] for e in exps[1:]} == {p["id"] for p in made}
+    assert all(e["status"] in ("keep", "discard") and e["node"] in ("w1", "w2") for e in exps[1:]), exps
+    assert loop["best_metric"] < 1.0
+    log = srv.client.get(f"/v1/proposals/{made[0]['id']}/logs").text
+    assert "context: loop.json recent.json recent.md results.tsv" in log, log
+    assert settled_leftovers(fake_gpu_engine.client, f"ratchet.loop={lid}") == []
 
 
 def test_a_node_lost_mid_run_sends_its_experiment_elsewhere_and_a_new_node_gets_work(

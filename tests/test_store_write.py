@@ -31,7 +31,8 @@ async def test_concurrent_submissions_commit_together_and_a_refusal_rolls_back_a
         full = LoopConfig(name="full", max_experiments=1)
         full_loop, _ = await enqueue.create_loop(store, full, root.id, root.encode())
         store._commit_group = counting  # type: ignore[method-assign]
-        children = [snaps.put_tree({"train.py": f"V = {i}\n".encode()}) for i in range(40)]
+        # none equal to the root: a candidate that already ran would be answered as a duplicate
+        children = [snaps.put_tree({"train.py": f"V = {i + 100}\n".encode()}) for i in range(40)]
 
         async def submit(loop_id: str, i: int) -> str:
             child = children[i]

@@ -195,9 +195,9 @@ def test_signed_retried_deliveries_of_a_loops_events(server_factory, receiver):
         "<!channel>" not in best.json["text"] and "&lt;!channel&gt;" in best.json["text"]
     )  # ...text is safe
     assert "new best val_bpb 0.500000" in best.json["text"]
-    for n in range(2):
+    for n in range(2):  # distinct snapshots: a repeat would be answered as a duplicate, not run
         srv.client.post(
-            f"/v1/loops/{lid}/experiments", json={"description": f"bad {n}", "files": _files("1 / 0")}
+            f"/v1/loops/{lid}/experiments", json={"description": f"bad {n}", "files": _files(f"{n} / 0")}
         )
     streak = receiver.wait("/ok", lambda x: x.json["event"] == "crash_streak")
     assert streak.json["streak"] == 2 and streak.json["experiment"]["status"] == "crash"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .data import cache, datasets
-from .experiments import diff, logs, submit
+from .experiments import diff, logs, proposals, submit
 from .loops import loop
 from .tokens import token
 from .watch import watch
@@ -13,4 +13,6 @@ from .workspace import pull, results
 
 __all__ = ["COMMANDS"]
 
-COMMANDS: tuple[click.Command, ...] = (loop, submit, watch, logs, diff, results, pull, token, datasets, cache)
+COMMANDS: tuple[click.Command, ...] = (
+    loop, submit, watch, logs, proposals, diff, results, pull, token, datasets, cache
+)

@@ -48,6 +48,10 @@ STATUS_STYLE = {
     "error": "bold red",
     "confirming": "green",
     "measured": "dim cyan",
+    # proposer runs
+    "proposed": "green",
+    "duplicate": "yellow",
+    "failed": "red",
 }
 
 

@@ -1,8 +1,9 @@
-"""`ratchet submit`, `ratchet logs`, `ratchet diff`."""
+"""`ratchet submit`, `ratchet logs`, `ratchet diff`, `ratchet proposals`."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sys
@@ -14,10 +15,12 @@ import click
 
 from service.models import FAILED, Status
 
+from ..api import ApiError
 from ..terminal import SafeStream, echo, safe
 from .common import FAILED_OR_ERROR, CliError, CliState, fmt_metric, pass_state, resolve_loop
+from .views import proposals_table
 
-__all__ = ["EXIT_CODES", "diff", "logs", "submit"]
+__all__ = ["EXIT_CODES", "diff", "logs", "proposals", "submit"]
 
 # What `submit --wait` exits with, so a script can branch on the verdict.
 EXIT_CODES = {
@@ -117,7 +120,13 @@ def submit(
     if quiet and not wait:
         click.echo(exp["id"])
         return
-    echo(f"submitted experiment {exp['id']} (#{exp['number']}) to loop {lp['name']}: {exp['status']}")
+    if exp.get("duplicate_of"):
+        echo(
+            f"already ran in loop {lp['name']} as experiment {exp['id']} (#{exp['number']}):"
+            f" {exp['status']}; nothing new was queued (rerun it on purpose with POST .../rerun)"
+        )
+    else:
+        echo(f"submitted experiment {exp['id']} (#{exp['number']}) to loop {lp['name']}: {exp['status']}")
     if not wait:
         return
     with _spinner(state, f"waiting for experiment #{exp['number']}"):
@@ -126,24 +135,61 @@ def submit(
     sys.exit(EXIT_CODES.get(done["status"], 1))
 
 
+def _kind(state: CliState, run_id: str) -> tuple[str, dict[str, Any]]:
+    """Whether RUN_ID is an experiment or a proposer run, and its view."""
+    try:
+        return "experiments", state.client.experiment(run_id)
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+    try:
+        return "proposals", state.client.proposal(run_id)
+    except ApiError as exc:
+        if exc.status != 404:
+            raise
+    raise CliError(f"no experiment or proposal {run_id}", 1)
+
+
 @click.command()
-@click.argument("exp_id", metavar="EXP")
-@click.option("-f", "--follow", is_flag=True, help="keep printing while the experiment runs")
+@click.argument("exp_id", metavar="ID")
+@click.option("-f", "--follow", is_flag=True, help="keep printing while it runs")
 @pass_state
 def logs(state: CliState, exp_id: str, follow: bool) -> None:
-    """Print an experiment's log.
+    """Print the log of an experiment or a proposer run.
 
-    With -f, keep printing while EXP runs, until it ends."""
+    With -f, keep printing while ID runs, until it ends."""
+    kind, _ = _kind(state, exp_id)
     if not follow:
-        echo(state.client.logs(exp_id), nl=False)
+        echo(state.client.logs(exp_id, kind=kind), nl=False)
         return
     stream = SafeStream()
-    for chunk in state.client.follow_logs(exp_id):
+    for chunk in state.client.follow_logs(exp_id, kind=kind):
         click.echo(stream.feed(chunk), nl=False)
         sys.stdout.flush()
-    exp = state.client.experiment(exp_id)
-    reason = f" ({exp['reason']})" if exp.get("reason") else ""
-    echo(f"-- experiment {exp_id} ended: {exp['status']}{reason}", err=True)
+    _, run = _kind(state, exp_id)
+    reason = f" ({run['reason']})" if run.get("reason") else ""
+    what = "experiment" if kind == "experiments" else "proposal"
+    echo(f"-- {what} {exp_id} ended: {run['status']}{reason}", err=True)
+
+
+@click.command()
+@click.argument("loop_ref", metavar="LOOP")
+@click.option("-n", "--last", default=20, show_default=True, help="recent proposer runs to list")
+@click.option("--json", "as_json", is_flag=True, help="print the API's JSON instead of a table")
+@pass_state
+def proposals(state: CliState, loop_ref: str, last: int, as_json: bool) -> None:
+    """List a loop's proposer runs.
+
+    What LOOP's proposer made of each run: its candidate's experiment id, the earlier experiment
+    a duplicate repeated, or why it failed (`ratchet logs ID` shows a run's log)."""
+    lp = resolve_loop(state.client, loop_ref)
+    if not lp.get("proposer"):
+        raise CliError(f"loop {lp['name']} has no proposer: its candidates come over REST", 1)
+    props = state.client.recent_proposals(lp, max(1, last))
+    if as_json:
+        click.echo(json.dumps(props, indent=1))
+        return
+    state.show(proposals_table(list(reversed(props)), title=f"{lp['name']}: proposer runs, newest first"))
 
 
 @click.command()

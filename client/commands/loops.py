@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,7 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
         "image": flags["image"],
         "command": flags["command"],
         "max_experiments": flags["max_experiments"],
+        "deadline": _deadline(flags["deadline"]) if flags["deadline"] else None,
         "runtime": flags["runtime"],
         "acceptance": {"rule": flags["acceptance"]} if flags["acceptance"] else None,
         "metric": {k: v for k, v in metric.items() if v is not None},
@@ -43,6 +46,19 @@ def _overrides(flags: dict[str, Any]) -> dict[str, Any]:
         "env": env,
     }
     return {k: v for k, v in out.items() if v not in (None, {})}
+
+
+_SPAN = re.compile(r"^\+?(\d+(?:\.\d+)?)([smhd])$")
+
+
+def _deadline(when: str) -> str:
+    """RFC 3339 as it is, or a span from now (`90m`, `8h`, `2d`) as the UTC instant it ends."""
+    m = _SPAN.match(when.strip())
+    if m is None:
+        return when
+    seconds = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    end = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=seconds)
+    return end.replace(microsecond=0).isoformat()
 
 
 def _env_pair(pair: str) -> tuple[str, str]:
@@ -71,6 +87,11 @@ def _env_pair(pair: str) -> tuple[str, str]:
 @click.option("--gpus", type=int, metavar="G")
 @click.option("--env", multiple=True, metavar="KEY=VALUE", help="environment for the workload; repeatable")
 @click.option("--max-experiments", type=int, metavar="N")
+@click.option(
+    "--deadline",
+    metavar="WHEN",
+    help="no new candidate after WHEN: RFC 3339 with a zone, or 90m, 8h, 2d from now",
+)
 @click.option("--runtime", type=click.Choice(["runc", "runsc"]))
 @click.option(
     "--acceptance",

@@ -18,7 +18,15 @@ from service.models import hard_timeout_s
 from ..terminal import clean
 from .common import FAILED_OR_ERROR, elapsed, fmt_metric, fmt_seconds, status_text
 
-__all__ = ["cache_text", "experiments_table", "loop_summary", "loops_table", "running_table"]
+__all__ = [
+    "cache_text",
+    "experiments_table",
+    "loop_summary",
+    "loops_table",
+    "proposals_table",
+    "proposer_text",
+    "running_table",
+]
 
 ARROW = {"minimize": "↓", "maximize": "↑"}
 
@@ -82,6 +90,12 @@ def loop_summary(loop: dict[str, Any], best: dict[str, Any] | None = None) -> Ta
     ]
     if cfg.get("max_experiments"):
         rows.append(("max", str(cfg["max_experiments"])))
+    if cfg.get("deadline"):
+        rows.append(("deadline", str(cfg["deadline"])))
+    if loop.get("state_reason"):
+        rows.append(("paused", str(loop["state_reason"])))
+    if loop.get("proposer"):
+        rows.append(("proposer", proposer_text(loop)))
     if cfg.get("datasets"):
         rows.append(("datasets", ", ".join(f"{d['name']} at {d['target']}" for d in cfg["datasets"])))
     rows.append(("cache", cache_text(loop.get("cache"))))
@@ -155,4 +169,41 @@ def running_table(exps: list[dict[str, Any]], loop: dict[str, Any]) -> Renderabl
         )
         note = f"{fmt_seconds(spent)} / {budget:g}s" + (f" (kill at {kill:g}s)" if over else "")
         table.add_row(str(exp["number"]), exp["id"], note, bar, Text(exp["description"]))
+    return table
+
+
+def proposer_text(loop: dict[str, Any]) -> str:
+    """One line on the loop's proposer: its kind, proposals per status, streak, budget, idling."""
+    view = loop.get("proposer") or {}
+    counts = view.get("counts") or {}
+    parts = [view.get("kind", "?")]
+    parts += [f"{k} {v}" for k, v in counts.items() if v]
+    if view.get("failure_streak"):
+        parts.append(f"{view['failure_streak']} failures in a row")
+    if view.get("requests") or view.get("tokens"):
+        parts.append(f"{view['requests']} requests, {view['tokens']} tokens")
+    idle = view.get("idle_reason")
+    parts.append(f"idle: {idle}" if idle else "proposing as slots free up")
+    return " · ".join(parts)
+
+
+def proposals_table(props: list[dict[str, Any]], title: str = "recent proposals") -> Table:
+    """One row per proposer run: what it made (the candidate, or the earlier one it repeated) or why
+    it failed."""
+    props = clean(props)
+    table = Table(title=Text(clean(title)), title_justify="left", box=box.SIMPLE_HEAD)
+    for name in ("#", "id", "status", "time"):
+        table.add_column(name, no_wrap=True, justify="right" if name in ("#", "time") else "left")
+    table.add_column("made", no_wrap=True)
+    table.add_column("description / reason", overflow="fold")
+    for p in props:
+        made = p.get("experiment_id") or (f"= {p['duplicate_of']}" if p.get("duplicate_of") else "")
+        text = p.get("description") or ""
+        if p.get("reason"):
+            text = f"{text}  ({p['reason']})" if text else p["reason"]
+        table.add_row(
+            str(p["number"]), p["id"], status_text(p["status"]), fmt_seconds(elapsed(p)), made, Text(text)
+        )
+    if not props:
+        table.add_row("", "", "", "", "", Text("none yet", style="dim"))
     return table

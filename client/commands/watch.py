@@ -12,9 +12,11 @@ from rich.text import Text
 
 from ..api import RatchetClient, Unreachable
 from .common import CliState, pass_state, resolve_loop
-from .views import experiments_table, loop_summary, running_table
+from .views import experiments_table, loop_summary, proposals_table, running_table
 
 __all__ = ["watch"]
+
+PROPOSALS_SHOWN = 5
 
 
 class _Frames:
@@ -32,14 +34,17 @@ class _Frames:
         running = self.client.experiments(self.loop_id, status=["running"], limit=50)["items"]
         recent = self.client.recent_experiments(lp, self.last)
         stamp = Text(f"{time.strftime('%H:%M:%S')}  Ctrl-C to quit", style="dim")
-        return Group(
-            loop_summary(lp, self.best if best_id else None),
-            "",
+        parts: list[RenderableType] = [loop_summary(lp, self.best if best_id else None), ""]
+        if lp.get("proposer"):
+            props = self.client.recent_proposals(lp, PROPOSALS_SHOWN)
+            parts += [proposals_table(list(reversed(props)), title="proposer runs, newest first"), ""]
+        parts += [
             running_table(running, lp),
             "",
             experiments_table(list(reversed(recent)), lp, title=f"last {len(recent)}, newest first"),
             stamp,
-        )
+        ]
+        return Group(*parts)
 
 
 @click.command()
@@ -51,8 +56,9 @@ class _Frames:
 def watch(state: CliState, loop_ref: str, last: int, interval: float, once: bool) -> None:
     """Watch a loop live.
 
-    Shows LOOP's best so far, running experiments against the time budget, and the latest
-    experiments with their verdicts; refreshes every second."""
+    Shows LOOP's best so far, its proposer's latest runs (when it carries one), running
+    experiments against the time budget, and the latest experiments with their verdicts;
+    refreshes every second."""
     lp = resolve_loop(state.client, loop_ref)
     frames = _Frames(state.client, lp["id"], max(1, last))
     if once:

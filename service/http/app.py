@@ -26,6 +26,7 @@ from .. import faults, metrics
 from ..runs.executor import Executor, SandboxError
 from ..runs.executors import open_executor
 from ..runs.logs import RunLogs
+from ..runs.proposing import Proposers
 from ..runs.scheduler import Scheduler
 from ..settings import Settings
 from ..state.integrity import DataDamaged, open_verified
@@ -41,6 +42,7 @@ from .login import login_controller
 from .loops import LoopController
 from .operations import check_settings, open_operations
 from .pages import PageController, ProgressController
+from .proposals import LoopProposalsController, ProposalController
 from .service_info import ServiceController
 from .services import Services
 from .sessions import DatabaseSessions, session_middleware
@@ -176,15 +178,18 @@ def create_app(settings: Settings, executor: Executor | None = None) -> Litestar
                 raise
             logs = RunLogs(data_dir / "logs")
             scheduler = Scheduler(settings, store, snapshots, runner, logs)
-            services = Services(settings, store, snapshots, runner, scheduler, logs)
+            proposers = Proposers(settings, store, snapshots, runner, logs, scheduler)
+            services = Services(settings, store, snapshots, runner, scheduler, logs, proposers)
             services.version, services.data_dir, services.auth = VERSION, str(data_dir.resolve()), guard.mode
             services.started_at = time.time()
             holder["services"] = services
             await scheduler.start()
             stack.push_async_callback(scheduler.stop)
+            await proposers.start()
+            stack.push_async_callback(proposers.stop)
             services.webhooks = await open_operations(settings, store, guard.mode, stack)
             stack.enter_context(on_exit_signals(logs.end_streams))
-            log.info("ratchet %s ready: %r, data in %s", VERSION, scheduler, data_dir)
+            log.info("ratchet %s ready: %r %r, data in %s", VERSION, scheduler, proposers, data_dir)
             _log_auth(settings, guard.mode)
             yield
 
@@ -209,6 +214,8 @@ def create_app(settings: Settings, executor: Executor | None = None) -> Litestar
             TokenController,
             DatasetController,
             CacheController,
+            LoopProposalsController,
+            ProposalController,
             HealthController,
             MetricsController,
             ProgressController,

@@ -10,6 +10,7 @@ from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 
 from ..models import ErrorBody, ExperimentView, LoopView
+from ..state.proposal_reads import proposer_view
 from .services import Services
 
 __all__ = [
@@ -34,7 +35,7 @@ _ERRORS = {
     401: "no valid bearer token (only when the service runs with auth tokens)",
     403: "the token lacks the scope this needs, or may not use this loop",
     404: "no such resource",
-    409: "conflicts with the current state (a stopped or full loop, a finished experiment)",
+    409: "conflicts with the current state (a stopped, full or expired loop, a finished experiment)",
     413: "the body is over RATCHET_MAX_BODY_BYTES",
     422: "refused: `detail` says what to fix; nothing was stored",
     503: "a tool the service needs is missing",
@@ -54,6 +55,8 @@ async def loop_or_404(services: Services, loop_id: str, counts: bool = True, whe
     loop = await services.store.get_loop(loop_id, counts)
     if loop is None:
         raise NotFoundException(f"no loop {loop_id}; list loops with GET /v1/loops{where}")
+    if counts and loop.config.proposer is not None:
+        loop.proposer = await proposer_view(services.store, loop)
     return loop
 
 

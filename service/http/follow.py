@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from litestar.response import ServerSentEventMessage
 
@@ -22,14 +22,25 @@ from ..models import RUN_OVER
 from ..runs.logs import SKIPPED, LiveLog, RunLogs
 from ..state.store import Store
 
-__all__ = ["TextDecoder", "follow_events", "live_text", "split_text"]
+__all__ = ["Lookup", "TextDecoder", "follow_events", "live_text", "split_text"]
+
+# The followed run's (status, whether its run is over), or None when it does not exist.
+Lookup = Callable[[str], Awaitable[tuple[str, bool] | None]]
 
 KEEPALIVE_S = 10.0
 STATUS_POLL_S = 1.0  # a queued experiment can be cancelled without ever taking a slot
 READ_BYTES = 64 * 1024
 
 
-async def follow_events(store: Store, logs: RunLogs, exp_id: str) -> AsyncIterator[ServerSentEventMessage]:
+async def _experiment(store: Store, exp_id: str) -> tuple[str, bool] | None:
+    exp = await store.get_experiment(exp_id, with_tail=False)
+    return None if exp is None else (exp.status.value, exp.status in RUN_OVER)  # confirming: run over
+
+
+async def follow_events(
+    store: Store, logs: RunLogs, exp_id: str, lookup: Lookup | None = None
+) -> AsyncIterator[ServerSentEventMessage]:
+    """Follows an experiment's log, or with `lookup` any run whose logs `logs` keeps (a proposal)."""
     followed = False
     quiet_since = time.monotonic()
     while not logs.ending:
@@ -40,15 +51,16 @@ async def follow_events(store: Store, logs: RunLogs, exp_id: str) -> AsyncIterat
             followed = True
             quiet_since = time.monotonic()
             continue
-        exp = await store.get_experiment(exp_id, with_tail=False)
-        if exp is None:
+        found = await (lookup(exp_id) if lookup is not None else _experiment(store, exp_id))
+        if found is None:
             return
-        if exp.status in RUN_OVER:  # a confirming candidate's own run is over
+        status, over = found
+        if over:
             if not followed:
                 stored = (await logs.read(exp_id)).decode("utf-8", errors="replace")
                 for piece in split_text(stored):
                     yield ServerSentEventMessage(data=piece)
-            yield ServerSentEventMessage(event="end", data=exp.status.value)
+            yield ServerSentEventMessage(event="end", data=status)
             return
         await logs.changed(STATUS_POLL_S)
         if time.monotonic() - quiet_since >= KEEPALIVE_S:

@@ -7,12 +7,15 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import msgspec
 from litestar import Controller, Response, get, post
 from litestar.exceptions import ValidationException
+from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import Stream
 from litestar.status_codes import HTTP_200_OK, HTTP_201_CREATED, HTTP_202_ACCEPTED
 
+from .. import proposer_metrics as pm
 from ..models import (
     CandidateCreate,
     ExperimentPage,
@@ -24,6 +27,7 @@ from ..models import (
 )
 from ..rules.ledger import header
 from ..state import candidates, enqueue, history, transitions, webhooks
+from ..state.proposal_reads import proposer_view
 from .common import SUBMIT_TO_LOOP, LoopId, errors, experiment_or_404, loop_or_404
 from .services import Services
 from .webhooks import check_webhooks, tell_webhooks
@@ -60,7 +64,10 @@ class LoopController(Controller):
 
     @get("/", operation_id="listLoops", summary="All loops", responses=errors())
     async def list_loops(self, services: Services) -> list[LoopView]:
-        return await services.store.list_loops()
+        loops = await services.store.list_loops()
+        for loop in loops:
+            loop.proposer = await proposer_view(services.store, loop)
+        return loops
 
     @get(
         "/{loop_id:str}",
@@ -75,7 +82,10 @@ class LoopController(Controller):
         before = await loop_or_404(services, loop_id, counts=False)
         state, running = await transitions.set_loop_state(services.store, loop_id, action)
         await services.scheduler.kill(running)
+        if action == "stop":
+            await services.proposers.loop_stopped(loop_id)
         services.scheduler.wake()
+        services.proposers.wake()
         if state != before.state:
             await tell_webhooks(services, loop_id, state)
         return await loop_or_404(services, loop_id)
@@ -129,16 +139,37 @@ class LoopController(Controller):
         operation_id="submitCandidate",
         status_code=HTTP_202_ACCEPTED,
         summary="Submit a candidate (unified diff or whole files); 422 when refused",
-        responses=errors(404, 409, 413, 422),
+        description=(
+            "202 with the new experiment, queued. A candidate whose resulting snapshot already ran in"
+            " this loop (queued, running or decided; not cancelled or error) is not run again: the"
+            " answer is 200 with that earlier experiment, its `duplicate_of` set to its own id. Use"
+            " `POST /v1/experiments/{id}/rerun` to repeat a run on purpose."
+        ),
+        responses={
+            200: ResponseSpec(
+                data_container=ExperimentView,
+                description="a duplicate: the earlier experiment that ran the same snapshot; nothing queued",
+                generate_examples=False,
+            ),
+            **errors(404, 409, 413, 422),
+        },
         opt=SUBMIT_TO_LOOP,
     )
-    async def submit(self, loop_id: LoopId, data: CandidateCreate, services: Services) -> ExperimentView:
+    async def submit(
+        self, loop_id: LoopId, data: CandidateCreate, services: Services
+    ) -> Response[ExperimentView]:
         loop = await loop_or_404(services, loop_id, counts=False)
-        exp_id = await candidates.submit_candidate(
-            loop, data, services.settings, services.store, services.snapshots
-        )
+        try:
+            exp_id = await candidates.submit_candidate(
+                loop, data, services.settings, services.store, services.snapshots
+            )
+        except enqueue.Duplicate as dup:
+            pm.DUPLICATES.labels(loop=loop.name, source="api").inc()
+            earlier = await experiment_or_404(services, dup.experiment_id)
+            answer = msgspec.structs.replace(earlier, duplicate_of=earlier.id)
+            return Response(answer, status_code=HTTP_200_OK)
         services.scheduler.wake()
-        return await experiment_or_404(services, exp_id)
+        return Response(await experiment_or_404(services, exp_id), status_code=HTTP_202_ACCEPTED)
 
     @get(
         "/{loop_id:str}/experiments",

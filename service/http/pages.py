@@ -19,9 +19,11 @@ from litestar.response import Redirect
 
 from ..models import ExperimentView, LoopView, Status
 from ..rules.chart import Point, progress_svg
+from ..state.proposal_reads import list_proposals
 from ..state.store import Store
 from .common import LoopId, errors, loop_or_404
 from .login import login_required_page
+from .proposal_pages import PROPOSALS_SHOWN, proposer_section
 from .services import Services
 from .webhooks import webhook_notice
 
@@ -108,6 +110,12 @@ class PageController(Controller):
         if loop.best_experiment:
             best = await services.store.get_experiment(loop.best_experiment, with_tail=False)
         summary, ledger = _summary(loop, best), _ledger(loop, experiments, time.time())
+        if loop.proposer is not None:
+            total = sum(loop.proposer.counts.values())
+            runs = await list_proposals(
+                services.store, loop_id, None, max(0, total - PROPOSALS_SHOWN), PROPOSALS_SHOWN
+            )
+            ledger = proposer_section(loop, list(reversed(runs))) + ledger
         summary += await webhook_notice(services, loop_id)
         if live:
             return _html(summary + ledger)
@@ -183,6 +191,7 @@ tr.best td { background: #eef8f1; }
 .b-cancelled, .b-stopped { background: #6c7a89; } .b-error { background: #8e44ad; }
 .b-queued, .b-pending { background: #7986cb; } .b-running { background: #1e88e5; }
 .b-paused { background: #f1a208; } .b-confirming { background: #26a69a; } .b-measured { background: #78909c; }
+.b-proposed { background: #1a9850; } .b-duplicate { background: #f1a208; }
 .muted { color: var(--muted); }
 .notice { margin-top: 10px; padding: 8px 12px; border: 1px solid #f0b7b1; background: #fdf1f0;
   border-radius: 8px; overflow-wrap: anywhere; }
@@ -259,6 +268,7 @@ def _summary(loop: LoopView, best: ExperimentView | None) -> str:
     total = sum(loop.counts.values())
     finished = total - loop.counts.get(Status.queued, 0) - loop.counts.get(Status.running, 0)
     baseline_sub = e(loop.baseline_reason) if loop.baseline_reason else ""
+    state_sub = e(loop.state_reason) if loop.state_reason else ""
     if loop.best_snapshot:
         snap = e(loop.best_snapshot)
         best_sub = f'snapshot <a href="/v1/snapshots/{snap}/archive">{snap[:12]}</a>'
@@ -267,7 +277,7 @@ def _summary(loop: LoopView, best: ExperimentView | None) -> str:
     else:
         best_sub = "no baseline yet"
     cards = [
-        _card("state", _badge(str(loop.state))),
+        _card("state", _badge(str(loop.state)), state_sub),
         _card("baseline", _badge(str(loop.baseline)), baseline_sub),
         _card(f"best {m.name}", e(_metric(loop.best_metric)) or "—", best_sub),
         _card("experiments", str(total), f"{loop.counts.get('keep', 0)} kept · {direction}"),

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..runs.executor import Executor
 from ..runs.logs import RunLogs
+from ..runs.proposing import Proposers
 from ..runs.scheduler import Scheduler
 from ..runs.webhook_sender import WebhookSender
 from ..settings import Settings
@@ -22,6 +23,7 @@ class Services:
     executor: Executor
     scheduler: Scheduler
     logs: RunLogs
+    proposers: Proposers
     ledger: LedgerCache = field(init=False)
     # operations (set by the lifespan once they are open)
     webhooks: WebhookSender = field(init=False)

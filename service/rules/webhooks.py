@@ -155,8 +155,9 @@ def _text(
             return f"Ratchet · {name}: {streak} timeouts in a row; latest {what}: {reason}"
         case WebhookEvent.loop_finished:
             return f"Ratchet · {name} finished ({reason}): {best} after {loop.finished} results"
-        case WebhookEvent.loop_paused:
-            return f"Ratchet · {name} paused after {loop.finished} results; {best}"
+        case WebhookEvent.loop_paused:  # a pause by Ratchet itself says why (a caller's says "paused")
+            why = f" ({reason})" if detail and detail != "paused" else ""
+            return f"Ratchet · {name} paused{why} after {loop.finished} results; {best}"
         case WebhookEvent.proposer_failed:
             return f"Ratchet · {name}: the proposer failed: {reason}"
     return f"Ratchet · {name}: {event}"

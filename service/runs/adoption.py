@@ -86,6 +86,8 @@ async def take_over(host: Taker, running: list[str]) -> list[str]:
 
 async def _refusal(host: Taker, handle: Handle, exp_id: str, running: list[str]) -> str | None:
     """Why this run cannot be taken over, or None."""
+    if "ratchet.proposal" in handle.spec.labels:
+        return "a proposer run: its proposal runs again (proposals are never taken over)"
     if exp_id not in running:
         return "its experiment is not running (prepared ahead, or decided or cancelled meanwhile)"
     if handle.spec.labels.get("ratchet.phase") is not None:

@@ -1,14 +1,16 @@
 """What a run is, as pure functions: the training `RunSpec` of an experiment, the trusted
-evaluation's `RunSpec` after it, and their `RunResult`s judged into the outcome the state machine
-decides on. No I/O, no clock: the scheduler does the waiting, this module the meaning."""
+evaluation's `RunSpec` after it, a command proposer's `RunSpec`, and their `RunResult`s judged into
+the outcome the state machine decides on. No I/O, no clock: the scheduler does the waiting, this
+module the meaning."""
 
 from __future__ import annotations
 
 import msgspec
 
-from sandbox import CACHE_DIR, WORKSPACE_DIR, FileEntry, Limits, Mount
+from sandbox import CACHE_DIR, INPUT_DIR, WORKSPACE_DIR, Egress, FileEntry, Limits, Mount
 
 from ..models import DatasetMount, ExperimentView, LoopConfig, LoopView
+from ..proposal_models import CommandProposer
 from ..rules.caches import OFFLINE_ENV, cache_env
 from ..rules.datasets import FLAG, source_of
 from ..rules.decisions import Outcome
@@ -19,7 +21,17 @@ from ..settings import Settings
 from ..state.transitions import Finished
 from .executor import RunResult, RunSpec, SpecError
 
-__all__ = ["Judged", "cache_mb", "combined_log", "eval_spec", "judge", "mounts", "succeeded", "train_spec"]
+__all__ = [
+    "Judged",
+    "cache_mb",
+    "combined_log",
+    "eval_spec",
+    "judge",
+    "mounts",
+    "proposer_spec",
+    "succeeded",
+    "train_spec",
+]
 
 
 def mounts(field: str, wanted: list[DatasetMount], declared: dict[str, str]) -> list[Mount]:
@@ -131,6 +143,67 @@ def eval_spec(
         collect_cache=False,
         timeout_s=ev.timeout_s,
         labels={**train.labels, "ratchet.phase": "evaluate"},
+    )
+
+
+def proposer_spec(
+    proposal: str,
+    number: int,
+    parent: str,
+    loop: LoopView,
+    proposer: CommandProposer,
+    tree: dict[str, bytes],
+    executable: set[str],
+    context: dict[str, bytes],
+    *,
+    attempt: int,
+    instance: str,
+    settings: Settings,
+) -> RunSpec:
+    """A command proposer's run: a writable copy of the parent workspace (its harness read-only, as
+    for a candidate), the context files read-only in $RATCHET_CONTEXT_DIR, its own limits and no
+    GPU, the whole workspace collected afterwards, and egress only through its allow-list."""
+    cfg = loop.config
+    res = proposer.resources
+    files = [
+        FileEntry(path=p, data=d, writable=is_editable(p, cfg.editable), executable=p in executable)
+        for p, d in tree.items()
+    ]
+    env = {
+        **proposer.env,
+        "RATCHET_CONTEXT_DIR": INPUT_DIR,
+        "RATCHET_LOOP_ID": loop.id,
+        "RATCHET_PROPOSAL_ID": proposal,
+        "RATCHET_PROPOSAL_NUMBER": str(number),
+        "RATCHET_PARENT": parent,
+    }
+    egress = None
+    if proposer.network is not None:
+        image = settings.proposer_proxy_image or settings.default_image
+        egress = Egress(allow=list(proposer.network.allow), network=settings.proposer_network, image=image)
+    return RunSpec(
+        image=proposer.image or cfg.image or settings.default_image,
+        argv=list(proposer.command),
+        files=files,
+        inputs=[FileEntry(path=p, data=d) for p, d in context.items()],
+        collect=["."],
+        egress=egress,
+        env=env,
+        limits=Limits(
+            cpus=res.cpus,
+            memory_mb=res.memory_mb,
+            pids=res.pids,
+            disk_mb=res.disk_mb,
+            log_bytes=settings.log_bytes,
+        ),
+        runtime=cfg.runtime or settings.runtime,
+        timeout_s=proposer.timeout_s,
+        labels={
+            "ratchet.loop": loop.id,
+            "ratchet.proposal": proposal,
+            "ratchet.instance": instance,
+            "ratchet.attempt": str(attempt),
+        },
     )
 
 

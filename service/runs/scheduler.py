@@ -90,6 +90,8 @@ class Scheduler:
         self._rotation: dict[str, float] = {}  # loop id -> last dispatch, for round-robin
         self._remeasures: set[str] = set()  # idle-time runs of a best: first to give a slot back
         self._task: asyncio.Task[None] | None = None
+        self.queued_ahead = 0  # dispatchable queued experiments the last pass left waiting
+        self.listeners: list[Callable[[], None]] = []  # told after each pass and each verdict
         self._follower: asyncio.Task[None] | None = None
         self.stopping = False
         self.dispatched = 0
@@ -106,7 +108,7 @@ class Scheduler:
     async def start(self) -> None:
         self._take_inventory(await self.executor.inventory())
         await recover(self)
-        await self.publish_bests()
+        await publish_bests(self.store)
         self._task = asyncio.create_task(self._loop(), name="ratchet-scheduler")
         self._follower = asyncio.create_task(
             _follow(self.executor, self._inventory_changed), name="ratchet-inventory"
@@ -153,12 +155,6 @@ class Scheduler:
     def background_cleanup(self, handle: Handle) -> None:
         self.background(handle.cleanup())
 
-    async def publish_bests(self) -> None:
-        """Gauges live only in this process: a restarted service rebuilds the best metrics from the
-        database (oldest loop first, so a reused name shows its newest loop)."""
-        for name, metric, best in await self.store.best_metrics():
-            m.BEST_METRIC.labels(loop=name, metric=metric).set(best)
-
     def wake(self) -> None:
         self._wake.set()
 
@@ -184,7 +180,7 @@ class Scheduler:
         self.wake()
 
     async def _loop(self) -> None:
-        while True:
+        while not self.stopping:  # 3.11's wait_for can swallow a cancel that comes with a wake-up
             self._wake.clear()  # before the pass: a wake-up during it is never lost
             try:
                 await self._pass()
@@ -237,7 +233,9 @@ class Scheduler:
             elif any(exp_id not in self._running for _, exp_id in order):
                 self._preempt_remeasure()
             await self._publish_depths()  # every pass may have started something
-            await self._prepare_ahead([item for item in order if item[1] not in self._running])
+            await self._prepare_ahead(waiting := [item for item in order if item[1] not in self._running])
+            self.queued_ahead = len(waiting)
+            _tell(self.listeners)
 
     async def _order(self) -> list[tuple[str, str]]:
         """The experiments next in dispatch order: every active loop's head, and enough behind them
@@ -424,6 +422,11 @@ class Scheduler:
     def attempt_over(self, attempt: Attempt) -> None:
         del self._running[attempt.exp_id]
         self._remeasures.discard(attempt.exp_id)
+        _tell(self.listeners)
+
+    def idle_slots(self) -> int:
+        """Slots proposals may fill once the queue is served (`queued_ahead`), never more."""
+        return self.slots.idle(self._remeasures)
 
     def _busy_changed(self) -> None:
         m.SLOTS_BUSY.set(self.busy)
@@ -464,6 +467,19 @@ class Scheduler:
     def prepared(self) -> list[str]:
         """Queued experiments prepared (or being prepared) ahead of their turn."""
         return list(self._staged)
+
+
+async def publish_bests(store: Store) -> None:
+    """Gauges live only in this process: a restarted service rebuilds the best metrics from the
+    database (oldest loop first, so a reused name shows its newest loop)."""
+    for name, metric, best in await store.best_metrics():
+        m.BEST_METRIC.labels(loop=name, metric=metric).set(best)
+
+
+def _tell(listeners: list[Callable[[], None]]) -> None:
+    """After each pass and each verdict (the proposers wait for both)."""
+    for listener in listeners:
+        listener()
 
 
 async def _end_runs(attempts: list[Attempt], detach: bool) -> None:

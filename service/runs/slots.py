@@ -111,6 +111,15 @@ class Slots:
     def free(self) -> list[Slot]:
         return [s for s in self.all if s.exp_id is None]
 
+    def idle(self, remeasures: set[str]) -> int:
+        """Slots nothing waits on: free ones whose last verdict is written, and those held by a run
+        in `remeasures` (idle-time re-measuring, which queued work takes back)."""
+        return sum(
+            1
+            for s in self.all
+            if s.exp_id in remeasures or (s.exp_id is None and (s.recorded is None or s.recorded.done()))
+        )
+
     def claim(
         self, n_gpus: int, bound: Placement | None, datasets: Collection[str] = ()
     ) -> tuple[Slot, Placement, bool] | None:

@@ -19,10 +19,11 @@ from ..rules.patches import CandidateError, apply_files, apply_patch
 from ..rules.workspaces import decode_workspace
 from ..settings import Settings
 from . import enqueue
+from .proposer_checks import check_proposer
 from .snapshots import SnapshotStore, decode_manifest
 from .store import Store
 
-__all__ = ["NotFound", "create_loop", "submit_candidate"]
+__all__ = ["NotFound", "create_loop", "submit_candidate", "unified_diff"]
 
 
 class NotFound(LookupError):
@@ -80,6 +81,9 @@ async def create_loop(
     tree, execs = decode_workspace(body.workspace, settings.max_workspace_bytes, settings.max_workspace_files)
     if config.evaluate is not None:
         check_evaluate(config.evaluate, config.editable, tree)
+    if config.deadline is not None and config.deadline.tzinfo is None:
+        raise CandidateError("deadline needs a time zone, e.g. 2026-12-02T08:00:00Z")
+    await check_proposer(config, tree, settings, has_image)
     if await has_image(config.image or "") is False:  # None: cannot tell; the run will say
         raise CandidateError(
             f"image {config.image!r} is not on the container engine;"
@@ -89,7 +93,8 @@ async def create_loop(
     return await enqueue.create_loop(store, config, manifest.id, manifest.encode())
 
 
-def _unified(parent: dict[str, bytes], child: dict[str, bytes]) -> str:
+def unified_diff(parent: dict[str, bytes], child: dict[str, bytes]) -> str:
+    """The candidate's diff against its parent, as the API shows it."""
     out: list[str] = []
     for path in sorted(set(parent) | set(child)):
         old, new = parent.get(path), child.get(path)
@@ -141,7 +146,7 @@ async def submit_candidate(
             f" {settings.max_workspace_files} files (RATCHET_MAX_WORKSPACE_FILES): make the edit smaller"
         )
     execs = frozenset(e.path for e in parent_manifest.files if e.executable)
-    diff = _unified(tree, child)
+    diff = unified_diff(tree, child)
     manifest = await asyncio.to_thread(snapshots.put_tree, child, execs, parent_manifest)
     with faults.scope("submit"):
         return await enqueue.submit(

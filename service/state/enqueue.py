@@ -19,11 +19,15 @@ import msgspec
 from ..models import LoopConfig, LoopState
 from ..rules.acceptance import Rule, resolve
 from .database import fetch
+from .duplicates import Duplicate, find_duplicate
 from .store import Store, loop_config
 
 __all__ = [
     "Conflict",
+    "Duplicate",
+    "check_capacity",
     "create_loop",
+    "insert_candidate",
     "new_id",
     "queue_baseline",
     "queue_remeasure",
@@ -149,7 +153,7 @@ async def create_loop(store: Store, config: LoopConfig, root: str, manifest: byt
 
 
 def _check_capacity(db: sqlite3.Connection, loop_id: str) -> LoopConfig:
-    """The loop's config, unless it is stopped or full."""
+    """The loop's config, unless it is stopped, full or past its deadline."""
     row = fetch(db, "SELECT state, config, next_seq, repeats FROM loops WHERE id = ?", (loop_id,), first=True)
     if row["state"] == LoopState.stopped:
         raise Conflict("the loop is stopped; create a new loop to run more experiments")
@@ -157,18 +161,45 @@ def _check_capacity(db: sqlite3.Connection, loop_id: str) -> LoopConfig:
     submitted = row["next_seq"] - 1 - row["repeats"]  # repeat runs do not count against the limit
     if config.max_experiments is not None and submitted >= config.max_experiments:
         raise Conflict(f"the loop has reached max_experiments={config.max_experiments}")
+    if config.deadline is not None and time.time() >= config.deadline.timestamp():
+        raise Conflict(f"the loop's deadline ({config.deadline.isoformat()}) has passed")
     return config
+
+
+check_capacity = _check_capacity
+
+
+def insert_candidate(
+    db: sqlite3.Connection,
+    loop_id: str,
+    description: str,
+    parent: str,
+    snapshot: str,
+    manifest: bytes,
+    diff: str,
+    proposal_id: str | None = None,
+) -> str:
+    """Inside a write: the candidate queued, unless it already ran (`Duplicate`, answered even by a
+    full loop: it asks for nothing new) or the loop takes none (`Conflict`)."""
+    earlier = find_duplicate(db, loop_id, snapshot)
+    if earlier is not None:
+        raise Duplicate(earlier)
+    _check_capacity(db, loop_id)
+    db.execute(Store.PUT_SNAPSHOT, (snapshot, manifest.decode(), time.time()))
+    exp_id = _insert_experiment(db, loop_id, "candidate", description, parent, snapshot, diff)
+    if proposal_id is not None:
+        db.execute("UPDATE experiments SET proposal_id = ? WHERE id = ?", (proposal_id, exp_id))
+    return exp_id
 
 
 async def submit(
     store: Store, loop_id: str, description: str, parent: str, snapshot: str, manifest: bytes, diff: str
 ) -> str:
-    """Queues a candidate (the hot write: many arrive together, and commit together)."""
+    """Queues a candidate (the hot write: many arrive together, and commit together). Raises
+    `Duplicate` with the earlier experiment when its snapshot already ran in the loop."""
 
     def write(db: sqlite3.Connection) -> str:
-        _check_capacity(db, loop_id)
-        db.execute(Store.PUT_SNAPSHOT, (snapshot, manifest.decode(), time.time()))
-        return _insert_experiment(db, loop_id, "candidate", description, parent, snapshot, diff)
+        return insert_candidate(db, loop_id, description, parent, snapshot, manifest, diff)
 
     return await store.write(write)
 

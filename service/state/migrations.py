@@ -198,4 +198,41 @@ MIGRATIONS: list[str] = [
         file TEXT
     );
     """,
+    # proposers: each proposer run is a row with its own state machine; an experiment names the
+    # proposal that made it (at most one per proposal); a loop keeps why Ratchet paused it, its
+    # proposer's failure streak and its chat budget; duplicates are found by snapshot
+    """
+    CREATE TABLE proposals (
+        id TEXT PRIMARY KEY,
+        loop_id TEXT NOT NULL REFERENCES loops(id),
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        status TEXT NOT NULL,
+        reason TEXT,
+        failure TEXT,
+        parent TEXT REFERENCES snapshots(id),
+        description TEXT,
+        experiment_id TEXT REFERENCES experiments(id),
+        duplicate_of TEXT REFERENCES experiments(id),
+        exit_code INTEGER,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        requests INTEGER NOT NULL DEFAULT 0,
+        tokens INTEGER NOT NULL DEFAULT 0,
+        created_at REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        log_tail TEXT,
+        UNIQUE (loop_id, seq)
+    );
+    CREATE INDEX proposals_loop_status ON proposals(loop_id, status, seq);
+    CREATE INDEX proposals_open ON proposals(status) WHERE status IN ('queued', 'running');
+    ALTER TABLE experiments ADD COLUMN proposal_id TEXT REFERENCES proposals(id);
+    CREATE UNIQUE INDEX experiments_proposal ON experiments(proposal_id) WHERE proposal_id IS NOT NULL;
+    CREATE INDEX experiments_snapshot ON experiments(loop_id, snapshot);
+    ALTER TABLE loops ADD COLUMN state_reason TEXT;
+    ALTER TABLE loops ADD COLUMN proposal_seq INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE loops ADD COLUMN proposer_streak INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE loops ADD COLUMN llm_requests INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE loops ADD COLUMN llm_tokens INTEGER NOT NULL DEFAULT 0;
+    """,
 ]

@@ -26,11 +26,12 @@ _STATUSES = tuple(s.value for s in Status)
 _EXP_COLUMNS = (
     "id, loop_id, seq AS number, kind, description, status, reason, parent, snapshot,"
     ' substr(snapshot, 1, 7) AS "commit", metric, metrics, memory_gb, exit_code, gpus, created_at,'
-    " started_at, finished_at, workload_seconds, rerun_of, seed, repeat_of, runs, mean, attempts, node"
+    " started_at, finished_at, workload_seconds, rerun_of, seed, repeat_of, runs, mean, attempts, node,"
+    " proposal_id"
 )
 _LOOP_SELECT = (
     "SELECT l.id, l.name, l.state, l.baseline, l.baseline_reason, l.config, l.root_snapshot,"
-    " l.best_snapshot, l.best_metric, l.best_experiment, l.noise_sd, l.created_at,"
+    " l.best_snapshot, l.best_metric, l.best_experiment, l.noise_sd, l.created_at, l.state_reason,"
     " CASE WHEN l.best_experiment IS NOT NULL THEN MAX(COALESCE(b.runs, 1), 1) END AS best_runs,"
     " c.state AS cache_state, c.bytes AS cache_bytes, c.files AS cache_files,"
     " c.experiment AS cache_experiment, c.filled_at AS cache_filled_at"

@@ -370,7 +370,9 @@ async def set_loop_state(store: Store, loop_id: str, action: str) -> tuple[str, 
         target = LOOP_MOVES[action].get(row["state"])
         if target is None:
             raise Conflict(f"cannot {action} a loop that is {row['state']}")
-        db.execute("UPDATE loops SET state = ? WHERE id = ?", (target, loop_id))
+        db.execute("UPDATE loops SET state = ?, state_reason = NULL WHERE id = ?", (target, loop_id))
+        if action == "resume":  # the owner looked: the proposer starts a fresh streak
+            db.execute("UPDATE loops SET proposer_streak = 0 WHERE id = ?", (loop_id,))
         running: list[str] = []
         if action == "stop":
             _cancel_all(db, "loop_id", loop_id, (Status.queued, Status.confirming), "loop stopped")

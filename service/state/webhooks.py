@@ -34,6 +34,7 @@ __all__ = [
     "delete_webhook",
     "due",
     "emit",
+    "emit_in",
     "get_delivery",
     "list_deliveries",
     "list_webhooks",
@@ -266,17 +267,21 @@ async def emit(
     """An event that is not a result (pause, stop, a proposer failure) for every webhook of the
     loop that wants it. `dedupe`: at most one delivery per webhook with this key (default: every
     call is an event of its own)."""
+    await store.write(lambda db: emit_in(db, loop_id, event, detail, dedupe))
+
+
+def emit_in(
+    db: sqlite3.Connection, loop_id: str, event: WebhookEvent, detail: str | None, dedupe: str | None = None
+) -> None:
+    """`emit` inside a write already under way: the event is committed with the change it tells of
+    (a loop paused by its proposer's failures), or not at all."""
     key = dedupe or f"{event.value}:{_new_id()}"
-
-    def write(db: sqlite3.Connection) -> None:
-        loop = fetch(db, "SELECT * FROM loops WHERE id = ?", (loop_id,), first=True)
-        if loop is None:
-            return
-        facts = _facts(loop)
-        for hook in _hooks_for(db, loop_id):
-            _deliver(db, hook, facts, event, key, detail=detail)
-
-    await store.write(write)
+    loop = fetch(db, "SELECT * FROM loops WHERE id = ?", (loop_id,), first=True)
+    if loop is None:
+        return
+    facts = _facts(loop)
+    for hook in _hooks_for(db, loop_id):
+        _deliver(db, hook, facts, event, key, detail=detail)
 
 
 async def proposer_failed(store: Store, loop_id: str, reason: str) -> None:
