@@ -81,7 +81,8 @@ class LoopController(Controller):
     async def _control(self, services: Services, loop_id: str, action: str) -> LoopView:
         before = await loop_or_404(services, loop_id, counts=False)
         state, running = await transitions.set_loop_state(services.store, loop_id, action)
-        await services.scheduler.kill(running)
+        for exp_id in running:
+            await services.scheduler.cancel(exp_id, "loop stopped")
         if action == "stop":
             await services.proposers.loop_stopped(loop_id)
         services.scheduler.wake()

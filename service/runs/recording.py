@@ -17,7 +17,7 @@ from . import runspec
 from .executor import RunResult
 from .logs import RunLogs
 
-__all__ = ["record"]
+__all__ = ["publish_bests", "record"]
 
 log = logging.getLogger("ratchet.scheduler")
 
@@ -81,3 +81,10 @@ async def _count(
         m.BEST_METRIC.labels(loop=loop.name, metric=loop.config.metric.name).set(now.best_metric)
     if await store.finish_seq(exp_id) == 1:  # the loop's first decided experiment
         m.TIME_TO_FIRST_RESULT.labels(loop=loop.name).observe(max(0.0, time.time() - loop.created_at))
+
+
+async def publish_bests(store: Store) -> None:
+    """Gauges live only in this process: a restarted service rebuilds the best metrics from the
+    database (oldest loop first, so a reused name shows its newest loop)."""
+    for name, metric, best in await store.best_metrics():
+        m.BEST_METRIC.labels(loop=name, metric=metric).set(best)

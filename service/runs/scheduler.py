@@ -39,6 +39,7 @@ from .attempt import Attempt, Prepared, prepare, taken_over
 from .engine import EngineWatch
 from .executor import Executor, Handle, Node
 from .logs import RunLogs
+from .recording import publish_bests
 from .slots import Placement, Slot, Slots, dispatch_order
 
 __all__ = ["Scheduler", "dispatch_order"]
@@ -450,10 +451,6 @@ class Scheduler:
         self.wake()
         return changed
 
-    async def kill(self, exp_ids: list[str]) -> None:
-        for exp_id in exp_ids:
-            await self.cancel(exp_id, "loop stopped")
-
     @property
     def busy(self) -> int:
         """Slots whose experiment's workload has not ended yet."""
@@ -467,13 +464,6 @@ class Scheduler:
     def prepared(self) -> list[str]:
         """Queued experiments prepared (or being prepared) ahead of their turn."""
         return list(self._staged)
-
-
-async def publish_bests(store: Store) -> None:
-    """Gauges live only in this process: a restarted service rebuilds the best metrics from the
-    database (oldest loop first, so a reused name shows its newest loop)."""
-    for name, metric, best in await store.best_metrics():
-        m.BEST_METRIC.labels(loop=name, metric=metric).set(best)
 
 
 def _tell(listeners: list[Callable[[], None]]) -> None:
