@@ -3,13 +3,8 @@ re-running or cancelling it."""
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import msgspec
 from litestar import Controller, Response, get, post
-from litestar.openapi import ResponseSpec
-from litestar.openapi.spec import Operation
-from litestar.params import Parameter
 from litestar.response import ServerSentEvent
 from litestar.status_codes import HTTP_200_OK, HTTP_202_ACCEPTED
 
@@ -18,33 +13,10 @@ from ..runs.logs import LIVE_LOG_BYTES
 from ..state import enqueue
 from .common import SUBMIT_TO_EXPERIMENTS_LOOP, ExpId, errors, experiment_or_404
 from .follow import follow_events, live_text
+from .log_answers import LOG_RESPONSES, Follow, LogsOperation, log_response
 from .services import Services
 
 __all__ = ["ExperimentController"]
-
-
-class _LogsOperation(Operation):
-    """The log answers as plain text, or with ?follow=true as an event stream: document both."""
-
-    def to_schema(self) -> dict[str, object]:
-        schema = super().to_schema()
-        # One event's shape as the stream's schema: what SSE-aware tools (schemathesis, among
-        # others) validate each event against under OpenAPI 3.1, which has no `itemSchema` (3.2).
-        event = {
-            "type": "object",
-            "description": "one server-sent event: `data` events carry output as it is printed;"
-            " `event: end` carries the final status and closes the stream",
-            "properties": {
-                "event": {"type": "string", "enum": ["message", "end"]},
-                "data": {"type": "string", "description": "output, or the final status for `end`"},
-            },
-            "required": ["data"],
-        }
-        schema["responses"]["200"]["content"]["text/event-stream"] = {
-            "schema": event,
-            "example": "data: step 1 loss 3.21\n\nevent: end\ndata: keep\n\n",
-        }
-        return schema
 
 
 class ExperimentController(Controller):
@@ -74,22 +46,14 @@ class ExperimentController(Controller):
             " (concatenate them); `event: end` carries the final status and closes the stream. A queued"
             " experiment is waited for, a finished one sends its stored log and `end`."
         ),
-        responses={
-            200: ResponseSpec(
-                data_container=str,
-                media_type="text/plain",
-                description="the log; with follow=true a text/event-stream instead",
-                generate_examples=False,
-            ),
-            **errors(404),
-        },
-        operation_class=_LogsOperation,
+        responses=LOG_RESPONSES,
+        operation_class=LogsOperation,
     )
     async def logs(
         self,
         exp_id: ExpId,
         services: Services,
-        follow: Annotated[bool, Parameter(description="stream as server-sent events until it ends")] = False,
+        follow: Follow = False,
     ) -> Response[bytes] | ServerSentEvent:
         exp = await experiment_or_404(services, exp_id)
         if follow:
@@ -99,9 +63,7 @@ class ExperimentController(Controller):
             data = live_text(live, LIVE_LOG_BYTES).encode()
         else:
             data = await services.logs.read(exp_id)
-        return Response(
-            data, media_type="text/plain; charset=utf-8", headers={"X-Ratchet-Status": exp.status.value}
-        )
+        return log_response(data, exp.status.value)
 
     @get(
         "/{exp_id:str}/diff",

@@ -9,7 +9,6 @@ from typing import Annotated
 import msgspec
 from litestar import Controller, Response, get, post
 from litestar.exceptions import NotFoundException, ValidationException
-from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 from litestar.response import ServerSentEvent
 from litestar.status_codes import HTTP_200_OK
@@ -19,8 +18,8 @@ from ..runs.logs import LIVE_LOG_BYTES
 from ..state import enqueue
 from ..state.proposal_reads import get_proposal, list_proposals
 from .common import LoopId, errors, loop_or_404
-from .experiments import _LogsOperation
 from .follow import follow_events, live_text
+from .log_answers import LOG_RESPONSES, Follow, LogsOperation, log_response
 from .services import Services
 
 __all__ = ["LoopProposalsController", "ProposalController"]
@@ -98,22 +97,14 @@ class ProposalController(Controller):
             " carry output as it is printed, `event: end` carries the final status). A command"
             " proposer's log ends with the proxy's decisions after `===== egress =====`."
         ),
-        responses={
-            200: ResponseSpec(
-                data_container=str,
-                media_type="text/plain",
-                description="the log; with follow=true a text/event-stream instead",
-                generate_examples=False,
-            ),
-            **errors(404),
-        },
-        operation_class=_LogsOperation,
+        responses=LOG_RESPONSES,
+        operation_class=LogsOperation,
     )
     async def logs(
         self,
         proposal_id: ProposalId,
         services: Services,
-        follow: Annotated[bool, Parameter(description="stream as server-sent events until it ends")] = False,
+        follow: Follow = False,
     ) -> Response[bytes] | ServerSentEvent:
         found = await proposal_or_404(services, proposal_id)
         if follow:
@@ -125,9 +116,7 @@ class ProposalController(Controller):
             return ServerSentEvent(follow_events(services.store, services.logs, proposal_id, lookup))
         live = services.logs.live(proposal_id) if found.status is ProposalStatus.running else None
         data = live_text(live, LIVE_LOG_BYTES).encode() if live else await services.logs.read(proposal_id)
-        return Response(
-            data, media_type="text/plain; charset=utf-8", headers={"X-Ratchet-Status": found.status.value}
-        )
+        return log_response(data, found.status.value)
 
     @post(
         "/{proposal_id:str}/cancel",
