@@ -1,7 +1,7 @@
 """What a proposal costs before any agent thinks: a command proposer's sandbox run (the workspace
 copied in with its context, the whole workspace collected back), the same with a network through
 the allow-listing proxy, and a built-in search proposal, next to a plain sandboxed run of the same
-trivial command measured in the same session.
+trivial command measured in the same run.
 
     .venv/bin/python bench/proposer_overhead.py --runs 11
 
