@@ -13,7 +13,7 @@ A loop without `proposer` waits for candidates over REST (v1). With one, Ratchet
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
@@ -39,6 +39,9 @@ _Endpoint = Annotated[str, Meta(min_length=3, max_length=300, pattern=r"^[^\s/]+
 _Path = Annotated[str, Meta(min_length=1, max_length=1024)]
 _Parallel = Annotated[int, Meta(ge=1, le=64)]
 _Failures = Annotated[int, Meta(ge=1, le=1000)]
+# The workspace each proposal starts from: the loop's best when it starts, or always its baseline
+# (independent edits of the original, each judged against the best so far).
+StartFrom = Literal["best", "baseline"]
 _Knob = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 _Choice = int | float | str | bool
 
@@ -73,6 +76,7 @@ class CommandProposer(
     resources: ProposerResources = ProposerResources()
     network: ProposerNetwork | None = None  # default: no network at all
     parallel: _Parallel = 1  # proposals at once, when that many slots are free
+    start_from: StartFrom = "best"
     max_failures: _Failures = 5  # consecutive failed proposals pause the loop
     context_experiments: Annotated[int, Meta(ge=0, le=1000)] = 20  # recent experiments shown
 
@@ -100,6 +104,7 @@ class SearchProposer(
     seed: int = 0
     step: Annotated[float, Meta(gt=0, le=1)] = 0.25
     parallel: _Parallel = 1
+    start_from: StartFrom = "best"
     max_failures: _Failures = 20  # a run of duplicates means the neighbourhood is exhausted
 
 
@@ -122,6 +127,7 @@ class LlmProposer(
     context_experiments: Annotated[int, Meta(ge=0, le=200)] = 20
     log_tail_bytes: Annotated[int, Meta(ge=0, le=65536)] = 2000  # of each recent crash
     parallel: _Parallel = 1
+    start_from: StartFrom = "best"
     max_failures: _Failures = 5
 
 

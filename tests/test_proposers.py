@@ -253,3 +253,20 @@ def test_a_proposer_that_repeats_itself_is_answered_without_runs(server_factory)
     assert [(e["kind"], e["metric"]) for e in exps] == [("baseline", 1.0), ("candidate", 0.5)]
     assert {p["duplicate_of"] for p in got[1:]} == {exps[0]["id"]}
     assert "3 times in a row; last: duplicate of experiment" in loop["state_reason"]
+
+
+@pytest.mark.timeout(600)
+def test_proposals_start_from_the_baseline_when_asked(server_factory):
+    # from the baseline (V = 1.0) the only moves are to 0.5 and 0.25; from the best they would
+    # start from a kept candidate instead, so every parent being the root tells the two apart
+    server = server_factory(slots=1)
+    search = {"kind": "search", "knobs": {"V": {"choices": [1.0, 0.5, 0.25]}}, "max_failures": 3}
+    lp = make_loop(server, name="from-baseline", proposer={**search, "start_from": "baseline"})
+    loop = wait_loop(server, lp["id"], lambda lp: lp["state"] == "paused", timeout=240)
+    root = loop["root_snapshot"]
+    exps = [e for e in experiments(server, lp["id"]) if e["kind"] == "candidate"]
+    assert exps and {e["parent"] for e in exps} == {root}, exps
+    assert {e["metric"] for e in exps} <= {0.5, 0.25} and loop["best_snapshot"] != root
+    assert {p["parent"] for p in proposals(server, lp["id"])} == {root}
+    r = server.client.post("/v1/loops", json={**lp["config"], "proposer": {**search, "start_from": "worst"}})
+    assert r.status_code in (400, 422) and "start_from" in r.text, r.text

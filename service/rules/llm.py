@@ -78,7 +78,7 @@ def messages(
     ]
     if program:
         parts.append(f"## program.md (the loop owner's instructions)\n{program}")
-    parts.append("## The editable files, as they are in the current best\n")
+    parts.append("## The editable files, as they are in the snapshot to edit\n")
     parts.extend(_file_block(path, text) for path, text in sorted(files.items()))
     parts.append(f"## The ledger (results.tsv), newest rows last\n{ledger_tail}")
     parts.append("## " + recent_text(recent, metric.name, nonce, tail_bytes))

@@ -211,10 +211,11 @@ class Proposers:
             if await proposals.start(self.store, pid):
                 view = await get_proposal(self.store, pid)
                 assert view is not None
-                self._launch(ProposalRun(self, pid, view.number, view.attempts, loop, parent or _best(loop)))
+                start = parent or _start_point(loop)
+                self._launch(ProposalRun(self, pid, view.number, view.attempts, loop, start))
                 started += 1
         while started < n:
-            parent = _best(loop)
+            parent = _start_point(loop)
             pid, number = await proposals.open_proposal(self.store, loop.id, _kind(loop), parent)
             self._launch(ProposalRun(self, pid, number, 1, loop, parent))
             started += 1
@@ -227,7 +228,11 @@ class Proposers:
         run.begin()
 
 
-def _best(loop: LoopView) -> str:
+def _start_point(loop: LoopView) -> str:
+    """The snapshot a new proposal starts from: the best so far, or the baseline (`start_from`)."""
+    proposer = loop.config.proposer
+    if proposer is not None and proposer.start_from == "baseline":
+        return loop.root_snapshot
     return loop.best_snapshot or loop.root_snapshot
 
 
