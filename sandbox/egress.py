@@ -41,11 +41,8 @@ NOBODY = "65534:65534"
 READY_TIMEOUT_S = 20.0
 LOG_BYTES = 64 * 1024
 
-# The proxy: one thread per connection; the allow-list is its argv. Each decision is one log line.
-PROXY_SCRIPT = r"""
-import os, socket, sys, threading
-path, allow = sys.argv[1], {a.lower() for a in sys.argv[2:]}
-def pipe(a, b):
+# Both programs copy bytes one way per thread, and close both ends when either side does.
+_PIPE = r"""def pipe(a, b):
     try:
         while True:
             data = a.recv(65536)
@@ -59,7 +56,13 @@ def pipe(a, b):
             s.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
-def split(hostport, default):
+"""
+
+# The proxy: one thread per connection; the allow-list is its argv. Each decision is one log line.
+PROXY_SCRIPT = r"""
+import os, socket, sys, threading
+path, allow = sys.argv[1], {a.lower() for a in sys.argv[2:]}
+""" + _PIPE + r"""def split(hostport, default):
     if hostport.startswith("["):
         host, _, rest = hostport[1:].partition("]")
         port = rest[1:] if rest.startswith(":") else default
@@ -131,21 +134,7 @@ while True:
 RELAY_SCRIPT = r"""
 import socket, sys, threading
 port, path = int(sys.argv[1]), sys.argv[2]
-def pipe(a, b):
-    try:
-        while True:
-            data = a.recv(65536)
-            if not data:
-                break
-            b.sendall(data)
-    except OSError:
-        pass
-    for s in (a, b):
-        try:
-            s.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-def handle(conn):
+""" + _PIPE + r"""def handle(conn):
     up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         up.connect(path)
