@@ -17,7 +17,7 @@ import threading
 import time
 
 from conftest import ROOT
-from test_api import HARNESS, TRAIN
+from test_api import HARNESS, TRAIN, make_loop
 
 from service.state.backup import MANIFEST_NAME
 
@@ -183,14 +183,7 @@ def test_backup_under_load_restores_the_same_ledger_and_snapshots(server_factory
 
 
 def test_restore_refuses_a_used_data_dir_and_a_damaged_backup(server, tmp_path):
-    body = {
-        "name": "small",
-        "workspace": {"files": {"train.py": TRAIN, "prepare.py": HARNESS}},
-        "time_budget_s": 5,
-        "timeout_s": 20,
-        "resources": {"cpus": 0.5, "memory_mb": 256, "pids": 64, "disk_mb": 64},
-    }
-    lid = server.client.post("/v1/loops", json=body).json()["id"]
+    lid = make_loop(server, name="small")["id"]
     server.wait_idle(lid)
     dest = tmp_path / "b"
     made = ratchet("backup", str(dest), "--data-dir", str(server.data_dir))
@@ -224,14 +217,7 @@ def test_restore_refuses_a_used_data_dir_and_a_damaged_backup(server, tmp_path):
 
 
 def test_backup_refuses_a_data_dir_missing_a_blob(server, tmp_path):
-    body = {
-        "name": "gone",
-        "workspace": {"files": {"train.py": TRAIN, "prepare.py": HARNESS}},
-        "time_budget_s": 5,
-        "timeout_s": 20,
-        "resources": {"cpus": 0.5, "memory_mb": 256, "pids": 64, "disk_mb": 64},
-    }
-    lid = server.client.post("/v1/loops", json=body).json()["id"]
+    lid = make_loop(server, name="gone")["id"]
     server.wait_idle(lid)
     victim = next(p for p in (server.data_dir / "blobs").rglob("*") if p.is_file())
     victim.unlink()
