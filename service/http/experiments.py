@@ -13,7 +13,7 @@ from ..runs.logs import LIVE_LOG_BYTES
 from ..state import enqueue
 from .common import SUBMIT_TO_EXPERIMENTS_LOOP, ExpId, errors, experiment_or_404
 from .follow import follow_events, live_text
-from .log_answers import LOG_RESPONSES, Follow, LogsOperation, log_response
+from .log_answers import LOG_RESPONSES, Follow, LogsOperation, live_tail, log_response
 from .services import Services
 
 __all__ = ["ExperimentController"]
@@ -31,11 +31,8 @@ class ExperimentController(Controller):
     )
     async def show(self, exp_id: ExpId, services: Services) -> ExperimentView:
         exp = await experiment_or_404(services, exp_id)
-        live = services.logs.live(exp_id) if exp.status is Status.running else None
-        if live is not None:
-            tail = live_text(live, services.settings.log_tail_bytes, mark_gap=False)
-            exp = msgspec.structs.replace(exp, log_tail=tail)
-        return exp
+        tail = live_tail(services, exp_id, exp.status is Status.running)
+        return exp if tail is None else msgspec.structs.replace(exp, log_tail=tail)
 
     @get(  # no media_type here: it would override the event stream's
         "/{exp_id:str}/logs",

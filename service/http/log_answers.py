@@ -11,8 +11,10 @@ from litestar.openapi.spec import Operation
 from litestar.params import Parameter
 
 from .common import errors
+from .follow import live_text
+from .services import Services
 
-__all__ = ["LOG_RESPONSES", "Follow", "LogsOperation", "log_response"]
+__all__ = ["LOG_RESPONSES", "Follow", "LogsOperation", "live_tail", "log_response"]
 
 Follow = Annotated[bool, Parameter(description="stream as server-sent events until it ends")]
 
@@ -25,6 +27,12 @@ LOG_RESPONSES: dict[int, Any] = {
     ),
     **errors(404),
 }
+
+
+def live_tail(services: Services, run_id: str, running: bool) -> str | None:
+    """The newest output of a run still going, as a view's `log_tail`; None once it is over."""
+    live = services.logs.live(run_id) if running else None
+    return None if live is None else live_text(live, services.settings.log_tail_bytes, mark_gap=False)
 
 
 def log_response(data: bytes, status: str) -> Response[bytes]:

@@ -19,7 +19,7 @@ from ..state import enqueue
 from ..state.proposal_reads import get_proposal, list_proposals
 from .common import LoopId, errors, loop_or_404
 from .follow import follow_events, live_text
-from .log_answers import LOG_RESPONSES, Follow, LogsOperation, log_response
+from .log_answers import LOG_RESPONSES, Follow, LogsOperation, live_tail, log_response
 from .services import Services
 
 __all__ = ["LoopProposalsController", "ProposalController"]
@@ -82,11 +82,8 @@ class ProposalController(Controller):
     )
     async def show(self, proposal_id: ProposalId, services: Services) -> ProposalView:
         found = await proposal_or_404(services, proposal_id)
-        live = services.logs.live(proposal_id) if found.status is ProposalStatus.running else None
-        if live is not None:
-            tail = live_text(live, services.settings.log_tail_bytes, mark_gap=False)
-            found = msgspec.structs.replace(found, log_tail=tail)
-        return found
+        tail = live_tail(services, proposal_id, found.status is ProposalStatus.running)
+        return found if tail is None else msgspec.structs.replace(found, log_tail=tail)
 
     @get(
         "/{proposal_id:str}/logs",
